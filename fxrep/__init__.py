@@ -1,0 +1,38 @@
+"""fxrep: make branched Vision Transformers shallower without changing what they compute.
+
+``fxrep.fuse(model)`` merges parallel branches of a ``torch.fx`` graph into single wider or collapsed ops,
+applying only the exact identities of docs/reparam-math.md whose preconditions it has checked.
+"""
+
+from .engine import fuse, trace
+from .errors import (
+                     EquivalenceError,
+                     FxrepError,
+                     InputError,
+                     PatternError,
+                     TraceError,
+                     TrainingModeError,
+                     UnsupportedModelError,
+)
+from .registry import (
+                     FunctionPattern,
+                     FuseContext,
+                     Match,
+                     Pattern,
+                     PatternRegistry,
+                     Skip,
+                     default_registry,
+                     register_pattern,
+                     unregister_pattern,
+)
+from .report import FuseReport
+from .stats import count_flops, count_params
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fuse", "trace", "FuseReport", "Match", "Skip", "Pattern", "FunctionPattern", "FuseContext",
+    "PatternRegistry", "default_registry", "register_pattern", "unregister_pattern", "count_flops",
+    "count_params", "FxrepError", "TraceError", "TrainingModeError", "UnsupportedModelError", "PatternError",
+    "EquivalenceError", "InputError",
+]

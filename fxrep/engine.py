@@ -1,0 +1,216 @@
+"""``fxrep.fuse``: trace, validate, run the pattern phases to a fixed point, clean up, report, check."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import fx, nn
+
+from .errors import (
+    EquivalenceError,
+    FxrepError,
+    InputError,
+    TraceError,
+    TrainingModeError,
+    UnsupportedModelError,
+)
+from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default_registry
+from .report import Applied, FuseReport, Skipped
+from .stats import graph_stats
+
+MAX_SWEEPS = 50
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _NamingTracer(fx.Tracer):
+    """A Tracer that remembers which module it was inside, so a trace failure can name it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with optional None/bool arguments fixed to their defaults.
+
+    timm blocks take ``attn_mask=None``/``is_causal=False``: specializing them keeps the graph free of
+    inputs that would make attention unmergeable. Raises TraceError naming the module that failed.
+    """
+    concrete = {}
+    for name, p in inspect.signature(model.forward).parameters.items():
+        if p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, bool)):
+            concrete[name] = p.default
+    tracer = _NamingTracer()
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as e:  # torch raises TraceError, TypeError, RuntimeError, ... from user code
+        where = tracer.stack[-1] if tracer.stack else type(model).__name__
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
+            f"{type(e).__name__}: {e}\n"
+            "Fix: data-dependent Python control flow cannot be traced. Make that module a leaf "
+            "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch with "
+            "torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _validate(model: nn.Module) -> None:
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise TrainingModeError(
+            f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "
+            "there, so no rewrite is exact. Call model.eval() before fxrep.fuse(model).")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise UnsupportedModelError(
+                f"'{name}' is on the meta device: it has no values to fold. Materialize the model first "
+                "(model.to_empty(device='cpu') and load a state_dict) and call fuse again.")
+        if t.is_quantized:
+            raise UnsupportedModelError(
+                f"'{name}' is a quantized tensor ({t.dtype}): fxrep folds float weights only. Fuse the float "
+                "model first, then quantize the fused model.")
+        if isinstance(t, nn.Parameter) and t.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedModelError(
+                f"parameter '{name}' has dtype {t.dtype}; fxrep supports {', '.join(map(str, SUPPORTED_DTYPES))}."
+                " Convert the model with model.float() before fusing.")
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("torch.ao.nn.quantized"):
+            raise UnsupportedModelError(
+                f"'{name}' is a quantized module ({type(m).__name__}): fuse the float model, then quantize.")
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph, type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _alive(node: fx.Node, graph: fx.Graph) -> bool:
+    return node.graph is graph and not getattr(node, "_erased", False)
+
+
+def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
+    """Run each pattern once over the graph; return (rewrites applied, skips seen)."""
+    applied = 0
+    skips: list = []
+    for pattern in patterns:
+        matches = []
+        taken: set = set()
+        for node in list(ctx.graph.nodes):
+            if not _alive(node, ctx.graph):
+                continue
+            result = pattern.match(node, ctx)
+            if isinstance(result, Skip):
+                skips.append(Skipped(pattern.name, result.reason, _origins(result.nodes)))
+            elif isinstance(result, Match):
+                if taken.isdisjoint(result.nodes):
+                    matches.append(result)
+                    taken.update(result.nodes)
+            elif result is not None:
+                raise FxrepError(f"pattern {pattern.name!r}: match() returned {type(result).__name__}; "
+                                 "return a fxrep.Match, a fxrep.Skip or None")
+        for m in matches:
+            if not all(_alive(n, ctx.graph) for n in m.nodes):
+                continue
+            origins = _origins(m.nodes)
+            details = pattern.replace(m, ctx) or {}
+            report.applied.append(Applied(pattern.name, m.summary, origins, dict(details)))
+            applied += 1
+        if matches:
+            _cleanup(ctx)
+    return applied, skips
+
+
+def _origins(nodes) -> tuple[str, ...]:
+    from .ir import merge_origins
+
+    return merge_origins(nodes)
+
+
+def _cleanup(ctx: FuseContext) -> None:
+    ctx.graph.eliminate_dead_code()
+    ctx.graph.lint()
+    ctx.invalidate()
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters(recurse=False)] + [n for n, _ in gm.named_buffers(recurse=False)]:
+        if name.startswith("fx_") and name not in used:
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()
+
+
+def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, options=None) -> None:
+    """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy)."""
+    ctx = FuseContext(gm, dict(options or {}))
+    for phase in PHASES:
+        patterns = registry.in_phase(phase)
+        if not patterns:
+            continue
+        for _ in range(MAX_SWEEPS):
+            report.sweeps += 1
+            applied, skips = _sweep(patterns, ctx, report)
+            if not applied:
+                seen = {(s.pattern, s.reason, s.origins) for s in report.skipped}
+                report.skipped += [s for s in skips if (s.pattern, s.reason, s.origins) not in seen]
+                break
+        else:
+            raise FxrepError(f"phase {phase!r} did not reach a fixed point in {MAX_SWEEPS} sweeps; "
+                             "a pattern keeps rewriting its own output (its match must return None once done)")
+
+
+def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None):
+    """Rewrite ``model`` into an equivalent GraphModule with parallel branches merged.
+
+    Args:
+        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule``; must be in eval mode.
+            It is never modified: fxrep builds new parameters and a new graph.
+        example_inputs: a tensor or tuple of tensors, used by ``check`` and for the FLOP counts of the report.
+        patterns: a ``PatternRegistry`` or list of patterns (default: ``default_registry()``).
+        check: run original and fused model on ``example_inputs`` and raise EquivalenceError if they differ
+            by more than ``rtol`` (default by dtype: 1e-5 float32, 1e-10 float64, 1e-2 fp16/bf16) relative
+            to max |y|.
+
+    Returns:
+        A new ``torch.fx.GraphModule``; its ``meta["fxrep_report"]`` is a FuseReport (``print`` it).
+    """
+    if not isinstance(model, nn.Module):
+        raise FxrepError(f"fxrep.fuse takes an nn.Module or a torch.fx.GraphModule, not {type(model).__name__}")
+    _validate(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm = _copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(model)
+    gm.eval()
+    registry = patterns if isinstance(patterns, PatternRegistry) else \
+        (PatternRegistry(patterns) if patterns is not None else default_registry())
+    report = FuseReport()
+    report.before = graph_stats(gm, example_inputs)
+    run_patterns(gm, registry, report)
+    _drop_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+    report.after = graph_stats(gm, example_inputs)
+    gm.meta["fxrep_report"] = report
+    if check:
+        if example_inputs is None:
+            raise InputError("fuse(check=True) needs example_inputs=(tensor, ...) with the model's input "
+                             "shapes, to compare the fused model against the original.")
+        from .testing import assert_fused_equivalent
+
+        try:
+            assert_fused_equivalent(model, example_inputs, fused=gm, rtol=rtol)
+        except EquivalenceError as e:
+            raise EquivalenceError(f"{e}\nPatterns applied: {report.patterns_applied()}. If you registered "
+                                   "a custom pattern, its replace() is the first suspect.") from None
+    return gm

@@ -1,0 +1,253 @@
+"""Normalized views of the canonical graph: one accessor per kind of op, so patterns never index args by magic.
+
+After the canonicalize phase every Linear is ``F.linear(x, weight, bias)`` with ``get_attr`` weights, every
+LayerNorm is ``F.layer_norm(x, shape, weight, bias, eps)`` and every activation module is its functional form.
+The helpers here read those nodes and build new ones; they never mutate existing parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .ops import multi_head_attention
+
+LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
+LAYER_NORM_TARGETS = {F.layer_norm, torch.layer_norm}
+SDPA_TARGETS = {F.scaled_dot_product_attention}
+SOFTMAX_TARGETS = {F.softmax, torch.softmax, torch.Tensor.softmax}
+MATMUL_TARGETS = {operator.matmul, torch.matmul}
+ADD_TARGETS = {operator.add, torch.add}
+SUB_TARGETS = {operator.sub, torch.sub}
+MUL_TARGETS = {operator.mul, torch.mul}
+DIV_TARGETS = {operator.truediv, torch.div, torch.true_divide}
+NEG_TARGETS = {operator.neg, torch.neg}
+
+# Elementwise activations: (function, name of the argument that selects the variant) -> canonical key.
+_ACTIVATION_FUNCTIONS = {
+    F.gelu: "gelu", F.relu: "relu", torch.relu: "relu", F.silu: "silu", torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish", F.mish: "mish",
+    F.leaky_relu: "leaky_relu", F.elu: "elu",
+}
+_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_ACTIVATION_VARIANT_ARG = {"gelu": ("approximate", "none"), "leaky_relu": ("negative_slope", 0.01),
+                           "elu": ("alpha", 1.0)}
+
+
+def node_args(node: fx.Node) -> list[fx.Node]:
+    """Every Node that ``node`` reads, in order (args and kwargs, flattened)."""
+    return list(node.all_input_nodes)
+
+
+def is_call(node: fx.Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def constant_tensor(node) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, or None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = fetch_attr(node.graph.owning_module, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def fetch_attr(module: torch.nn.Module, target: str):
+    obj = module
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def scalar_or_channel(value, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A constant that acts on the last dim only, as a float64 0-d (scalar) or 1-d (per channel) tensor.
+
+    Accepts Python numbers and ``get_attr`` tensors of shape (), (k,) or (1, ..., 1, k). Anything that would
+    broadcast over other dims, or change the result dtype by type promotion, gives None.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float64)
+    t = constant_tensor(value)
+    if t is None or not t.is_floating_point():
+        return None
+    if t.dim() > 0 and dtype is not None and t.dtype != dtype:
+        return None
+    if t.numel() == 1 and all(s == 1 for s in t.shape):
+        if t.dim() > 0:
+            return None  # shape (1,)/(1,1) would broadcast the rank; keep it simple and exact
+        return t.detach().to(torch.float64).reshape(())
+    if t.dim() >= 1 and all(s == 1 for s in t.shape[:-1]):
+        return t.detach().to(torch.float64).reshape(-1)
+    return None
+
+
+@dataclass
+class LinearView:
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+def as_linear(node) -> LinearView | None:
+    """``F.linear(x, W, b)`` with constant W (and b) as a LinearView, else None."""
+    if not (isinstance(node, fx.Node) and is_call(node, LINEAR_TARGETS)):
+        return None
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x = args[0]
+    w = node.kwargs.get("weight", args[1])
+    b = node.kwargs.get("bias", args[2])
+    wt = constant_tensor(w)
+    if not isinstance(x, fx.Node) or wt is None or wt.dim() != 2:
+        return None
+    bt = None
+    if b is not None:
+        bt = constant_tensor(b)
+        if bt is None:
+            return None
+    return LinearView(node, x, wt, bt)
+
+
+@dataclass
+class LayerNormView:
+    node: fx.Node
+    input: fx.Node
+    normalized_shape: tuple
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+def as_layer_norm(node) -> LayerNormView | None:
+    if not (isinstance(node, fx.Node) and is_call(node, LAYER_NORM_TARGETS)):
+        return None
+    names = ["input", "normalized_shape", "weight", "bias", "eps"]
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    x = bound.get("input")
+    shape = bound.get("normalized_shape")
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(x, fx.Node) or not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    if any(not isinstance(s, int) for s in shape):
+        return None
+    w, b = bound.get("weight"), bound.get("bias")
+    wt = constant_tensor(w) if w is not None else None
+    bt = constant_tensor(b) if b is not None else None
+    if (w is not None and wt is None) or (b is not None and bt is None):
+        return None
+    return LayerNormView(node, x, tuple(shape), wt, bt, float(bound.get("eps", 1e-5)))
+
+
+def activation_key(node) -> tuple | None:
+    """A hashable key naming an elementwise activation and its variant, e.g. ('gelu', 'tanh'); else None."""
+    if not isinstance(node, fx.Node) or len(node.all_input_nodes) != 1:
+        return None
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        name = _ACTIVATION_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+        name = _ACTIVATION_METHODS[node.target]
+    else:
+        return None
+    if not isinstance(node.args[0], fx.Node):
+        return None
+    variant_arg, default = _ACTIVATION_VARIANT_ARG.get(name, (None, None))
+    extra = [a for a in node.args[1:]]
+    variant = node.kwargs.get(variant_arg, extra[0] if extra and variant_arg else default)
+    if any(isinstance(a, fx.Node) for a in extra) or isinstance(variant, fx.Node):
+        return None
+    return (name, variant)
+
+
+def attention_view(node) -> dict | None:
+    """The arguments of an fxrep ``multi_head_attention`` node as a dict of tensors, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is multi_head_attention):
+        return None
+    x, qw, qb, kw, kb, vw, vb = node.args[:7]
+    tensors = {k: constant_tensor(v) if v is not None else None
+               for k, v in zip(("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias"),
+                               (qw, qb, kw, kb, vw, vb))}
+    if tensors["q_weight"] is None or tensors["k_weight"] is None or tensors["v_weight"] is None:
+        return None
+    tensors["input"] = x
+    tensors["num_heads"] = node.kwargs["num_heads"]
+    return tensors
+
+
+def origin(node: fx.Node) -> tuple[str, ...]:
+    """Where a node came from in the user's model: module qualnames or original node names."""
+    return tuple(node.meta.get("fxrep_origin", (node.name,)))
+
+
+def merge_origins(nodes) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for n in nodes:
+        for o in origin(n):
+            seen.setdefault(o, None)
+    return tuple(seen)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building new nodes
+# --------------------------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"[^0-9a-zA-Z_]")
+
+
+def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
+    """Register ``tensor`` on ``gm`` under a fresh, readable attribute name and return that name."""
+    base = "fx_" + _NAME_RE.sub("_", hint).strip("_")[:60] or "fx_const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    value = tensor.detach().clone()
+    if value.is_floating_point():
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        gm.register_buffer(name, value)
+    return name
+
+
+def const_node(graph: fx.Graph, tensor: torch.Tensor, hint: str) -> fx.Node:
+    gm = graph.owning_module
+    name = add_constant(gm, tensor, hint)
+    return graph.get_attr(name)
+
+
+def emit_linear(graph: fx.Graph, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype, hint: str, origins=()) -> fx.Node:
+    """``F.linear(x, weight, bias)`` with new constants cast to ``dtype`` (algebra was done in float64)."""
+    w = const_node(graph, weight.to(dtype), hint + "_weight")
+    b = const_node(graph, bias.to(dtype), hint + "_bias") if bias is not None else None
+    node = graph.call_function(F.linear, (x, w, b))
+    node.meta["fxrep_origin"] = tuple(origins)
+    return node
+
+
+def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dtype: torch.dtype,
+                   hint: str, origins=()) -> fx.Node:
+    args = [x]
+    for key in ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias"):
+        t = params.get(key)
+        args.append(const_node(graph, t.to(dtype), f"{hint}_{key}") if t is not None else None)
+    node = graph.call_function(multi_head_attention, tuple(args), {"num_heads": int(num_heads)})
+    node.meta["fxrep_origin"] = tuple(origins)
+    return node
+
+
+def inv_sqrt(d: int) -> float:
+    return 1.0 / math.sqrt(d)

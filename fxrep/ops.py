@@ -1,0 +1,35 @@
+"""The one op fxrep adds to graphs while it works: multi-head attention with the scale folded into q.
+
+It lives only between the lift and lower phases: the lower phase expands every call into
+``F.linear -> split -> scaled_dot_product_attention`` so fused graphs contain plain torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def multi_head_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, *, num_heads: int):
+    """``concat_h softmax(q_h k_h^T) v_h`` for ``x`` of shape (..., N, d); output (..., N, H * dv).
+
+    q/k/v are ``F.linear(x, W, b)`` split head-major into ``num_heads`` heads; q and k may have a different
+    head width than v. No scale is applied: it is folded into ``q_weight``/``q_bias``.
+    """
+    q = F.linear(x, q_weight, q_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+    k = F.linear(x, k_weight, k_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+    v = F.linear(x, v_weight, v_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    return o.transpose(-3, -2).flatten(-2)
+
+
+def reference_attention(x: torch.Tensor, params: dict, num_heads: int) -> torch.Tensor:
+    """The same computation written with an explicit softmax, used to verify lifts in float64."""
+    def split(w, b):
+        return F.linear(x, w, b).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+
+    q = split(params["q_weight"], params.get("q_bias"))
+    k = split(params["k_weight"], params.get("k_bias"))
+    v = split(params["v_weight"], params.get("v_bias"))
+    p = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+    return (p @ v).transpose(-3, -2).flatten(-2)

@@ -1,0 +1,25 @@
+"""The built-in patterns, in the order ``fuse`` runs them inside each phase."""
+
+from .affine import MergeAffine
+from .attention import LiftAttention
+from .canonicalize import DropIdentity, FoldConstants, FunctionalizeModules
+from .cse import EliminateCommonSubexpressions
+from .layernorm import ExtractLayerNormAffine
+from .lower import LowerAttention
+from .widen import CollapseAttention, WidenAttention, WidenMLP
+
+
+def builtin_patterns() -> list:
+    """New instances of the built-in patterns (a list the caller owns)."""
+    return [
+        DropIdentity(), FunctionalizeModules(), FoldConstants(),
+        LiftAttention(),
+        ExtractLayerNormAffine(), EliminateCommonSubexpressions(), MergeAffine(),
+        CollapseAttention(), WidenAttention(), WidenMLP(),
+        LowerAttention(),
+    ]
+
+
+__all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "FoldConstants",
+           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention",
+           "CollapseAttention", "WidenAttention", "WidenMLP"]

@@ -1,0 +1,420 @@
+"""``merge_affine``: every chain of Linears, scales and sums between two nonlinear ops becomes the fewest Linears.
+
+This one pattern implements scale folding (LayerScale, constant weights, ``1/B`` averages, join coefficients),
+the merging of Linears that read the same tensor and are summed, and the collapse of joined pre-activations
+(math doc sections 3 and 4). It works on *affine forms*: for a node whose value is affine in some other
+nodes (its *bases*), the form is ``sum_k T_k base_k + bias`` where each ``T_k`` is a scalar (``c * I``), a
+vector (``diag(v)``) or a matrix, all in float64. Forms are computed in topological order through
+
+    linear(a, W, b)     add / sub / neg     mul / div by a scalar or per-channel constant
+
+A node is a *stop* node (it must exist in the rewritten graph) when something other than these ops reads
+it; its form is then materialized as ``linear(base_1, T_1, bias) + ... ``. The nodes whose forms feed stop
+nodes form *regions*; a region is rewritten only when that lowers its multiply-adds per token (or keeps them
+and lowers the op count), so the pattern never makes a model slower in its own cost model. Stop nodes of one
+region with bitwise-identical forms are materialized once: that is what makes ``B`` joined branches at
+``lam == 1`` read one pre-activation.
+
+Before (a joined 2-branch pre-activation at lam = 1)::
+
+    z1 = linear(n, W1, b1); z2 = linear(n, W2, b2)
+    m = (z1 + z2) / 2
+    a1 = z1 * 0.0 + m * 1.0;  a2 = z2 * 0.0 + m * 1.0      # (1 - lam) z_i + lam * mean
+
+After::
+
+    a = linear(n, (W1 + W2) / 2, (b1 + b2) / 2)           # read by both branches' GELU, then CSE'd
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..ir import (
+    ADD_TARGETS,
+    DIV_TARGETS,
+    MUL_TARGETS,
+    NEG_TARGETS,
+    SUB_TARGETS,
+    as_linear,
+    const_node,
+    emit_linear,
+    merge_origins,
+    scalar_or_channel,
+)
+from ..registry import Match
+
+f64 = torch.float64
+
+
+class Affine:
+    """``sum_k terms[base_k] @ base_k + bias`` (see module docstring)."""
+
+    __slots__ = ("terms", "bias", "dtype")
+
+    def __init__(self, terms: dict, bias: torch.Tensor | None, dtype: torch.dtype | None):
+        self.terms, self.bias, self.dtype = terms, bias, dtype
+
+    @staticmethod
+    def base(node: fx.Node) -> Affine:
+        return Affine({node: torch.ones((), dtype=f64)}, None, None)
+
+    def out_size(self) -> int | None:
+        for t in self.terms.values():
+            if t.dim() >= 1:
+                return t.shape[0]
+        if self.bias is not None and self.bias.dim() == 1:
+            return self.bias.shape[0]
+        return None
+
+
+def _add_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    if a.dim() > b.dim():
+        a, b = b, a
+    if b.dim() <= 1:
+        if a.dim() == 1 and a.shape != b.shape:
+            return None
+        return a + b
+    if a.dim() == 2:
+        return a + b if a.shape == b.shape else None
+    # b is a matrix, a a scalar or diagonal: only a square matrix can absorb it
+    if b.shape[0] != b.shape[1] or (a.dim() == 1 and a.shape[0] != b.shape[0]):
+        return None
+    eye = torch.eye(b.shape[0], dtype=f64)
+    return b + (eye * a if a.dim() == 0 else torch.diag(a))
+
+
+def _add_bias(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if a.dim() == 1 and b.dim() == 1 and a.shape != b.shape:
+        return None
+    return a + b
+
+
+def plus(x: Affine, y: Affine, sign: float = 1.0) -> Affine | None:
+    sx, sy = x.out_size(), y.out_size()
+    if sx is not None and sy is not None and sx != sy:
+        return None  # would broadcast along the channel dim
+    terms = dict(x.terms)
+    for node, t in y.terms.items():
+        t = t * sign
+        if node in terms:
+            merged = _add_terms(terms[node], t)
+            if merged is None:
+                return None
+            terms[node] = merged
+        else:
+            terms[node] = t
+    bias = _add_bias(x.bias, None if y.bias is None else y.bias * sign)
+    if bias is None and (x.bias is not None or y.bias is not None):
+        return None
+    return Affine(terms, bias, x.dtype or y.dtype)
+
+
+def shifted(x: Affine, c: torch.Tensor) -> Affine | None:
+    s = x.out_size()
+    if c.dim() == 1 and s is not None and c.shape[0] != s:
+        return None
+    bias = _add_bias(x.bias, c)
+    return None if bias is None else Affine(dict(x.terms), bias, x.dtype)
+
+
+def scaled(x: Affine, c: torch.Tensor) -> Affine | None:
+    s = x.out_size()
+    if c.dim() == 1 and s is not None and c.shape[0] != s:
+        return None
+    terms = {}
+    for node, t in x.terms.items():
+        if c.dim() == 0 or t.dim() <= 1:
+            terms[node] = c * t
+        else:
+            terms[node] = c[:, None] * t
+    bias = None if x.bias is None else c * x.bias
+    return Affine(terms, bias, x.dtype)
+
+
+def composed(weight: torch.Tensor, bias: torch.Tensor | None, x: Affine) -> Affine | None:
+    """``linear(x, W, b)`` where x has exactly one term."""
+    (node, t), = x.terms.items()
+    w = weight.detach().to(f64)
+    if t.dim() == 0:
+        new = w * t
+    elif t.dim() == 1:
+        if t.shape[0] != w.shape[1]:
+            return None
+        new = w * t[None, :]
+    else:
+        if t.shape[0] != w.shape[1]:
+            return None
+        new = w @ t
+    b = None if bias is None else bias.detach().to(f64)
+    if x.bias is not None:
+        shift = w @ x.bias if x.bias.dim() == 1 else w.sum(1) * x.bias
+        b = shift if b is None else b + shift
+    return Affine({node: new}, b, weight.dtype)
+
+
+def _term_cost(t: torch.Tensor, out: int) -> int:
+    if t.dim() == 2:
+        return t.numel()
+    if t.dim() == 1:
+        return t.numel()
+    return 0 if float(t) == 1.0 else out
+
+
+class AffineAnalysis:
+    """Forms, stop nodes and regions of one graph state."""
+
+    def __init__(self, graph: fx.Graph):
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        stop: set = set()
+        for _ in range(20):
+            forms, through = self._forms(graph, stop)
+            new_stop = set(stop)
+            for n in forms:
+                if any(n not in through.get(u, ()) for u in n.users):
+                    new_stop.add(n)
+            if new_stop == stop:
+                break
+            stop = new_stop
+        self.forms, self.through, self.stop = forms, through, stop
+        self.regions = self._regions()
+        self.owner = {}
+        for region in self.regions:
+            for f, cone in region["cones"].items():
+                for n in cone:
+                    self.owner.setdefault(n, set()).add(f)
+
+    # -- forms ---------------------------------------------------------------------------------------
+    def _forms(self, graph, stop):
+        forms: dict = {}
+        through: dict = {}
+
+        def operand(n, a, dtype=None):
+            if isinstance(a, fx.Node) and a in forms and a not in stop:
+                through.setdefault(n, set()).add(a)
+                return forms[a]
+            if isinstance(a, fx.Node):
+                c = scalar_or_channel(a, dtype) if a.op == "get_attr" else None
+                return c if c is not None else Affine.base(a)
+            return scalar_or_channel(a, dtype)
+
+        for n in graph.nodes:
+            f = self._form(n, forms, stop, operand)
+            if f is not None:
+                forms[n] = f
+            else:
+                through.pop(n, None)
+        return forms, through
+
+    def _form(self, n, forms, stop, operand):
+        lin = as_linear(n)
+        if lin is not None:
+            a = lin.input
+            if a in forms and a not in stop and len(forms[a].terms) == 1:
+                (t,) = forms[a].terms.values()
+                o, i = lin.weight.shape
+                cheap = t.dim() < 2 or o * t.shape[1] <= o * i + i * t.shape[1]
+                if cheap:
+                    f = composed(lin.weight, lin.bias, forms[a])
+                    if f is not None:
+                        operand(n, a)
+                        return f
+            b = None if lin.bias is None else lin.bias.detach().to(f64)
+            return Affine({a: lin.weight.detach().to(f64)}, b, lin.weight.dtype)
+
+        op = _arith_kind(n)
+        if op is None:
+            return None
+        args = list(n.args)
+        if not any(isinstance(a, fx.Node) and a in forms and a not in stop for a in args):
+            return None  # no operand carries a Linear form: nothing to merge here
+        dtype = next((forms[a].dtype for a in args if isinstance(a, fx.Node) and a in forms), None)
+        if dtype is None:
+            return None
+        if op == "neg":
+            x = operand(n, args[0], dtype)
+            return scaled(x, torch.tensor(-1.0, dtype=f64)) if isinstance(x, Affine) else None
+        if len(args) != 2 or set(n.kwargs) - {"alpha"}:
+            return None
+        x, y = operand(n, args[0], dtype), operand(n, args[1], dtype)
+        if x is None or y is None:
+            return None
+        if "alpha" in n.kwargs:
+            alpha = scalar_or_channel(n.kwargs["alpha"])
+            if alpha is None or alpha.dim() != 0 or op not in ("add", "sub"):
+                return None
+            y = scaled(y, alpha) if isinstance(y, Affine) else y * alpha
+        if op in ("add", "sub"):
+            sign = 1.0 if op == "add" else -1.0
+            if isinstance(x, Affine) and isinstance(y, Affine):
+                return plus(x, y, sign)
+            if isinstance(x, Affine):
+                return shifted(x, y * sign)
+            if isinstance(y, Affine):
+                f = scaled(y, torch.tensor(sign, dtype=f64))
+                return shifted(f, x) if f is not None else None
+            return None
+        if op == "mul":
+            if isinstance(x, Affine) and not isinstance(y, Affine):
+                return scaled(x, y)
+            if isinstance(y, Affine) and not isinstance(x, Affine):
+                return scaled(y, x)
+            return None
+        if op == "div" and isinstance(x, Affine) and not isinstance(y, Affine):
+            if bool((y == 0).any()):
+                return None
+            return scaled(x, 1.0 / y)
+        return None
+
+    # -- regions -------------------------------------------------------------------------------------
+    def _regions(self):
+        parent: dict = {}
+
+        def find(a):
+            while parent.setdefault(a, a) is not a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        cones = {}
+        self.stop = {f for f in self.stop if f in self.forms}
+        for f in self.stop:
+            cone, todo = {f}, [f]
+            while todo:
+                n = todo.pop()
+                for a in self.through.get(n, ()):
+                    if a not in cone and a not in self.stop:
+                        cone.add(a)
+                        todo.append(a)
+            cones[f] = cone
+            for n in cone:
+                parent[find(n)] = find(f)
+        groups: dict = {}
+        for f in sorted(self.stop, key=self.order.__getitem__):
+            groups.setdefault(find(f), []).append(f)
+        return [{"stops": stops, "cones": {f: cones[f] for f in stops}} for stops in groups.values()]
+
+
+def _arith_kind(n: fx.Node) -> str | None:
+    if n.op == "call_function":
+        for kind, targets in (("add", ADD_TARGETS), ("sub", SUB_TARGETS), ("mul", MUL_TARGETS),
+                              ("div", DIV_TARGETS), ("neg", NEG_TARGETS)):
+            if n.target in targets:
+                if kind == "div" and n.kwargs.get("rounding_mode") is not None:
+                    return None
+                return kind
+    if n.op == "call_method" and n.target in ("add", "sub", "mul", "div", "neg"):
+        if n.target == "div" and n.kwargs.get("rounding_mode") is not None:
+            return None
+        return str(n.target)
+    return None
+
+
+def _form_key(f: Affine, order) -> tuple:
+    items = sorted(f.terms.items(), key=lambda kv: order.get(kv[0], -1))
+    key = tuple((id(n), tuple(t.shape), t.numpy().tobytes()) for n, t in items)
+    bias = None if f.bias is None else (tuple(f.bias.shape), f.bias.numpy().tobytes())
+    return key + (bias, f.dtype)
+
+
+def _form_cost(f: Affine) -> tuple[int, int]:
+    """(multiply-adds per token, ops) to compute the form as emitted by ``_materialize``."""
+    out = f.out_size() or 1
+    macs = sum(_term_cost(t, out) for t in f.terms.values())
+    ops = sum(1 for t in f.terms.values() if t.dim() > 0 or float(t) != 1.0)
+    ops += len(f.terms) - 1
+    macs += (len(f.terms) - 1) * out
+    has_matrix = any(t.dim() == 2 for t in f.terms.values())
+    if f.bias is not None and not has_matrix:
+        ops += 1
+        macs += out
+    return macs, ops
+
+
+def _node_cost(n: fx.Node, f: Affine) -> int:
+    lin = as_linear(n)
+    if lin is not None:
+        return lin.weight.numel()
+    return f.out_size() or 1
+
+
+def _materialize(graph: fx.Graph, f: Affine, ctx, order, hint: str, origins) -> fx.Node:
+    items = sorted(f.terms.items(), key=lambda kv: order.get(kv[0], -1))
+    bias = f.bias
+    parts = []
+    for base, t in items:
+        b = ctx.resolve(base)
+        if t.dim() == 2:
+            parts.append(emit_linear(graph, b, t, bias if bias is not None and bias.dim() == 1 else None,
+                                     f.dtype, hint, origins))
+            if bias is not None and bias.dim() == 1:
+                bias = None
+        elif t.dim() == 1:
+            parts.append(graph.call_function(torch.mul, (b, const_node(graph, t.to(f.dtype), hint + "_scale"))))
+        else:
+            parts.append(b if float(t) == 1.0 else graph.call_function(torch.mul, (b, float(t))))
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = graph.call_function(torch.add, (acc, p))
+    if bias is not None:
+        c = float(bias) if bias.dim() == 0 else const_node(graph, bias.to(f.dtype), hint + "_bias")
+        acc = graph.call_function(torch.add, (acc, c))
+    return acc
+
+
+class MergeAffine:
+    name = "merge_affine"
+    phase = "fuse"
+
+    def match(self, node, ctx):
+        analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph))
+        for region in analysis.regions:
+            if region["stops"][0] is node:
+                return self._evaluate(region, analysis)
+        return None
+
+    def _evaluate(self, region, analysis):
+        nodes = set().union(*region["cones"].values())
+        macs_before = sum(_node_cost(n, analysis.forms[n]) for n in nodes)
+        ops_before = len(nodes)
+        seen = {}
+        for f in region["stops"]:
+            seen.setdefault(_form_key(analysis.forms[f], analysis.order), analysis.forms[f])
+        costs = [_form_cost(form) for form in seen.values()]
+        macs_after = sum(c[0] for c in costs)
+        ops_after = sum(c[1] for c in costs)
+        if macs_after < macs_before or (macs_after == macs_before and ops_after < ops_before):
+            linears = [n for n in nodes if as_linear(n) is not None]
+            summary = (f"{len(linears)} Linear + {ops_before - len(linears)} scale/sum ops -> "
+                       f"{sum(1 for f in seen.values() for t in f.terms.values() if t.dim() == 2)} Linear"
+                       f" ({ops_after} ops)")
+            return Match(sorted(nodes, key=analysis.order.__getitem__),
+                         {"region": region, "analysis": analysis,
+                          "report": {"macs_before": macs_before, "macs_after": macs_after}}, summary)
+        return None
+
+    def replace(self, match, ctx):
+        region, analysis = match.data["region"], match.data["analysis"]
+        made: dict = {}
+        graph = ctx.graph
+        params_before = sum(as_linear(n).weight.numel() for n in match.nodes if as_linear(n) is not None)
+        params_after = 0
+        for f in region["stops"]:
+            form = analysis.forms[f]
+            key = _form_key(form, analysis.order)
+            if key not in made:
+                cone = region["cones"][f]
+                origins = merge_origins([n for n in sorted(cone, key=analysis.order.__getitem__)
+                                         if as_linear(n) is not None])
+                with graph.inserting_before(f):
+                    made[key] = _materialize(graph, form, ctx, analysis.order, f.name, origins)
+                params_after += sum(t.numel() for t in form.terms.values() if t.dim() == 2)
+            ctx.replace_node(f, made[key])
+        out = dict(match.data["report"])
+        out.update(params_before=params_before, params_after=params_after)
+        return out

@@ -1,0 +1,142 @@
+"""Canonicalize phase: make every supported op look one way, so the fuse patterns need one handler each.
+
+- ``drop_identity``: Identity, Dropout and DropPath modules, ``F.dropout(training=False)`` and
+  ``.contiguous()`` are the identity at inference; their uses read the input instead.
+- ``functionalize_modules``: ``nn.Linear`` / ``nn.LayerNorm`` / activation modules become their functional
+  calls on ``get_attr`` parameters (``nn.LayerNorm`` and timm's ``F.layer_norm`` then look the same).
+- ``fold_constants``: an op whose inputs are all constants (e.g. ``1 - lam`` on a buffer) is evaluated once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+from ..ir import add_constant, fetch_attr
+from ..registry import Match, Skip
+
+try:  # timm's DropPath is traced through at eval, but may be a leaf under custom tracers
+    from timm.layers import DropPath
+except ImportError:  # pragma: no cover - timm is a dependency
+    DropPath = ()
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     DropPath)
+_RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.bernoulli,
+                   torch.normal, torch.multinomial, F.dropout, torch.dropout, torch.randperm}
+
+
+def _module(node: fx.Node):
+    return fetch_attr(node.graph.owning_module, node.target) if node.op == "call_module" else None
+
+
+class DropIdentity:
+    name = "drop_identity"
+    phase = "canonicalize"
+
+    def match(self, node, ctx):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        if node.op == "call_module" and isinstance(_module(node), _IDENTITY_MODULES):
+            return Match([node], node.args[0], f"{type(_module(node)).__name__} is the identity at eval")
+        if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
+            args = dict(zip(("input", "p", "training", "inplace"), node.args))
+            args.update(node.kwargs)
+            training = args.get("training", node.target is F.dropout)
+            if training is False or args.get("p", 0.5) == 0:
+                return Match([node], node.args[0], "dropout with training=False")
+            return Skip([node], "functional dropout is called with training=True: it is random even in "
+                                "eval mode; pass training=self.training")
+        if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1:
+            return Match([node], node.args[0], "contiguous() does not change values")
+        return None
+
+    def replace(self, match, ctx):
+        ctx.replace_node(match.nodes[0], match.data)
+
+
+_ACTIVATION_MODULES = {nn.ReLU: F.relu, nn.SiLU: F.silu, nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh,
+                       nn.Hardswish: F.hardswish, nn.Mish: F.mish}
+
+
+class FunctionalizeModules:
+    name = "functionalize_modules"
+    phase = "canonicalize"
+
+    def match(self, node, ctx):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return None
+        m = _module(node)
+        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Softmax, nn.LeakyReLU, nn.ELU)) or \
+                type(m) in _ACTIVATION_MODULES:
+            return Match([node], m, f"{type(m).__name__} module -> functional call")
+        return None
+
+    def replace(self, match, ctx):
+        node, m = match.nodes[0], match.data
+        g = ctx.graph
+        x = node.args[0]
+        path = node.target
+        with g.inserting_before(node):
+            if isinstance(m, nn.Linear):
+                w = g.get_attr(f"{path}.weight")
+                b = g.get_attr(f"{path}.bias") if m.bias is not None else None
+                new = g.call_function(F.linear, (x, w, b))
+            elif isinstance(m, nn.LayerNorm):
+                w = g.get_attr(f"{path}.weight") if m.weight is not None else None
+                b = g.get_attr(f"{path}.bias") if m.bias is not None else None
+                new = g.call_function(F.layer_norm, (x, tuple(m.normalized_shape)),
+                                      {"weight": w, "bias": b, "eps": m.eps})
+            elif isinstance(m, nn.GELU):
+                new = g.call_function(F.gelu, (x,), {"approximate": m.approximate})
+            elif isinstance(m, nn.Softmax):
+                new = g.call_function(F.softmax, (x,), {"dim": m.dim})
+            elif isinstance(m, nn.LeakyReLU):
+                new = g.call_function(F.leaky_relu, (x,), {"negative_slope": m.negative_slope})
+            elif isinstance(m, nn.ELU):
+                new = g.call_function(F.elu, (x,), {"alpha": m.alpha})
+            else:
+                new = g.call_function(_ACTIVATION_MODULES[type(m)], (x,))
+        new.meta["fxrep_origin"] = (path,)
+        ctx.replace_node(node, new)
+
+
+class FoldConstants:
+    name = "fold_constants"
+    phase = "canonicalize"
+
+    def match(self, node, ctx):
+        if node.op not in ("call_function", "call_method") or node.target in _RANDOM_TARGETS:
+            return None
+        inputs = node.all_input_nodes
+        if not inputs or any(i.op != "get_attr" for i in inputs):
+            return None
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            return None  # in-place method: it would write the user's tensor
+        value = _evaluate(node, ctx.gm)
+        if not isinstance(value, torch.Tensor):
+            return None
+        return Match([node], value, f"constant {node.name} evaluated once")
+
+    def replace(self, match, ctx):
+        node = match.nodes[0]
+        name = add_constant(ctx.gm, match.data, node.name)
+        with ctx.graph.inserting_before(node):
+            new = ctx.graph.get_attr(name)
+        ctx.replace_node(node, new)
+
+
+def _evaluate(node: fx.Node, gm: fx.GraphModule):
+    def load(a):
+        if isinstance(a, fx.Node):
+            return fetch_attr(gm, a.target)
+        return a
+
+    args = fx.node.map_aggregate(node.args, load)
+    kwargs = fx.node.map_aggregate(node.kwargs, load)
+    with torch.no_grad():
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)

@@ -1,0 +1,69 @@
+"""``eliminate_common_subexpressions``: two pure nodes with the same op, target and inputs are one node.
+
+This is how branches that share a normalization, or whose joined pre-activations became identical, end up
+reading one value. Only ``call_function``/``call_method`` nodes that are pure are merged; random ops,
+in-place methods and module calls are left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..registry import Match
+from .canonicalize import _RANDOM_TARGETS
+
+
+def _key(value):
+    if isinstance(value, fx.Node):
+        return ("node", id(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in value.items())))
+    if isinstance(value, slice):
+        return ("slice", _key(value.start), _key(value.stop), _key(value.step))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, float):
+        return ("float", value.hex())
+    return (type(value).__name__, value)
+
+
+def _pure(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target not in _RANDOM_TARGETS and not getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_method":
+        return not str(node.target).endswith("_")
+    return False
+
+
+class EliminateCommonSubexpressions:
+    name = "eliminate_common_subexpressions"
+    phase = "fuse"
+
+    def _first_occurrences(self, graph):
+        first: dict = {}
+        dup: dict = {}
+        for n in graph.nodes:
+            if not _pure(n):
+                continue
+            try:
+                key = (n.op, n.target, _key(n.args), _key(n.kwargs))
+                hash(key)
+            except TypeError:
+                continue
+            if key in first:
+                dup[n] = first[key]
+            else:
+                first[key] = n
+        return dup
+
+    def match(self, node, ctx):
+        dup = ctx.cached("cse", lambda: self._first_occurrences(ctx.graph))
+        if node in dup:
+            return Match([node], dup[node], f"duplicate {node.target.__name__ if callable(node.target) else node.target} merged")
+        return None
+
+    def replace(self, match, ctx):
+        ctx.replace_node(match.nodes[0], ctx.resolve(match.data))

@@ -1,0 +1,50 @@
+"""``lower_attention``: expand fxrep's ``multi_head_attention`` op into plain torch ops, last.
+
+One Linear computes q, k and v together (one GEMM instead of three), then ``F.scaled_dot_product_attention``
+with ``scale=1.0`` (the scale lives in the q weights). The result is exportable with ``torch.export``/ONNX.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from .. import algebra
+from ..ir import attention_view, emit_linear
+from ..registry import Match
+
+
+class LowerAttention:
+    name = "lower_attention"
+    phase = "lower"
+
+    def match(self, node, ctx):
+        att = attention_view(node)
+        if att is None:
+            return None
+        return Match([node], att, f"attention with {att['num_heads']} heads -> linear + SDPA")
+
+    def replace(self, match, ctx):
+        node, att = match.nodes[0], match.data
+        H = att["num_heads"]
+        widths = [att[f"{p}_weight"].shape[0] for p in "qkv"]
+        w = torch.cat([algebra.as64(att[f"{p}_weight"]) for p in "qkv"])
+        has_bias = any(att[f"{p}_bias"] is not None for p in "qkv")
+        b = torch.cat([algebra.as64(att[f"{p}_bias"]) if att[f"{p}_bias"] is not None
+                       else torch.zeros(n, dtype=torch.float64) for p, n in zip("qkv", widths)]) if has_bias else None
+        g = ctx.graph
+        with g.inserting_before(node):
+            qkv = emit_linear(g, att["input"], w, b, att["q_weight"].dtype, node.name + "_qkv",
+                              node.meta.get("fxrep_origin", ()))
+            parts = g.call_method("split", (qkv, widths), {"dim": -1})
+            heads = []
+            for i in range(3):
+                t = g.call_function(operator.getitem, (parts, i))
+                t = g.call_method("unflatten", (t, -1, (H, widths[i] // H)))
+                heads.append(g.call_method("transpose", (t, -3, -2)))
+            o = g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": 1.0})
+            o = g.call_method("transpose", (o, -3, -2))
+            out = g.call_method("flatten", (o, -2))
+        ctx.replace_node(node, out)

@@ -1,0 +1,263 @@
+"""Merging parallel nonlinear branches whose outputs are summed (math doc sections 2 and 3).
+
+- ``widen_mlp``: ``sum_i W2_i phi(W1_i x + b1_i)`` -> ``[W2_1 .. W2_B] phi([W1_1; ..; W1_B] x + [b1_1; ..])``.
+- ``collapse_attention``: attention ops on one input with bitwise-identical q/k projections (joined logits)
+  share their softmax: one op whose value width per head is the sum of theirs.
+- ``widen_attention``: attention ops on one input become one op over the union of their heads (q/k and v
+  head widths are zero-padded to the largest; zero rows contribute exactly nothing).
+
+All three rewrite the same way: build the merged op, then point every Linear that read branch ``i`` at the
+merged op's columns for branch ``i`` (``algebra.place_columns``). ``merge_affine`` then sums those Linears.
+Preconditions, checked per group: the branches read the same input node (node identity), use the same
+activation (same variant) and dtype, their pre-activation is read by nothing else, and every reader of their
+output is a Linear whose result flows (through scales and sums only) into one and the same stop node.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .. import algebra
+from ..ir import (
+    activation_key,
+    as_layer_norm,
+    as_linear,
+    attention_view,
+    emit_attention,
+    emit_linear,
+    merge_origins,
+)
+from ..registry import Match, Skip
+from .affine import AffineAnalysis
+
+
+def _owner(node: fx.Node, analysis: AffineAnalysis):
+    """The single stop node all Linear readers of ``node`` flow into, or None."""
+    owners = set()
+    for u in node.users:
+        lin = as_linear(u)
+        if lin is None or lin.input is not node or u not in analysis.owner:
+            return None
+        owners |= analysis.owner[u]
+    return next(iter(owners)) if len(owners) == 1 else None
+
+
+def _describe_inputs(xs) -> str:
+    lns = [as_layer_norm(x) for x in xs]
+    if all(ln is not None for ln in lns) and len({ln.input for ln in lns}) == 1:
+        eps = sorted({ln.eps for ln in lns})
+        if len(eps) > 1:
+            return "branches normalize the same tensor with different LayerNorm eps (" + \
+                   " vs ".join(f"{e:g}" for e in eps) + ")"
+        return "branches read LayerNorms of the same tensor that could not be shared"
+    return "branches read different tensors (" + ", ".join(sorted({x.name for x in xs})) + ")"
+
+
+def sibling_groups(ctx, kind: str):
+    """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged, and skipped near misses."""
+    def compute():
+        analysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph))
+        groups: dict = {}
+        for n in ctx.graph.nodes:
+            if kind == "mlp":
+                key = activation_key(n)
+                pre = as_linear(n.args[0]) if key is not None else None
+                if pre is None or len(pre.node.users) != 1:
+                    continue
+                x, dtype = pre.input, pre.weight.dtype
+            else:
+                att = attention_view(n)
+                if att is None:
+                    continue
+                key, x, dtype = "attention", att["input"], att["q_weight"].dtype
+            owner = _owner(n, analysis)
+            if owner is None:
+                continue
+            groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
+        mergeable, skipped = [], []
+        for (_, key, _), by_input in groups.items():
+            for nodes in by_input.values():
+                if len(nodes) > 1:
+                    mergeable.append(nodes)
+            if len(by_input) > 1:
+                skipped.append(([ns[0] for ns in by_input.values()], _describe_inputs(list(by_input))))
+        return mergeable, skipped
+    return ctx.cached(f"siblings:{kind}", compute)
+
+
+def _repoint_readers(ctx, branches, merged: fx.Node, columns, total: int) -> None:
+    """Every Linear that read branch i now reads ``merged`` (``total`` wide) at ``columns[i]``."""
+    for node, cols in zip(branches, columns):
+        for user in list(node.users):
+            lin = as_linear(user)
+            with ctx.graph.inserting_before(user):
+                new = emit_linear(ctx.graph, merged, algebra.place_columns(lin.weight, total, cols),
+                                  algebra.as64(lin.bias), lin.weight.dtype, user.name, merge_origins([user]))
+            ctx.replace_node(user, new)
+
+
+def _first(nodes, graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return min(nodes, key=order.__getitem__)
+
+
+class WidenMLP:
+    name = "widen_mlp"
+    phase = "fuse"
+
+    def match(self, node, ctx):
+        mergeable, skipped = sibling_groups(ctx, "mlp")
+        for nodes in mergeable:
+            if nodes[0] is node:
+                act = activation_key(node)[0]
+                return Match(nodes, None, f"{len(nodes)} parallel {act} MLP branches -> one wider MLP")
+        for nodes, reason in skipped:
+            if nodes[0] is node:
+                return Skip(nodes, reason)
+        return None
+
+    def replace(self, match, ctx):
+        acts = list(match.nodes)
+        pres = [as_linear(a.args[0]) for a in acts]
+        w, b = algebra.concat_rows([p.weight for p in pres], [p.bias for p in pres])
+        graph = ctx.graph
+        readers = [u for a in acts for u in a.users]
+        with graph.inserting_before(_first(readers, graph)):
+            pre = emit_linear(graph, pres[0].input, w, b, pres[0].weight.dtype, acts[0].name + "_wide",
+                              merge_origins([p.node for p in pres]))
+            act = graph.node_copy(acts[0], lambda n: pre if n is pres[0].node else n)
+        act.meta["fxrep_origin"] = merge_origins(acts)
+        columns, offset = [], 0
+        for p in pres:
+            columns.append(torch.arange(offset, offset + p.out_features))
+            offset += p.out_features
+        _repoint_readers(ctx, acts, act, columns, offset)
+        width = [p.out_features for p in pres]
+        return {"hidden": f"{' + '.join(map(str, width))} -> {sum(width)}"}
+
+
+def _heads(att):
+    h = att["num_heads"]
+    return h, att["q_weight"].shape[0] // h, att["v_weight"].shape[0] // h
+
+
+def _merge_heads(atts, mode: str):
+    """Per-head blocks of the merged attention op, and where branch i's output columns land in it."""
+    H0, _, _ = _heads(atts[0])
+    dqk = max(_heads(a)[1] for a in atts)
+    dv = max(_heads(a)[2] for a in atts)
+    d = atts[0]["q_weight"].shape[1]
+    blocks = {p: ([], []) for p in "qkv"}
+    columns = []
+    if mode == "collapse":
+        dv_total = sum(_heads(a)[2] for a in atts)
+        cols = [[] for _ in atts]
+        for h in range(H0):
+            off = 0
+            for i, a in enumerate(atts):
+                _, _, dvi = _heads(a)
+                cols[i].append(torch.arange(h * dv_total + off, h * dv_total + off + dvi))
+                off += dvi
+        columns = [torch.cat(c) for c in cols]
+        for p in "qk":
+            w, b = algebra.head_rows(atts[0][f"{p}_weight"], atts[0][f"{p}_bias"], H0)
+            blocks[p] = (list(w), list(b) if b is not None else [None] * H0)
+        for h in range(H0):
+            ws, bs = [], []
+            for a in atts:
+                w, b = algebra.head_rows(a["v_weight"], a["v_bias"], H0)
+                ws.append(w[h])
+                bs.append(b[h] if b is not None else torch.zeros(w.shape[1], dtype=torch.float64))
+            blocks["v"][0].append(torch.cat(ws))
+            blocks["v"][1].append(torch.cat(bs))
+        heads = H0
+    else:
+        heads = 0
+        for a in atts:
+            H, _, dvi = _heads(a)
+            for p, width in (("q", dqk), ("k", dqk), ("v", dv)):
+                w, b = algebra.head_rows(a[f"{p}_weight"], a[f"{p}_bias"], H)
+                for h in range(H):
+                    wp = torch.zeros(width, d, dtype=torch.float64)
+                    bp = torch.zeros(width, dtype=torch.float64)
+                    wp[: w.shape[1]] = w[h]
+                    if b is not None:
+                        bp[: b.shape[1]] = b[h]
+                    blocks[p][0].append(wp)
+                    blocks[p][1].append(bp)
+            columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
+            heads += H
+    params = {}
+    for p in "qkv":
+        w, b = algebra.join_head_rows(*blocks[p])
+        params[f"{p}_weight"], params[f"{p}_bias"] = w, b
+    total = heads * (dv_total if mode == "collapse" else dv)
+    return params, heads, columns, total
+
+
+def _same_logits(a, b) -> bool:
+    if a["num_heads"] != b["num_heads"]:
+        return False
+    for key in ("q_weight", "q_bias", "k_weight", "k_bias"):
+        x, y = a[key], b[key]
+        if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
+            return False
+    return True
+
+
+class _MergeAttention:
+    phase = "fuse"
+    mode = ""
+
+    def groups(self, ctx):
+        mergeable, skipped = sibling_groups(ctx, "attention")
+        if self.mode == "widen":
+            return mergeable, skipped
+        out = []
+        for nodes in mergeable:
+            parts: list[list] = []
+            for n in nodes:
+                for part in parts:
+                    if _same_logits(attention_view(part[0]), attention_view(n)):
+                        part.append(n)
+                        break
+                else:
+                    parts.append([n])
+            out += [p for p in parts if len(p) > 1]
+        return out, []
+
+    def match(self, node, ctx):
+        mergeable, skipped = self.groups(ctx)
+        for nodes in mergeable:
+            if nodes[0] is node:
+                heads = sum(attention_view(n)["num_heads"] for n in nodes)
+                what = (f"{len(nodes)} attention branches with joined logits -> one attention"
+                        if self.mode == "collapse" else
+                        f"{len(nodes)} parallel attention branches -> one attention with {heads} heads")
+                return Match(nodes, None, what)
+        for nodes, reason in skipped:
+            if nodes[0] is node:
+                return Skip(nodes, reason)
+        return None
+
+    def replace(self, match, ctx):
+        atts = [attention_view(n) for n in match.nodes]
+        params, heads, columns, total = _merge_heads(atts, self.mode)
+        graph = ctx.graph
+        readers = [u for n in match.nodes for u in n.users]
+        with graph.inserting_before(_first(readers, graph)):
+            merged = emit_attention(graph, atts[0]["input"], params, heads, atts[0]["q_weight"].dtype,
+                                    match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes))
+        _repoint_readers(ctx, match.nodes, merged, columns, total)
+        return {"heads": heads}
+
+
+class CollapseAttention(_MergeAttention):
+    name = "collapse_attention"
+    mode = "collapse"
+
+
+class WidenAttention(_MergeAttention):
+    name = "widen_attention"
+    mode = "widen"

@@ -1,0 +1,80 @@
+"""The record of one ``fuse`` call: what was rewritten, what was left alone and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Applied:
+    pattern: str
+    summary: str
+    origins: tuple[str, ...]
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    pattern: str
+    reason: str
+    origins: tuple[str, ...]
+
+
+@dataclass
+class FuseReport:
+    applied: list[Applied] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    sweeps: int = 0
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for a in self.applied if a.pattern == pattern)
+
+    def patterns_applied(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a in self.applied:
+            out[a.pattern] = out.get(a.pattern, 0) + 1
+        return out
+
+    def _table(self, rows, headers) -> list[str]:
+        widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+        line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
+        out = [line, "  ".join("-" * w for w in widths)]
+        out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+        return out
+
+    def __str__(self) -> str:
+        lines = ["fxrep fuse report"]
+        if self.before:
+            keys = [k for k in self.before if k in self.after]
+            rows = [(k, _fmt(self.before[k]), _fmt(self.after[k])) for k in keys]
+            lines += self._table(rows, ("", "before", "after"))
+        lines.append("")
+        lines.append(f"applied rewrites ({len(self.applied)}):")
+        rows = []
+        for a in self.applied:
+            d = a.details
+            macs = f"{_fmt(d['macs_before'])} -> {_fmt(d['macs_after'])}" if "macs_before" in d else ""
+            params = f"{_fmt(d['params_before'])} -> {_fmt(d['params_after'])}" if "params_after" in d else ""
+            rows.append((a.pattern, a.summary, macs, params, _short(a.origins)))
+        if rows:
+            lines += ["  " + r for r in self._table(rows, ("pattern", "what", "MACs/token", "params", "from"))]
+        lines.append(f"skipped candidates ({len(self.skipped)}):")
+        if self.skipped:
+            rows = [(s.pattern, s.reason, _short(s.origins)) for s in self.skipped]
+            lines += ["  " + r for r in self._table(rows, ("pattern", "reason", "at"))]
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    return str(v)
+
+
+def _short(origins, limit: int = 4) -> str:
+    o = list(origins)
+    return ", ".join(o[:limit]) + (f" (+{len(o) - limit})" if len(o) > limit else "")

@@ -1,0 +1,56 @@
+"""Counts that describe a graph: ops by kind, parameters, and FLOPs (via torch's FlopCounterMode)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .ir import LINEAR_TARGETS, SDPA_TARGETS, SOFTMAX_TARGETS, activation_key
+from .ops import multi_head_attention
+
+
+def count_flops(model, example_inputs) -> int:
+    """Total FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*example_inputs)
+    return int(counter.get_total_flops())
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Unique parameter and buffer elements reachable from ``module``."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def graph_stats(gm: fx.GraphModule, example_inputs=None) -> dict:
+    linears = softmax = sdpa = acts = layer_norms = 0
+    for n in gm.graph.nodes:
+        target_mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if (n.op == "call_function" and n.target in LINEAR_TARGETS) or isinstance(target_mod, torch.nn.Linear):
+            linears += 1
+        elif (n.op == "call_function" and n.target in SDPA_TARGETS) or n.target is multi_head_attention:
+            sdpa += 1
+        elif (n.op == "call_function" and n.target in SOFTMAX_TARGETS) or (n.op == "call_method" and n.target == "softmax") \
+                or isinstance(target_mod, torch.nn.Softmax):
+            softmax += 1
+        elif activation_key(n) is not None or isinstance(target_mod, (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU)):
+            acts += 1
+        elif (n.op == "call_function" and n.target is F.layer_norm) or isinstance(target_mod, torch.nn.LayerNorm):
+            layer_norms += 1
+    stats = {"ops": sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")),
+             "linear": linears, "sdpa": sdpa, "softmax": softmax, "activation": acts,
+             "layer_norm": layer_norms, "params": count_params(gm)}
+    if example_inputs is not None:
+        try:
+            stats["flops"] = count_flops(gm, example_inputs)
+        except Exception:  # noqa: BLE001 - FLOPs are informative; a failure here must not hide the fuse result
+            stats["flops"] = "n/a"
+    return stats
