@@ -122,7 +122,7 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
         for m in matches:
             if not all(_alive(n, ctx.graph) for n in m.nodes):
                 continue
-            origins = _origins(m.nodes)
+            origins = tuple(m.origins) or _origins(m.nodes)
             details = pattern.replace(m, ctx) or {}
             report.applied.append(Applied(pattern.name, m.summary, origins, dict(details)))
             applied += 1

@@ -5,7 +5,8 @@ A pattern is an object with a ``name``, a ``phase`` and two methods::
     match(node, ctx)   -> Match | Skip | None     # never mutates the graph
     replace(match, ctx) -> dict | None            # rewrites the graph; may return numbers for the report
 
-``fuse`` runs the phases in order (``canonicalize``, ``lift``, ``fuse``, ``lower``); inside a phase it sweeps
+``fuse`` runs the phases in order (``canonicalize``, ``lift``, ``fuse``, ``lower``; a pattern may name a tuple of
+phases to run in several); inside a phase it sweeps
 the graph with every pattern of that phase, in registry order, until no pattern matches (a fixed point).
 A ``Skip`` is a failed match that carries its reason; it ends up in the report.
 
@@ -35,6 +36,7 @@ class Match:
     nodes: Sequence[fx.Node]
     data: Any = None
     summary: str = ""
+    origins: tuple = ()
 
     def __bool__(self) -> bool:
         return True
@@ -118,8 +120,9 @@ def _check_pattern(p) -> None:
         if not hasattr(p, attr):
             raise PatternError(f"{p!r} is not a pattern: it has no '{attr}'. A pattern needs name, phase, "
                                "match(node, ctx) and replace(match, ctx); see fxrep.FunctionPattern.")
-    if p.phase not in PHASES:
-        raise PatternError(f"pattern {p.name!r} has phase {p.phase!r}; use one of {PHASES}.")
+    phases = (p.phase,) if isinstance(p.phase, str) else tuple(p.phase)
+    if not phases or any(ph not in PHASES for ph in phases):
+        raise PatternError(f"pattern {p.name!r} has phase {p.phase!r}; use one of {PHASES} (or a tuple of them).")
 
 
 class PatternRegistry:
@@ -175,7 +178,7 @@ class PatternRegistry:
         return PatternRegistry(self._patterns)
 
     def in_phase(self, phase: str) -> list:
-        return [p for p in self._patterns if p.phase == phase]
+        return [p for p in self._patterns if p.phase == phase or (not isinstance(p.phase, str) and phase in p.phase)]
 
     def __iter__(self):
         return iter(list(self._patterns))

@@ -2,7 +2,7 @@
 
 from .affine import MergeAffine
 from .attention import LiftAttention
-from .canonicalize import DropIdentity, FoldConstants, FunctionalizeModules
+from .canonicalize import DropEmptyAttentionMask, DropIdentity, FoldConstants, FunctionalizeModules
 from .cse import EliminateCommonSubexpressions
 from .layernorm import ExtractLayerNormAffine
 from .lower import LowerAttention
@@ -12,14 +12,15 @@ from .widen import CollapseAttention, WidenAttention, WidenMLP
 def builtin_patterns() -> list:
     """New instances of the built-in patterns (a list the caller owns)."""
     return [
-        DropIdentity(), FunctionalizeModules(), FoldConstants(),
+        DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(),
+        ExtractLayerNormAffine(), EliminateCommonSubexpressions(),
         LiftAttention(),
-        ExtractLayerNormAffine(), EliminateCommonSubexpressions(), MergeAffine(),
+        MergeAffine(),
         CollapseAttention(), WidenAttention(), WidenMLP(),
         LowerAttention(),
     ]
 
 
-__all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "FoldConstants",
+__all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask", "FoldConstants",
            "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention",
            "CollapseAttention", "WidenAttention", "WidenMLP"]

@@ -140,3 +140,32 @@ def _evaluate(node: fx.Node, gm: fx.GraphModule):
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
+
+
+def _timm_function(node: fx.Node, name: str) -> bool:
+    t = node.target if node.op == "call_function" else None
+    return getattr(t, "__module__", "") == "timm.layers.attention" and getattr(t, "__name__", "") == name
+
+
+class DropEmptyAttentionMask:
+    """timm's non-fused attention calls ``maybe_add_mask(scores, resolve_self_attn_mask(N, scores, None,
+    False))``: with no mask and ``is_causal=False`` (fixed by tracing) that is ``scores``."""
+
+    name = "drop_empty_attention_mask"
+    phase = "canonicalize"
+
+    def match(self, node, ctx):
+        if not _timm_function(node, "maybe_add_mask") or len(node.args) < 1:
+            return None
+        mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and _timm_function(mask, "resolve_self_attn_mask"):
+            args = dict(zip(("seq_len", "attn", "attn_mask", "is_causal"), mask.args))
+            args.update(mask.kwargs)
+            if args.get("attn_mask") is None and args.get("is_causal", False) is False:
+                mask = None
+        if mask is None:
+            return Match([node], node.args[0], "no attention mask: maybe_add_mask is the identity")
+        return None
+
+    def replace(self, match, ctx):
+        ctx.replace_node(match.nodes[0], match.data)

@@ -40,7 +40,7 @@ def _pure(node: fx.Node) -> bool:
 
 class EliminateCommonSubexpressions:
     name = "eliminate_common_subexpressions"
-    phase = "fuse"
+    phase = ("canonicalize", "fuse")
 
     def _first_occurrences(self, graph):
         first: dict = {}

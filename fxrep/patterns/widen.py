@@ -76,7 +76,7 @@ def sibling_groups(ctx, kind: str):
                 continue
             groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
         mergeable, skipped = [], []
-        for (_, key, _), by_input in groups.items():
+        for by_input in groups.values():
             for nodes in by_input.values():
                 if len(nodes) > 1:
                     mergeable.append(nodes)

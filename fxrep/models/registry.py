@@ -1,0 +1,63 @@
+"""timm registrations: ``timm.create_model("fxrep_deit_tiny_d3b4")`` etc. No pretrained weights exist."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .branched_vit import BranchedBlock, get_join, set_join
+
+# DeiT-Tiny per branch: dim 192, 3 heads of 64, MLP ratio 4, patch 16, 224 px.
+DEIT_TINY = dict(patch_size=16, embed_dim=192, num_heads=3, mlp_ratio=4.0)
+VARIANTS = {"d12b1": (12, 1), "d6b2": (6, 2), "d4b3": (4, 3), "d3b4": (3, 4)}
+
+
+def _cfg(**kwargs):
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "patch_embed.proj", "classifier": "head", "license": "mit", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({f"fxrep_deit_tiny_{v}.untrained": _cfg() for v in VARIANTS})
+
+
+class BranchedVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer whose blocks are BranchedBlocks, with ``set_join``/``join``."""
+
+    def set_join(self, lam: float) -> None:
+        set_join(self, lam)
+
+    @property
+    def join(self) -> float | None:
+        return get_join(self)
+
+
+def _create(variant: str, pretrained: bool = False, branches: int = 2, **kwargs):
+    if pretrained:
+        raise ValueError(f"{variant} has no pretrained weights (fxrep never downloads weights); create it "
+                         "with pretrained=False and train it, or build it from a trained ViT with "
+                         "fxrep.models.branch_from")
+    block_fn = partial(BranchedBlock, branches=branches, head_dim=kwargs.pop("head_dim", None))
+    return build_model_with_cfg(BranchedVisionTransformer, variant, pretrained=False, block_fn=block_fn,
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _register(variant: str):
+    depth, branches = VARIANTS[variant]
+    name = f"fxrep_deit_tiny_{variant}"
+
+    def entry(pretrained: bool = False, **kwargs):
+        args = dict(DEIT_TINY, depth=depth)
+        args.update(kwargs)
+        return _create(name, pretrained, branches=branches, **args)
+
+    entry.__name__ = name
+    entry.__doc__ = f"DeiT-Tiny shape, {depth} blocks of {branches} parallel branches (fuses to {depth} layers)."
+    entry.__module__ = __name__
+    globals()[name] = register_model(entry)
+
+
+for _v in VARIANTS:
+    _register(_v)
