@@ -301,7 +301,7 @@ class Candidate:
             bound.update(anchor.kwargs)
             mask = bound.get("attn_mask")
             if mask is not None:
-                hint = " (a graph input: trace with concrete_args={'%s': None})" % mask.name \
+                hint = f" (a graph input: trace with concrete_args={{'{mask.name}': None}})" \
                     if isinstance(mask, fx.Node) and mask.op == "placeholder" else ""
                 raise NotAttention("attention with a mask" + hint)
             if bound.get("is_causal", False) is not False:
@@ -488,8 +488,8 @@ def _check_cost(lifted: dict, results: dict) -> None:
         before, after = {}, {}
         for a in g["anchors"]:
             lift = lifted[a]
-            for matmul, c, q, qmap, k, kmap in lift["terms"]:
-                before[matmul] = qmap.numel()
+            for term in lift["terms"]:
+                before[term[0]] = term[3].numel()
             form = tuple((id(t[0]), t[1]) for t in lift["terms"])
             after[form] = lift["heads"] * lift["qk_width"]
         if sum(after.values()) > sum(before.values()):
