@@ -64,7 +64,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _validate(model: nn.Module) -> None:
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    # a GraphModule's own flag changes nothing it computes (symbolic_trace returns one in training mode);
+    # its submodules' flags do
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and not (name == "" and isinstance(m, fx.GraphModule))]
     if training:
         raise TrainingModeError(
             f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "
@@ -86,6 +89,23 @@ def _validate(model: nn.Module) -> None:
         if type(m).__module__.startswith("torch.ao.nn.quantized"):
             raise UnsupportedModelError(
                 f"'{name}' is a quantized module ({type(m).__name__}): fuse the float model, then quantize.")
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """Record every node's shape (``meta['tensor_meta']``); patterns use it where structure alone is unclear."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and (t.is_quantized or not (t.is_floating_point() or t.dtype in
+                                                                    (torch.int64, torch.int32, torch.bool))):
+            raise InputError(f"example input of dtype {t.dtype} is not supported: pass float tensors")
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix named
+        shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+        raise InputError(f"the model does not run on the example inputs ({shapes}): {type(e).__name__}: {e}\n"
+                         "Fix: pass example_inputs with the shapes and dtypes the model expects.") from e
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -194,6 +214,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     gm.eval()
     registry = patterns if isinstance(patterns, PatternRegistry) else \
         (PatternRegistry(patterns) if patterns is not None else default_registry())
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)
     report = FuseReport()
     report.before = graph_stats(gm, example_inputs)
     run_patterns(gm, registry, report)

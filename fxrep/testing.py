@@ -54,7 +54,7 @@ def assert_fused_equivalent(model: nn.Module, inputs, *, fused=None, rtol: float
     if fused is None:
         from .engine import fuse
 
-        fused = fuse(model, patterns=patterns)
+        fused = fuse(model, patterns=patterns, example_inputs=tuple(inputs))
     if snapshot is not None:
         after = model.state_dict(keep_vars=True)
         for k, v in snapshot.items():
@@ -101,3 +101,168 @@ class Case:
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generated branched blocks. Each block is a plain nn.Module written the way a user would write it; the spec
+# it was built from says what fuse should do with it (``expect``), so tests can assert structure too.
+# ----------------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+try:
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    st = None
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,
+               "silu": nn.SiLU}
+MLP_NEAR_MISSES = ("eps", "activation", "input", "leak", "shared_linear")
+
+
+@dataclass
+class MlpSpec:
+    """What ``GeneratedMlpBlock`` builds. ``lam=None`` sums independent branches (widening only)."""
+
+    dim: int = 8
+    hidden: int = 16
+    branches: int = 2
+    bias: bool = True
+    norm: str = "per_branch"        # per_branch | shared | none
+    functional_norm: bool = False   # F.layer_norm on parameters instead of nn.LayerNorm
+    layerscale: bool = True
+    activation: str = "gelu"
+    lam: float | None = 1.0
+    average: bool = False           # divide the branch sum by B
+    dtype: torch.dtype = torch.float32
+    near_miss: str | None = None
+    seed: int = 0
+
+    def expect(self) -> dict:
+        """Activation count and sorted hidden widths fuse must produce (None: not asserted).
+
+        Joined branches (lam == 1) see one pre-activation and collapse to the single-branch width; other
+        branches that read one input with one activation widen into one op; a branch with another
+        activation, or reading another input when not joined, stays apart.
+        """
+        B, h = self.branches, self.hidden
+        joined = self.lam == 1.0 or B == 1
+        if self.near_miss == "leak" and B > 1:
+            return {"activations": None, "widths": None}
+        if self.near_miss == "activation" and B > 1:
+            return {"activations": 2, "widths": [h, h] if joined else sorted([h, (B - 1) * h])}
+        if self.near_miss in ("eps", "input") and B > 1 and not joined:
+            if self.lam not in (None, 0.0):
+                # 0 < lam < 1 mixes every branch's pre-activation with the odd one out: nothing shares an input
+                return {"activations": B, "widths": [h] * B}
+            return {"activations": 2, "widths": sorted([h, (B - 1) * h])}
+        if self.near_miss == "shared_linear" and self.norm != "per_branch" and not joined:
+            # branches 0 and 1 compute the same pre-activation: one copy is enough
+            return {"activations": 1, "widths": [h * (B - 1)]}
+        return {"activations": 1, "widths": [h if joined else h * B]}
+
+
+class GeneratedMlpBlock(nn.Module):
+    """``x + sum_i ls_i * fc2_i(phi((1 - lam) z_i + lam mean_j z_j))`` with ``z_i = fc1_i(norm_i(x))``."""
+
+    def __init__(self, spec: MlpSpec):
+        super().__init__()
+        self.spec = spec
+        g = torch.Generator().manual_seed(spec.seed)
+        B, d, h = spec.branches, spec.dim, spec.hidden
+        n_norms = {"per_branch": B, "shared": 1, "none": 0}[spec.norm]
+        eps = [1e-5] * n_norms
+        if spec.near_miss == "eps" and n_norms > 1:
+            eps[-1] = 1e-6
+        self.norms = nn.ModuleList(nn.LayerNorm(d, eps=e) for e in eps)
+        self.fc1 = nn.ModuleList(nn.Linear(d, h, bias=spec.bias) for _ in range(B))
+        if spec.near_miss == "shared_linear" and B > 1:
+            self.fc1[1] = self.fc1[0]
+        self.fc2 = nn.ModuleList(nn.Linear(h, d, bias=spec.bias) for _ in range(B))
+        acts = [ACTIVATIONS[spec.activation]() for _ in range(B)]
+        if spec.near_miss == "activation" and B > 1:
+            acts[-1] = nn.ReLU() if spec.activation != "relu" else nn.GELU()
+        self.acts = nn.ModuleList(acts)
+        self.gammas = nn.ParameterList(nn.Parameter(torch.empty(d)) for _ in range(B if spec.layerscale else 0))
+        self.register_buffer("lam", torch.tensor(spec.lam if spec.lam is not None else 0.0))
+        _randomize(self, g)
+        self.to(spec.dtype).eval()
+
+    def _norm(self, x, i):
+        if self.spec.norm == "none":
+            return x
+        m = self.norms[i if self.spec.norm == "per_branch" else 0]
+        if self.spec.functional_norm:
+            return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+        return m(x)
+
+    def forward(self, x):
+        spec = self.spec
+        inputs = [x] * spec.branches
+        if spec.near_miss == "input" and spec.branches > 1:
+            inputs[-1] = x * 2.0
+        z = [fc1(self._norm(xi, i)) for i, (fc1, xi) in enumerate(zip(self.fc1, inputs))]
+        if spec.lam is not None:
+            mean = sum(z) / len(z)
+            pre = [(1 - self.lam) * zi + self.lam * mean for zi in z]
+        else:
+            pre = z
+        outs = [fc2(act(p)) for fc2, act, p in zip(self.fc2, self.acts, pre)]
+        if spec.layerscale:
+            outs = [o * g for o, g in zip(outs, self.gammas)]
+        total = sum(outs)
+        if spec.average:
+            total = total / len(outs)
+        if spec.near_miss == "leak" and spec.branches > 1:
+            return x + total, z[0]
+        return x + total
+
+
+def _randomize(module: nn.Module, g: torch.Generator) -> None:
+    """Random weights of O(1/sqrt(fan_in)), LayerNorm affines and LayerScales far from 1/0 (so folding them is
+    actually tested: default-initialized norms fold trivially)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def make_inputs(dim: int, dtype: torch.dtype, seed: int = 0, batch: int = 2, tokens: int = 5) -> tuple:
+    g = torch.Generator().manual_seed(seed + 1)
+    return (torch.randn(batch, tokens, dim, generator=g).to(dtype),)
+
+
+def _lam_values():
+    return st.one_of(st.just(1.0), st.just(0.0), st.none(), st.floats(0.05, 0.95))
+
+
+def mlp_specs(branches=None, near_miss: bool | None = False, dtypes=(torch.float32, torch.float64)):
+    """Hypothesis strategy of MlpSpec: 1-6 branches, widths, bias, norm placement and form, LayerScale,
+    activations, dtypes, lam (1, 0, None for a plain sum, or in (0, 1)); with ``near_miss=True`` one of
+    MLP_NEAR_MISSES (different eps / activation / input, an intermediate read outside, a shared Linear)."""
+    misses = st.sampled_from(MLP_NEAR_MISSES) if near_miss else st.none()
+    if near_miss is None:
+        misses = st.one_of(st.none(), st.sampled_from(MLP_NEAR_MISSES))
+    return st.builds(
+        MlpSpec,
+        dim=st.integers(2, 24), hidden=st.integers(1, 40),
+        branches=branches if branches is not None else st.integers(1 if not near_miss else 2, 6),
+        bias=st.booleans(), norm=st.sampled_from(["per_branch", "shared", "none"]),
+        functional_norm=st.booleans(), layerscale=st.booleans(), activation=st.sampled_from(sorted(ACTIVATIONS)),
+        lam=_lam_values(), average=st.booleans(), dtype=st.sampled_from(dtypes), near_miss=misses,
+        seed=st.integers(0, 2**16),
+    )
+
+
+@st.composite if st is not None else (lambda f: f)
+def branched_mlp_blocks(draw, **kwargs) -> Case:
+    """A ``Case`` with a GeneratedMlpBlock built from ``mlp_specs(**kwargs)`` and inputs for it."""
+    spec = draw(mlp_specs(**kwargs))
+    if spec.near_miss == "eps" and spec.norm != "per_branch":
+        spec.norm = "per_branch"
+    model = GeneratedMlpBlock(spec)
+    return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed), {"spec": spec})

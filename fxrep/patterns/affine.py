@@ -37,6 +37,8 @@ from ..ir import (
     MUL_TARGETS,
     NEG_TARGETS,
     SUB_TARGETS,
+    activation_key,
+    as_layer_norm,
     as_linear,
     const_node,
     emit_linear,
@@ -206,7 +208,7 @@ class AffineAnalysis:
         for n in graph.nodes:
             f = self._form(n, forms, stop, operand)
             if f is not None:
-                forms[n] = f
+                forms[n] = _without_zero_terms(f)
             else:
                 through.pop(n, None)
         return forms, through
@@ -300,6 +302,33 @@ class AffineAnalysis:
         return [{"stops": stops, "cones": {f: cones[f] for f in stops}} for stops in groups.values()]
 
 
+def _shape_key(n: fx.Node):
+    """Nodes with equal keys have equal shapes: the shape recorded by shape propagation when fuse had
+    example inputs; else structural: norms and activations keep their input's shape, a Linear keeps the
+    leading dims and sets the last."""
+    meta = n.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return ("shape", tuple(meta.shape))
+    lin = as_linear(n)
+    if lin is not None:
+        return (_shape_key(lin.input), lin.out_features)
+    if (as_layer_norm(n) is not None or activation_key(n) is not None) and isinstance(n.args[0], fx.Node):
+        return _shape_key(n.args[0])
+    return n
+
+
+def _without_zero_terms(f: Affine) -> Affine:
+    """Drop terms that are exactly zero (e.g. ``(1 - lam) * z_i`` at lam == 1), where a remaining term has the
+    same shape, so dropping cannot change how the sum broadcasts. ``0 * finite == 0`` exactly."""
+    zero = [n for n, t in f.terms.items() if not bool(t.any())]
+    if not zero:
+        return f
+    keep = {n: t for n, t in f.terms.items() if bool(t.any())}
+    keys = {_shape_key(n) for n in keep}
+    terms = {n: t for n, t in f.terms.items() if n in keep or _shape_key(n) not in keys}
+    return Affine(terms, f.bias, f.dtype) if terms else f
+
+
 def _arith_kind(n: fx.Node) -> str | None:
     if n.op == "call_function":
         for kind, targets in (("add", ADD_TARGETS), ("sub", SUB_TARGETS), ("mul", MUL_TARGETS),
@@ -330,7 +359,8 @@ def _form_cost(f: Affine) -> tuple[int, int]:
     ops += len(f.terms) - 1
     macs += (len(f.terms) - 1) * out
     has_matrix = any(t.dim() == 2 for t in f.terms.values())
-    if f.bias is not None and not has_matrix:
+    bias = _normalized_bias(f)
+    if bias is not None and not (has_matrix and bias.dim() == 1):
         ops += 1
         macs += out
     return macs, ops
@@ -343,16 +373,27 @@ def _node_cost(n: fx.Node, f: Affine) -> int:
     return f.out_size() or 1
 
 
+def _normalized_bias(f: Affine) -> torch.Tensor | None:
+    """The bias as emitted: None when exactly zero, a vector when a Linear will absorb a scalar bias."""
+    b = f.bias
+    if b is None or not bool(b.any()):
+        return None
+    out = f.out_size()
+    if b.dim() == 0 and out is not None and any(t.dim() == 2 for t in f.terms.values()):
+        return b * torch.ones(out, dtype=f64)
+    return b
+
+
 def _materialize(graph: fx.Graph, f: Affine, ctx, order, hint: str, origins) -> fx.Node:
     items = sorted(f.terms.items(), key=lambda kv: order.get(kv[0], -1))
-    bias = f.bias
+    bias = _normalized_bias(f)
     parts = []
     for base, t in items:
         b = ctx.resolve(base)
         if t.dim() == 2:
-            parts.append(emit_linear(graph, b, t, bias if bias is not None and bias.dim() == 1 else None,
-                                     f.dtype, hint, origins))
-            if bias is not None and bias.dim() == 1:
+            absorb = bias is not None and bias.dim() == 1
+            parts.append(emit_linear(graph, b, t, bias if absorb else None, f.dtype, hint, origins))
+            if absorb:
                 bias = None
         elif t.dim() == 1:
             parts.append(graph.call_function(torch.mul, (b, const_node(graph, t.to(f.dtype), hint + "_scale"))))

@@ -1,0 +1,76 @@
+"""Property tests of MLP widening and joining (math doc sections 1-4) on generated branched blocks."""
+
+import torch
+from helpers import activations, hidden_widths, stats
+from hypothesis import given, settings
+
+import fxrep
+from fxrep.testing import (GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, branched_mlp_blocks, graph_code,
+                           make_inputs)
+
+
+@given(branched_mlp_blocks())
+def test_fused_mlp_blocks_are_equivalent_and_merged(case):
+    spec = case.info["spec"]
+    gm = assert_fused_equivalent(case.model, case.inputs)
+    expect = spec.expect()
+    assert len(activations(gm)) == expect["activations"]
+    assert hidden_widths(gm, case.inputs) == expect["widths"]
+    if spec.norm != "none":
+        assert stats(gm)["layer_norm"] == 1, "branches normalizing one tensor share one affine-free norm"
+
+
+@settings(max_examples=40)
+@given(branched_mlp_blocks(near_miss=True))
+def test_near_misses_are_left_unmerged_and_exact(case):
+    spec = case.info["spec"]
+    gm = assert_fused_equivalent(case.model, case.inputs)
+    expect = spec.expect()
+    if expect["activations"] is not None:
+        assert len(activations(gm)) == expect["activations"]
+        assert hidden_widths(gm, case.inputs) == expect["widths"], "only like branches may merge"
+
+
+def test_joined_four_branch_block_is_one_gelu_and_two_linears():
+    model = GeneratedMlpBlock(MlpSpec(dim=16, hidden=64, branches=4, lam=1.0))
+    x = make_inputs(16, torch.float32)
+    gm = assert_fused_equivalent(model, x)
+    s = stats(gm)
+    assert (s["activation"], s["linear"]) == (1, 2)
+    assert hidden_widths(gm, x) == [64]
+
+
+def test_widened_four_branch_block_is_one_gelu_with_four_times_hidden():
+    model = GeneratedMlpBlock(MlpSpec(dim=16, hidden=64, branches=4, lam=None))
+    x = make_inputs(16, torch.float32)
+    gm = assert_fused_equivalent(model, x)
+    s = stats(gm)
+    assert (s["activation"], s["linear"]) == (1, 2)
+    assert hidden_widths(gm, x) == [256]
+
+
+def test_partially_joined_block_is_still_widened_exactly():
+    model = GeneratedMlpBlock(MlpSpec(dim=8, hidden=8, branches=3, lam=0.3, dtype=torch.float64))
+    x = make_inputs(8, torch.float64)
+    gm = assert_fused_equivalent(model, x, rtol=1e-10)
+    assert hidden_widths(gm, x) == [24]
+
+
+def test_different_layernorm_eps_is_reported():
+    model = GeneratedMlpBlock(MlpSpec(branches=2, near_miss="eps", lam=None))
+    gm = fxrep.fuse(model)
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped]
+    assert any("different LayerNorm eps" in r for r in reasons), reasons
+
+
+def test_fuse_does_not_touch_the_input_model():
+    model = GeneratedMlpBlock(MlpSpec(branches=3, lam=1.0))
+    traced = torch.fx.symbolic_trace(model)
+    code, state = traced.code, {k: v.clone() for k, v in traced.state_dict().items()}
+    fused = fxrep.fuse(traced)
+    assert traced.code == code and graph_code(traced) == code
+    for k, v in traced.state_dict().items():
+        assert torch.equal(v, state[k]) and v.dtype == state[k].dtype
+    assert fused is not traced and fused.code != code
+    fused_params = {id(p) for p in fused.parameters()}
+    assert not fused_params & {id(p) for p in model.parameters()}, "merged weights must be new tensors"
