@@ -64,10 +64,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _validate(model: nn.Module) -> None:
-    # a GraphModule's own flag changes nothing it computes (symbolic_trace returns one in training mode);
-    # its submodules' flags do
-    training = [name or type(model).__name__ for name, m in model.named_modules()
-                if m.training and not (name == "" and isinstance(m, fx.GraphModule))]
+    if isinstance(model, fx.GraphModule):
+        # only the modules its graph calls matter: symbolic_trace makes the GraphModule and the containers on
+        # the way to its leaves fresh modules in training mode, which change nothing it computes
+        called = {n.target for n in model.graph.nodes if n.op == "call_module"}
+        modules = [(f"{t}.{name}".rstrip("."), m) for t in called for name, m in model.get_submodule(t).named_modules()]
+    else:
+        modules = list(model.named_modules())
+    training = [name or type(model).__name__ for name, m in modules if m.training]
     if training:
         raise TrainingModeError(
             f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "

@@ -7,6 +7,7 @@ The helpers here read those nodes and build new ones; they never mutate existing
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 import re
@@ -208,17 +209,28 @@ _NAME_RE = re.compile(r"[^0-9a-zA-Z_]")
 
 
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
-    """Register ``tensor`` on ``gm`` under a fresh, readable attribute name and return that name."""
+    """Register ``tensor`` on ``gm`` under a fresh, readable attribute name and return that name.
+
+    A tensor bitwise equal to one fxrep registered before gets that one's name: identical merged weights
+    then give identical nodes, which common-subexpression elimination merges.
+    """
+    cache = gm.meta.setdefault("fxrep_constants", {})
+    value = tensor.detach()
+    raw = value.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    key = (value.dtype, tuple(value.shape), hashlib.sha1(raw).hexdigest())
+    if key in cache and hasattr(gm, cache[key]):
+        return cache[key]
     base = "fx_" + _NAME_RE.sub("_", hint).strip("_")[:60] or "fx_const"
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    value = tensor.detach().clone()
+    value = value.clone()
     if value.is_floating_point():
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
         gm.register_buffer(name, value)
+    cache[key] = name
     return name
 
 

@@ -13,7 +13,7 @@ def builtin_patterns() -> list:
     """New instances of the built-in patterns (a list the caller owns)."""
     return [
         DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(),
-        ExtractLayerNormAffine(), EliminateCommonSubexpressions(),
+        EliminateCommonSubexpressions(), ExtractLayerNormAffine(),
         LiftAttention(),
         MergeAffine(),
         CollapseAttention(), WidenAttention(), WidenMLP(),

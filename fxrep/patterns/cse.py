@@ -1,7 +1,7 @@
 """``eliminate_common_subexpressions``: two pure nodes with the same op, target and inputs are one node.
 
 This is how branches that share a normalization, or whose joined pre-activations became identical, end up
-reading one value. Only ``call_function``/``call_method`` nodes that are pure are merged; random ops,
+reading one value. ``get_attr`` nodes of one attribute and pure ``call_function``/``call_method`` nodes are merged; random ops,
 in-place methods and module calls are left alone.
 """
 
@@ -31,6 +31,8 @@ def _key(value):
 
 
 def _pure(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True  # same target, same tensor
     if node.op == "call_function":
         return node.target not in _RANDOM_TARGETS and not getattr(node.target, "__name__", "").endswith("_")
     if node.op == "call_method":
