@@ -266,3 +266,168 @@ def branched_mlp_blocks(draw, **kwargs) -> Case:
         spec.norm = "per_branch"
     model = GeneratedMlpBlock(spec)
     return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed), {"spec": spec})
+
+
+ATTENTION_FORMS = ("timm_sdpa", "timm_explicit", "separate_sdpa", "separate_softmax_scale_before",
+                   "separate_softmax_scale_after", "softmax_module")
+ATTENTION_NEAR_MISSES = ("mask", "causal", "qk_norm", "input")
+
+
+@dataclass
+class AttentionSpec:
+    """What ``GeneratedAttentionBlock`` builds: B attention branches on one input, summed into the residual.
+
+    ``lam=None`` sums independent branches; otherwise branches are joined at the softmax input with ``lam``
+    (then every branch uses the explicit softmax form, since SDPA hides the logits).
+    """
+
+    dim: int = 8
+    heads: int = 2
+    head_dim: int = 4
+    branches: int = 2
+    form: str = "timm_sdpa"
+    bias: bool = True
+    norm: str = "per_branch"   # per_branch | shared
+    layerscale: bool = True
+    lam: float | None = None
+    dtype: torch.dtype = torch.float32
+    near_miss: str | None = None
+    seed: int = 0
+
+    def expect(self) -> dict:
+        """SDPA calls and heads per call after fuse (None: not asserted)."""
+        B, H = self.branches, self.heads
+        if self.near_miss is not None and B > 1:
+            return {"sdpa": None, "heads": None}
+        if self.lam is not None and 0.0 < self.lam < 1.0 and B > 1:
+            return {"sdpa": 0, "heads": None}  # left as is: see lift_attention's cost check
+        joined = self.lam == 1.0 or B == 1
+        return {"sdpa": 1, "heads": H if joined else H * B}
+
+
+class _Branch(nn.Module):
+    def __init__(self, spec: AttentionSpec):
+        super().__init__()
+        d, inner = spec.dim, spec.heads * spec.head_dim
+        self.spec = spec
+        if spec.form.startswith("timm"):
+            from timm.layers import Attention
+
+            self.attn = Attention(d, spec.heads, attn_head_dim=spec.head_dim, qkv_bias=spec.bias,
+                                  qk_norm=spec.near_miss == "qk_norm", norm_layer=nn.LayerNorm)
+            self.attn.fused_attn = spec.form == "timm_sdpa" and spec.near_miss != "mask"
+        else:
+            self.q, self.k, self.v = (nn.Linear(d, inner, bias=spec.bias) for _ in range(3))
+            self.o = nn.Linear(inner, d, bias=spec.bias)
+            self.softmax = nn.Softmax(dim=-1)
+        self.gamma = nn.Parameter(torch.empty(d)) if spec.layerscale else None
+
+    def qkv(self, x):
+        """(q, k, v) of shape (batch, heads, tokens, head_dim)."""
+        B_, N, _ = x.shape
+        s = self.spec
+        if s.form.startswith("timm"):
+            qkv = self.attn.qkv(x).reshape(B_, N, 3, s.heads, s.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            return self.attn.q_norm(q), self.attn.k_norm(k), v
+        return tuple(lin(x).view(B_, -1, s.heads, s.head_dim).permute(0, 2, 1, 3) for lin in (self.q, self.k, self.v))
+
+    def logits(self, q, k):
+        s = self.spec
+        scale = s.head_dim ** -0.5
+        if s.form == "separate_softmax_scale_after":
+            return (q @ k.transpose(-2, -1)) * scale
+        return (q * scale) @ k.transpose(-2, -1)
+
+    def finish(self, probs, v, x):
+        o = (probs @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.project(o)
+
+    def project(self, o):
+        out = self.attn.proj(o) if self.spec.form.startswith("timm") else self.o(o)
+        return out * self.gamma if self.gamma is not None else out
+
+    def forward(self, x, mask):
+        s = self.spec
+        if s.form.startswith("timm"):
+            if s.near_miss == "mask":
+                return self.project(_explicit_timm(self.attn, x, mask))
+            out = self.attn(x, is_causal=s.near_miss == "causal") if s.near_miss == "causal" else self.attn(x)
+            return out * self.gamma if self.gamma is not None else out
+        q, k, v = self.qkv(x)
+        if s.form == "separate_sdpa" or s.near_miss == "causal":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if s.near_miss == "mask" else None,
+                                               is_causal=s.near_miss == "causal")
+            return self.project(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        logits = self.logits(q, k)
+        if s.near_miss == "mask":
+            logits = logits + mask
+        probs = self.softmax(logits) if s.form == "softmax_module" else logits.softmax(dim=-1)
+        return self.finish(probs, v, x)
+
+
+def _explicit_timm(attn, x, mask):
+    B_, N, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B_, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    a = ((q * attn.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)
+    return (a @ v).transpose(1, 2).reshape(B_, N, -1)
+
+
+class GeneratedAttentionBlock(nn.Module):
+    """``x + sum_i ls_i * attn_i(norm_i(x))``, optionally joined at the softmax input with ``lam``."""
+
+    def __init__(self, spec: AttentionSpec):
+        super().__init__()
+        self.spec = spec
+        g = torch.Generator().manual_seed(spec.seed)
+        n_norms = spec.branches if spec.norm == "per_branch" else 1
+        self.norms = nn.ModuleList(nn.LayerNorm(spec.dim) for _ in range(n_norms))
+        self.branches = nn.ModuleList(_Branch(spec) for _ in range(spec.branches))
+        self.register_buffer("lam", torch.tensor(spec.lam if spec.lam is not None else 0.0))
+        self.register_buffer("mask", torch.randn(1, 1, 1, 5, generator=g))
+        _randomize(self, g)
+        self.to(spec.dtype).eval()
+
+    def forward(self, x):
+        s = self.spec
+        xs = [self.norms[i if s.norm == "per_branch" else 0](x) for i in range(s.branches)]
+        if s.near_miss == "input" and s.branches > 1:
+            xs[-1] = xs[-1] * 2.0
+        if s.lam is None:
+            return x + sum(b(xi, self.mask) for b, xi in zip(self.branches, xs))
+        qkv = [b.qkv(xi) for b, xi in zip(self.branches, xs)]
+        logits = [b.logits(q, k) for b, (q, k, _) in zip(self.branches, qkv)]
+        if s.near_miss == "mask":
+            logits = [lg + self.mask for lg in logits]
+        mean = sum(logits) / len(logits)
+        outs = []
+        for b, lg, (_, _, v), xi in zip(self.branches, logits, qkv, xs):
+            probs = ((1 - self.lam) * lg + self.lam * mean).softmax(dim=-1)
+            outs.append(b.finish(probs, v, xi))
+        return x + sum(outs)
+
+
+def attention_specs(branches=None, near_miss: bool | None = False, dtypes=(torch.float32, torch.float64)):
+    """Hypothesis strategy of AttentionSpec over heads, head dims, branches 1-6, all ATTENTION_FORMS, bias,
+    norm placement, LayerScale, lam, dtypes; ``near_miss=True`` draws one of ATTENTION_NEAR_MISSES."""
+    misses = st.sampled_from(ATTENTION_NEAR_MISSES) if near_miss else st.none()
+    return st.builds(
+        AttentionSpec,
+        dim=st.integers(2, 16), heads=st.integers(1, 4), head_dim=st.integers(1, 8),
+        branches=branches if branches is not None else st.integers(1 if not near_miss else 2, 6),
+        form=st.sampled_from(ATTENTION_FORMS), bias=st.booleans(), norm=st.sampled_from(["per_branch", "shared"]),
+        layerscale=st.booleans(), lam=_lam_values(), dtype=st.sampled_from(dtypes), near_miss=misses,
+        seed=st.integers(0, 2**16),
+    )
+
+
+@st.composite if st is not None else (lambda f: f)
+def branched_attention_blocks(draw, **kwargs) -> Case:
+    """A ``Case`` with a GeneratedAttentionBlock built from ``attention_specs(**kwargs)`` (5 tokens)."""
+    spec = draw(attention_specs(**kwargs))
+    if spec.near_miss == "causal" and spec.lam is not None:
+        spec.lam = None  # causal joins have no explicit-softmax spelling here
+    if spec.near_miss == "qk_norm" and not spec.form.startswith("timm"):
+        spec.form = "timm_sdpa"
+    model = GeneratedAttentionBlock(spec)
+    return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed), {"spec": spec})

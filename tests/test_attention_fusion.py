@@ -1,0 +1,83 @@
+"""Property tests of attention recognition, widening and joining (math doc sections 2, 3, 7)."""
+
+import torch
+from helpers import sdpa_calls
+from hypothesis import given, settings
+
+import fxrep
+from fxrep.testing import (AttentionSpec, GeneratedAttentionBlock, assert_fused_equivalent,
+                           branched_attention_blocks, make_inputs)
+
+
+def _heads(node):
+    q = node.args[0]
+    return q.meta["tensor_meta"].shape[1] if "tensor_meta" in q.meta else None
+
+
+def _sdpa_heads(gm, inputs):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*inputs)
+    return [_heads(n) for n in sdpa_calls(gm)]
+
+
+@settings(max_examples=40)
+@given(branched_attention_blocks())
+def test_fused_attention_blocks_are_equivalent_and_merged(case):
+    spec = case.info["spec"]
+    gm = assert_fused_equivalent(case.model, case.inputs)
+    expect = spec.expect()
+    heads = _sdpa_heads(gm, case.inputs)
+    assert len(heads) == expect["sdpa"], gm.meta["fxrep_report"]
+    if expect["heads"] is not None:
+        assert heads == [expect["heads"]]
+
+
+@given(branched_attention_blocks(near_miss=True))
+def test_attention_near_misses_are_exact_and_reported(case):
+    gm = assert_fused_equivalent(case.model, case.inputs)
+    report = gm.meta["fxrep_report"]
+    assert report.skipped, "a near miss must be reported as a skipped candidate"
+
+
+def test_joined_four_branch_attention_is_one_sdpa_of_single_branch_heads():
+    spec = AttentionSpec(dim=16, heads=2, head_dim=8, branches=4, form="timm_explicit", lam=1.0)
+    model = GeneratedAttentionBlock(spec)
+    x = make_inputs(16, torch.float32)
+    gm = assert_fused_equivalent(model, x)
+    assert _sdpa_heads(gm, x) == [2]
+    q_width = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "unflatten"][0].args[2]
+    assert q_width == (2, 4 * 8), "joined q/k heads concatenate the branches' head dims"
+
+
+def test_widened_attention_is_one_sdpa_over_the_union_of_heads():
+    spec = AttentionSpec(dim=16, heads=2, head_dim=8, branches=3, form="timm_sdpa", lam=None)
+    x = make_inputs(16, torch.float32)
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
+    assert _sdpa_heads(gm, x) == [6]
+
+
+def test_timm_attention_with_attn_head_dim_different_from_dim_over_heads():
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(12, num_heads=2, attn_head_dim=5, qkv_bias=True).eval()
+    x = torch.randn(2, 7, 12)
+    gm = assert_fused_equivalent(attn, (x,))
+    assert len(sdpa_calls(gm)) == 1
+    assert gm.meta["fxrep_report"].count("lift_attention") == 1
+
+
+def test_masked_attention_is_skipped_with_its_reason():
+    spec = AttentionSpec(branches=2, form="separate_sdpa", near_miss="mask")
+    gm = fxrep.fuse(GeneratedAttentionBlock(spec))
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped]
+    assert any("mask" in r for r in reasons), reasons
+
+
+def test_partially_joined_attention_is_left_alone_and_says_why():
+    spec = AttentionSpec(branches=2, form="timm_explicit", lam=0.5)
+    x = make_inputs(spec.dim, torch.float32)
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped]
+    assert any("0 < lam < 1" in r for r in reasons), reasons
