@@ -170,7 +170,7 @@ def _cleanup(ctx: FuseContext) -> None:
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [n for n, _ in gm.named_parameters(recurse=False)] + [n for n, _ in gm.named_buffers(recurse=False)]:
-        if name.startswith("fx_") and name not in used:
+        if name not in used:  # fxrep's own intermediates, and constants the tracer made that were folded
             delattr(gm, name)
     gm.delete_all_unused_submodules()
 

@@ -4,7 +4,9 @@
   ``.contiguous()`` are the identity at inference; their uses read the input instead.
 - ``functionalize_modules``: ``nn.Linear`` / ``nn.LayerNorm`` / activation modules become their functional
   calls on ``get_attr`` parameters (``nn.LayerNorm`` and timm's ``F.layer_norm`` then look the same).
-- ``fold_constants``: an op whose inputs are all constants (e.g. ``1 - lam`` on a buffer) is evaluated once.
+- ``fold_constants``: an op whose inputs are all constants and whose result is a scalar or a per-channel
+  vector (e.g. ``1 - lam`` on a buffer) is evaluated once. Larger constant tables (a position embedding cast
+  to another dtype) are left as they are: the user's buffers keep their values and dtypes.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ class FoldConstants:
         if node.op == "call_method" and str(node.target).endswith("_"):
             return None  # in-place method: it would write the user's tensor
         value = _evaluate(node, ctx.gm)
-        if not isinstance(value, torch.Tensor):
-            return None
+        if not isinstance(value, torch.Tensor) or sum(1 for s in value.shape if s > 1) > 1:
+            return None  # only scalars and per-channel vectors: the constants patterns read; tables stay as is
         return Match([node], value, f"constant {node.name} evaluated once")
 
     def replace(self, match, ctx):

@@ -1,0 +1,154 @@
+"""The fuse API: report, non-mutation, errors that name the fix, idempotence, determinism, save/load."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxrep
+from fxrep.testing import GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, make_inputs
+
+
+def _block(**kw):
+    return GeneratedMlpBlock(MlpSpec(dim=8, hidden=16, branches=3, **kw))
+
+
+def test_returns_a_new_graph_module_with_a_readable_report():
+    model = _block(lam=1.0)
+    x = make_inputs(8, torch.float32)
+    gm = fxrep.fuse(model, example_inputs=x, check=True)
+    assert isinstance(gm, torch.fx.GraphModule)
+    report = gm.meta["fxrep_report"]
+    assert report.count("merge_affine") >= 1
+    text = str(report)
+    assert "merge_affine" in text and "before" in text and "flops" in text
+    assert report.before["activation"] == 3 and report.after["activation"] == 1
+    assert report.after["flops"] < report.before["flops"]
+    merged = [a for a in report.applied if a.pattern == "merge_affine"][0]
+    assert any(o.startswith("fc1.") for o in merged.origins), merged.origins
+
+
+def test_training_mode_is_rejected_with_the_fix():
+    model = _block().train()
+    with pytest.raises(fxrep.TrainingModeError, match=r"model\.eval\(\)"):
+        fxrep.fuse(model)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), Branchy())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_untraceable_model_names_the_module_and_the_fix():
+    with pytest.raises(fxrep.TraceError, match=r"(?s)inner\.1.*leaf"):
+        fxrep.fuse(DataDependent().eval())
+
+
+def test_meta_device_model_is_rejected():
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    with pytest.raises(fxrep.UnsupportedModelError, match="meta device"):
+        fxrep.fuse(model.eval())
+
+
+def test_integer_parameters_are_rejected():
+    model = nn.Linear(4, 4).eval()
+    model.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(fxrep.UnsupportedModelError, match="dtype torch.int32"):
+        fxrep.fuse(model)
+
+
+def test_quantized_models_are_rejected():
+    model = nn.Sequential(torch.ao.nn.quantized.Linear(4, 4)).eval()
+    with pytest.raises(fxrep.UnsupportedModelError, match="quantiz"):
+        fxrep.fuse(model)
+
+
+def test_wrong_example_input_shape_gets_a_clear_error():
+    with pytest.raises(fxrep.InputError, match="example inputs"):
+        fxrep.fuse(_block(), example_inputs=(torch.randn(2, 5, 7),), check=True)
+
+
+def test_check_without_inputs_says_what_is_missing():
+    with pytest.raises(fxrep.InputError, match="example_inputs"):
+        fxrep.fuse(_block(), check=True)
+
+
+def test_not_a_module_is_rejected():
+    with pytest.raises(fxrep.FxrepError, match="nn.Module"):
+        fxrep.fuse(lambda x: x)
+
+
+def test_fusing_twice_changes_nothing_more():
+    x = make_inputs(8, torch.float32)
+    once = fxrep.fuse(_block(lam=0.5), example_inputs=x)
+    twice = fxrep.fuse(once, example_inputs=x)
+    assert twice.meta["fxrep_report"].applied == []
+    assert twice.code == once.code
+
+
+def test_fuse_is_deterministic():
+    model = _block(lam=1.0)
+    a, b = fxrep.fuse(model), fxrep.fuse(model)
+    assert a.code == b.code
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fused_models_survive_deepcopy_and_save_load():
+    x = make_inputs(8, torch.float32)
+    gm = fxrep.fuse(_block(lam=1.0), example_inputs=x)
+    want = gm(*x)
+    assert torch.equal(copy.deepcopy(gm)(*x), want)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(*x), want)
+
+
+class WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pos", torch.randn(1, 5, 8))
+        self.register_buffer("table", torch.randn(3, 8).half())
+        self.cls = nn.Parameter(torch.randn(1, 1, 8, dtype=torch.float64))
+        self.block = _block(lam=1.0)
+
+    def forward(self, x):
+        return self.block(x + self.pos), self.cls, self.table
+
+
+def test_buffers_keep_their_values_and_dtypes():
+    model = WithBuffers().eval()
+    gm = assert_fused_equivalent(model, make_inputs(8, torch.float32))
+    tensors = dict(gm.named_buffers()) | dict(gm.named_parameters())
+    for name in ("pos", "table", "cls"):
+        kept = [t for n, t in tensors.items() if n.endswith(name)]
+        assert len(kept) == 1 and kept[0].dtype == getattr(model, name).dtype
+        assert torch.equal(kept[0], getattr(model, name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_fold_in_float64(dtype):
+    # a LayerScale of 1e-5 underflows when folded in fp16; fxrep folds in float64 and casts once
+    model = GeneratedMlpBlock(MlpSpec(dim=16, hidden=32, branches=2, lam=1.0, layerscale=True))
+    with torch.no_grad():
+        for g in model.gammas:
+            g.fill_(1e-5)
+    model = model.to(dtype)
+    x = tuple(t.to(dtype) for t in make_inputs(16, torch.float32))
+    assert_fused_equivalent(model, x)
