@@ -1,7 +1,6 @@
 """Small readers of fused graphs shared by the tests."""
 
 import torch.nn.functional as F
-
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxrep.ir import activation_key

@@ -5,8 +5,13 @@ from helpers import sdpa_calls
 from hypothesis import given, settings
 
 import fxrep
-from fxrep.testing import (AttentionSpec, GeneratedAttentionBlock, assert_fused_equivalent,
-                           branched_attention_blocks, make_inputs)
+from fxrep.testing import (
+    AttentionSpec,
+    GeneratedAttentionBlock,
+    assert_fused_equivalent,
+    branched_attention_blocks,
+    make_inputs,
+)
 
 
 def _heads(node):

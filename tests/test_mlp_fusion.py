@@ -5,8 +5,14 @@ from helpers import activations, hidden_widths, stats
 from hypothesis import given, settings
 
 import fxrep
-from fxrep.testing import (GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, branched_mlp_blocks, graph_code,
-                           make_inputs)
+from fxrep.testing import (
+    GeneratedMlpBlock,
+    MlpSpec,
+    assert_fused_equivalent,
+    branched_mlp_blocks,
+    graph_code,
+    make_inputs,
+)
 
 
 @given(branched_mlp_blocks())
