@@ -1,0 +1,233 @@
+"""The training loop: progressive joining, AdamW + cosine LR, clipping, AMP on GPU, JSON-lines metrics,
+safetensors checkpoints with resume, optional distillation, DDP under ``torchrun``; fuses at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..models.branched_vit import set_join
+from .schedule import JoinSchedule
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_lr_steps: int = 10
+    clip_grad: float | None = 1.0
+    join_warmup: float = 0.1
+    join_ramp: float = 0.6
+    join_shape: str = "cosine"
+    amp: bool = True             # used on CUDA only
+    seed: int = 0
+    eval_every: int = 0          # 0: only at the end
+    checkpoint_every: int = 0    # 0: only at the end
+    kd_alpha: float = 0.0        # weight of distillation from ``teacher``
+    kd_tau: float = 2.0
+    progress: bool = True
+    out_dir: str | None = None
+    fuse_at_end: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    eval_accuracy: float | None
+    history: list = field(default_factory=list)
+    fused: torch.nn.Module | None = None
+    fused_accuracy: float | None = None
+    prediction_mismatches: int | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initializes the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size: int = 256, device="cpu") -> tuple[float, torch.Tensor]:
+    """(accuracy, predictions) of ``model`` on ``data``."""
+    model.eval()
+    preds = []
+    labels = []
+    for x, y in DataLoader(data, batch_size=batch_size):
+        preds.append(model(x.to(device)).argmax(-1).cpu())
+        labels.append(y)
+    p, y = torch.cat(preds), torch.cat(labels)
+    return (p == y).float().mean().item(), p
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_lr_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_lr_steps
+    t = (step - cfg.warmup_lr_steps) / max(1, cfg.steps - cfg.warmup_lr_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> None:
+    """Weights as safetensors (``model.safetensors``), optimizer and step as ``trainer.pt``."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "history": history,
+                "rng": torch.get_rng_state()}, path / "trainer.pt")
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+def train(model, train_data, eval_data=None, config: TrainConfig | None = None, teacher=None,
+          resume: bool = False) -> TrainResult:
+    """Train a branched model with progressive joining (``lam`` from 0 to 1) and return the result; with
+    ``fuse_at_end`` the joined model is fused and its eval predictions compared with the unfused ones."""
+    cfg = config or TrainConfig()
+    rank, world = _distributed()
+    seed_everything(cfg.seed + rank)
+    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model.to(device)
+    schedule = JoinSchedule(cfg.steps, cfg.join_warmup, cfg.join_ramp, cfg.join_shape)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    step, history = 0, []
+    if resume and out is not None and (out / "checkpoint" / "model.safetensors").is_file():
+        step, history = load_checkpoint(out / "checkpoint", model, optimizer)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = DistributedSampler(train_data, world, rank, seed=cfg.seed) if world > 1 else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(train_data) >= cfg.batch_size, generator=gen)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if teacher is not None:
+        teacher.to(device).eval()
+    metrics_file = open(out / "metrics.jsonl", "a") if out is not None and rank == 0 else None  # noqa: SIM115
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
+    epoch = 0
+    loss_value = float("nan")
+    try:
+        while step < cfg.steps:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            for x, y in loader:
+                if step >= cfg.steps:
+                    break
+                net.train()
+                lam = schedule(step)
+                set_join(model, lam)
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(step, cfg)
+                x, y = x.to(device), y.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y)
+                    if teacher is not None and cfg.kd_alpha > 0:
+                        with torch.no_grad():
+                            t_logits = teacher(x)
+                        kd = F.kl_div(F.log_softmax(logits / cfg.kd_tau, -1), F.softmax(t_logits / cfg.kd_tau, -1),
+                                      reduction="batchmean") * cfg.kd_tau ** 2
+                        loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                loss_value = loss.item()
+                record = {"step": step, "loss": loss_value, "lam": lam, "lr": optimizer.param_groups[0]["lr"],
+                          "time": time.time()}
+                if cfg.eval_every and eval_data is not None and step % cfg.eval_every == 0 and rank == 0:
+                    record["eval_accuracy"] = evaluate(model, eval_data, device=device)[0]
+                history.append(record)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.2f}")
+                if out is not None and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save_checkpoint(out / "checkpoint", model, optimizer, step, history)
+            epoch += 1
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    set_join(model, schedule(cfg.steps))
+    result = TrainResult(step, loss_value, None, history)
+    if rank == 0:
+        if out is not None:
+            save_checkpoint(out / "checkpoint", model, optimizer, step, history)
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if eval_data is not None:
+            result.eval_accuracy, preds = evaluate(model, eval_data, device=device)
+        if cfg.fuse_at_end:
+            _fuse_and_save(model, eval_data, train_data, result, out, device, preds if eval_data is not None else None)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _fuse_and_save(model, eval_data, train_data, result, out, device, preds) -> None:
+    import fxrep
+
+    model.eval()
+    example = train_data[0][0].unsqueeze(0).to(device)
+    fused = fxrep.fuse(model, example_inputs=(example,), check=True)
+    result.fused = fused
+    if eval_data is not None:
+        result.fused_accuracy, fused_preds = evaluate(fused, eval_data, device=device)
+        result.prediction_mismatches = int((fused_preds != preds).sum())
+    if out is not None:
+        from safetensors.torch import save_file
+
+        torch.save(fused, out / "fused.pt")
+        save_file({k: v.detach().contiguous().cpu() for k, v in fused.state_dict().items()},
+                  str(out / "fused.safetensors"))
+        (out / "fuse_report.txt").write_text(str(fused.meta["fxrep_report"]))
