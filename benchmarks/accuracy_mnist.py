@@ -20,7 +20,7 @@ import torch
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.benchmarking import markdown_table, measure_latency
-from fxrep.training import TrainConfig, evaluate, load_mnist_idx, train
+from fxrep.training import TrainConfig, load_mnist_idx, train
 
 ROWS = [  # (label, timm name, extra kwargs)
     ("deep 12-layer (baseline)", "vit_tiny_patch16_224", {"depth": 12}),

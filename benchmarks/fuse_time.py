@@ -1,0 +1,80 @@
+"""Time of ``fxrep.fuse`` against depth and branch count, and its growth with graph size.
+
+    python benchmarks/fuse_time.py [--quick]
+
+Rows: branched ViTs (fxrep BranchedBlock, lam = 1) at DeiT-Tiny width (192, 3 heads) and ViT-Base width
+(768, 12 heads), with the issue's targets: d3b4 DeiT-Tiny under 1 s, 12 blocks x 4 branches ViT-Base under 5 s,
+and a 12-block branched MLP model under 1 s. Prints the exponent of time ~ nodes^k fitted over all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+import fxrep
+from fxrep.benchmarking import markdown_table
+from fxrep.models import set_join
+from fxrep.models.registry import _create
+from fxrep.testing import GeneratedMlpBlock, MlpSpec
+
+
+def branched_vit(width: int, heads: int, depth: int, branches: int):
+    model = _create("fxrep_deit_tiny_d12b1", branches=branches, depth=depth, embed_dim=width, num_heads=heads,
+                    num_classes=10, img_size=32, patch_size=8, init_values=0.1).eval()
+    set_join(model, 1.0)
+    return model
+
+
+def mlp_stack(depth: int, branches: int):
+    return nn.Sequential(*[GeneratedMlpBlock(MlpSpec(dim=192, hidden=768, branches=branches, lam=1.0, seed=i))
+                           for i in range(depth)]).eval()
+
+
+def time_fuse(model, repeats: int) -> tuple[float, int]:
+    gm = torch.fx.symbolic_trace(model) if not isinstance(model, torch.fx.GraphModule) else model
+    nodes = len(gm.graph.nodes)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fxrep.fuse(model)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), nodes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rows, one repeat")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    cases = [("MLP model (target < 1 s)", "mlp", 192, 0, 12, 4)]
+    depths = [3, 12] if args.quick else [3, 6, 12, 24, 48]
+    for d in depths:
+        cases.append((f"DeiT-Tiny width{' (target < 1 s)' if d == 3 else ''}", "vit", 192, 3, d, 4))
+    for b in ([1, 8] if args.quick else [1, 2, 4, 8]):
+        cases.append(("DeiT-Tiny width", "vit", 192, 3, 12, b))
+    cases.append(("ViT-Base width (target < 5 s)", "vit", 768, 12, 12, 4))
+    rows, points = [], []
+    for label, kind, width, heads, depth, branches in cases:
+        model = mlp_stack(depth, branches) if kind == "mlp" else branched_vit(width, heads, depth, branches)
+        seconds, nodes = time_fuse(model, 1 if args.quick else 3)
+        rows.append((label, width, depth, branches, nodes, f"{seconds:.3f}"))
+        points.append((nodes, seconds))
+        print(f"{label}: depth {depth} x {branches} branches, {nodes} nodes: {seconds:.3f} s", flush=True)
+    xs = [math.log(n) for n, _ in points]
+    ys = [math.log(s) for _, s in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    print()
+    print(markdown_table(["model", "width", "blocks", "branches", "graph nodes", "fuse time (s, median)"], rows))
+    print(f"\nfitted growth: time ~ nodes^{k:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""``fxrep`` command line: ``fxrep demo``, ``fxrep train ...``, ``fxrep fuse ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+    import timm
+    import torch
+
+    import fxrep.models  # noqa: F401
+    from fxrep.training import TrainConfig, load_mnist_idx, synthetic_shapes, train
+    from fxrep.training.data import image_folder
+
+    if args.dataset == "mnist":
+        train_set, eval_set = load_mnist_idx(args.data, "train"), load_mnist_idx(args.data, "eval")
+        chans, classes, img = 1, 10, 28
+    elif args.dataset == "synthetic":
+        img = args.img_size or 32
+        train_set = synthetic_shapes(args.synthetic_size, img, 1, 4, seed=args.seed)
+        eval_set = synthetic_shapes(512, img, 1, 4, seed=args.seed + 1)
+        chans, classes = 1, 4
+    else:
+        img = args.img_size or 224
+        train_set = image_folder(f"{args.data}/train", img)
+        eval_set = image_folder(f"{args.data}/val", img)
+        chans, classes = 3, len(train_set.classes)
+    model = timm.create_model(args.model, num_classes=classes, in_chans=chans, img_size=args.img_size or img,
+                              patch_size=args.patch_size, init_values=args.init_values)
+    teacher = torch.load(args.teacher, weights_only=False) if args.teacher else None
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out_dir=args.out,
+                      kd_alpha=args.kd_alpha if teacher is not None else 0.0, checkpoint_every=args.checkpoint_every,
+                      join_shape=args.join_shape)
+    result = train(model, train_set, eval_set, cfg, teacher=teacher, resume=args.resume)
+    if result.eval_accuracy is not None:
+        print(f"eval accuracy {100 * result.eval_accuracy:.2f}%", end="")
+        if result.fused_accuracy is not None:
+            print(f"; fused {100 * result.fused_accuracy:.2f}% ({result.prediction_mismatches} predictions differ)")
+        else:
+            print()
+    print(f"outputs in {args.out}")
+    return 0
+
+
+def _fuse(args) -> int:
+    import torch
+
+    import fxrep
+
+    model = torch.load(args.model, weights_only=False).eval()
+    shape = tuple(int(s) for s in args.input_shape.split(","))
+    fused = fxrep.fuse(model, example_inputs=(torch.randn(shape),), check=True)
+    torch.save(fused, args.out)
+    print(fused.meta["fxrep_report"])
+    print(f"fused model written to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="fxrep", description="exact reparameterization of branched ViTs")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="train, join, fuse and compare a small branched DeiT (a few minutes on CPU)")
+    t = sub.add_parser("train", help="train a branched ViT with progressive joining, then fuse it")
+    t.add_argument("--model", default="fxrep_deit_tiny_d3b4")
+    t.add_argument("--dataset", choices=["mnist", "synthetic", "folder"], default="synthetic")
+    t.add_argument("--data", default=None, help="MNIST IDX directory, or an ImageFolder root with train/ and val/")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--img-size", type=int, default=None)
+    t.add_argument("--patch-size", type=int, default=8)
+    t.add_argument("--init-values", type=float, default=0.1, help="LayerScale init (0: no LayerScale)")
+    t.add_argument("--join-shape", choices=["cosine", "linear"], default="cosine")
+    t.add_argument("--synthetic-size", type=int, default=4096)
+    t.add_argument("--teacher", default=None, help="a torch.save'd teacher model for distillation")
+    t.add_argument("--kd-alpha", type=float, default=0.5)
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/train")
+    f = sub.add_parser("fuse", help="fuse a torch.save'd model and save the GraphModule")
+    f.add_argument("model")
+    f.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
+    f.add_argument("--out", default="fused.pt")
+    args = ap.parse_args(argv)
+    if args.command == "demo":
+        from fxrep.demo import main as demo
+
+        return demo([])
+    if args.command == "train":
+        if args.init_values == 0:
+            args.init_values = None
+        return _train(args)
+    return _fuse(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Progressive joining schedule, data sets, the training loop (resume, fuse at end) and DDP under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxrep.models  # noqa: F401
+from fxrep.errors import InputError
+from fxrep.training import JoinSchedule, TrainConfig, load_mnist_idx, synthetic_shapes, train
+
+MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"
+TINY = dict(num_classes=4, img_size=16, patch_size=8, in_chans=1, embed_dim=32, num_heads=2, init_values=0.1)
+
+
+@given(total=st.integers(1, 500), warmup=st.floats(0, 0.5), ramp=st.floats(0, 0.5),
+       shape=st.sampled_from(["linear", "cosine"]))
+def test_join_schedule_holds_ramps_and_ends_joined(total, warmup, ramp, shape):
+    s = JoinSchedule(total, warmup, ramp, shape)
+    values = [s(i) for i in range(total + 1)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert all(a <= b for a, b in zip(values, values[1:])), "lam never decreases"
+    assert values[-1] == 1.0, "training ends fully joined"
+    assert all(v == 0.0 for i, v in enumerate(values) if i < warmup * total)
+
+
+def test_join_schedule_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="warmup"):
+        JoinSchedule(10, warmup=0.7, ramp=0.5)
+    with pytest.raises(ValueError, match="shape"):
+        JoinSchedule(10, shape="step")
+
+
+def test_synthetic_shapes_are_deterministic_and_labelled():
+    a, b = synthetic_shapes(64, 16, seed=3), synthetic_shapes(64, 16, seed=3)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and a.tensors[0].shape == (64, 1, 16, 16)
+    assert set(a.tensors[1].tolist()) <= {0, 1, 2, 3}
+
+
+def test_missing_mnist_gets_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="--data"):
+        load_mnist_idx(tmp_path)
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist-t10k is not beside this checkout")
+def test_mnist_fixed_split():
+    train_set, eval_set = load_mnist_idx(MNIST, "train"), load_mnist_idx(MNIST, "eval")
+    assert len(train_set) == 8000 and len(eval_set) == 2000
+    assert int(train_set[0][1]) == 7, "image 0 is a 7 and belongs to the training split"
+    x = eval_set[0][0]
+    assert x.shape == (1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_train_joins_fuses_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    data, held = synthetic_shapes(128, 16, seed=0), synthetic_shapes(64, 16, seed=1)
+    model = timm.create_model("fxrep_deit_tiny_d3b4", **TINY)
+    cfg = TrainConfig(steps=6, batch_size=32, out_dir=str(tmp_path), progress=False, checkpoint_every=3)
+    result = train(model, data, held, cfg)
+    assert model.join == 1.0 and result.steps == 6
+    assert result.prediction_mismatches == 0 and result.fused_accuracy == result.eval_accuracy
+    assert {"fused.pt", "fused.safetensors", "fuse_report.txt", "metrics.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7)) and lines[0]["lam"] == 0.0
+    fused = torch.load(tmp_path / "fused.pt", weights_only=False)
+    x = held.tensors[0][:4]
+    assert torch.allclose(fused(x), model.eval()(x), atol=1e-5)
+
+    resumed = timm.create_model("fxrep_deit_tiny_d3b4", **TINY)
+    cfg2 = TrainConfig(steps=8, batch_size=32, out_dir=str(tmp_path), progress=False)
+    result2 = train(resumed, data, held, cfg2, resume=True)
+    assert result2.steps == 8
+    assert [r["step"] for r in result2.history][-2:] == [7, 8] and len(result2.history) == 8
+
+
+def test_distributed_training_with_torchrun_on_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
+           "-m", "fxrep.cli", "train", "--dataset", "synthetic", "--synthetic-size", "128", "--img-size", "16",
+           "--patch-size", "8", "--steps", "3", "--batch-size", "16", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "fused.pt").is_file()
+    assert "predictions differ" in done.stdout
