@@ -39,7 +39,7 @@ def load_mnist_idx(root: str | Path | None = None, split: str = "train", verify:
                          f"{' and '.join(n for n, _ in MNIST_FILES.values())} (the IDX files of the MNIST test set), "
                          "or use --dataset synthetic.")
     if verify:
-        for key, (name, digest) in MNIST_FILES.items():
+        for key, (_, digest) in MNIST_FILES.items():
             if hashlib.sha256(paths[key].read_bytes()).hexdigest() != digest:
                 raise InputError(f"{paths[key]} does not have the expected sha256 {digest}: the file is damaged "
                                  "or not the MNIST t10k set")
