@@ -176,22 +176,30 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 
 
 def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, options=None) -> None:
-    """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy)."""
+    """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy).
+
+    Skips are collected from every sweep; one is dropped when the same pattern later rewrote the same
+    nodes (a candidate that became mergeable after another rewrite is not a near miss)."""
     ctx = FuseContext(gm, dict(options or {}))
+    skips: dict = {}
     for phase in PHASES:
         patterns = registry.in_phase(phase)
         if not patterns:
             continue
         for _ in range(MAX_SWEEPS):
             report.sweeps += 1
-            applied, skips = _sweep(patterns, ctx, report)
+            applied, seen = _sweep(patterns, ctx, report)
+            for s in seen:
+                skips.setdefault((s.pattern, s.reason, s.origins), s)
             if not applied:
-                seen = {(s.pattern, s.reason, s.origins) for s in report.skipped}
-                report.skipped += [s for s in skips if (s.pattern, s.reason, s.origins) not in seen]
                 break
         else:
             raise FxrepError(f"phase {phase!r} did not reach a fixed point in {MAX_SWEEPS} sweeps; "
                              "a pattern keeps rewriting its own output (its match must return None once done)")
+    done: dict = {}
+    for a in report.applied:
+        done.setdefault(a.pattern, set()).update(a.origins)
+    report.skipped += [s for s in skips.values() if not set(s.origins) & done.get(s.pattern, set())]
 
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None):

@@ -49,7 +49,8 @@ def test_joined_four_branch_attention_is_one_sdpa_of_single_branch_heads():
     spec = AttentionSpec(dim=16, heads=2, head_dim=8, branches=4, form="timm_explicit", lam=1.0)
     model = GeneratedAttentionBlock(spec)
     x = make_inputs(16, torch.float32)
-    gm = assert_fused_equivalent(model, x)
+    head_form = fxrep.default_registry().without("rank_aware_attention")
+    gm = assert_fused_equivalent(model, x, patterns=head_form)
     assert _sdpa_heads(gm, x) == [2]
     q_width = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "unflatten"][0].args[2]
     assert q_width == (2, 4 * 8), "joined q/k heads concatenate the branches' head dims"
@@ -86,3 +87,19 @@ def test_partially_joined_attention_is_left_alone_and_says_why():
     gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
     reasons = [s.reason for s in gm.meta["fxrep_report"].skipped]
     assert any("0 < lam < 1" in r for r in reasons), reasons
+
+
+def test_rank_aware_form_is_chosen_when_cheaper_and_reported():
+    # joined: 4 branches x 8 head dims = q/k/v width 32 per head > model width 16: rank-aware is cheaper
+    spec = AttentionSpec(dim=16, heads=2, head_dim=8, branches=4, form="separate_sdpa", lam=1.0,
+                         dtype=torch.float64)
+    x = make_inputs(16, torch.float64)
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
+    report = gm.meta["fxrep_report"]
+    assert report.count("rank_aware_attention") == 1
+    assert _sdpa_heads(gm, x) == [2]
+    # a single plain branch (width 8 per head < 16) keeps the per-head form, and the report says why
+    spec = AttentionSpec(dim=16, heads=2, head_dim=8, branches=1, form="separate_sdpa", lam=None)
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), make_inputs(16, torch.float32))
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "rank_aware_attention"]
+    assert reasons and reasons[0].startswith("kept the per-head form")

@@ -6,6 +6,7 @@ from .canonicalize import DropEmptyAttentionMask, DropIdentity, FoldConstants, F
 from .cse import EliminateCommonSubexpressions
 from .layernorm import ExtractLayerNormAffine
 from .lower import LowerAttention
+from .rank_aware import RankAwareAttention
 from .widen import CollapseAttention, WidenAttention, WidenMLP
 
 
@@ -17,10 +18,10 @@ def builtin_patterns() -> list:
         LiftAttention(),
         MergeAffine(),
         CollapseAttention(), WidenAttention(), WidenMLP(),
-        LowerAttention(),
+        RankAwareAttention(), LowerAttention(),
     ]
 
 
 __all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask", "FoldConstants",
-           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention",
+           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention", "RankAwareAttention",
            "CollapseAttention", "WidenAttention", "WidenMLP"]

@@ -1,0 +1,56 @@
+"""Deploying fused models: ``torch.export``, ONNX, and save/load.
+
+    fused = fxrep.fuse(model, example_inputs=(x,))
+    fxrep.export.save_fused(fused, "deploy/", (x,))   # fused.pt2 (torch.export) + fused.safetensors
+    again = fxrep.export.load_fused("deploy/")        # an nn.Module computing the same function
+    fxrep.export.to_onnx(fused, (x,), "deploy/fused.onnx")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+
+def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of a fused model (eval mode, no gradients)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm.eval()
+    with torch.no_grad():
+        return torch.export.export(gm, tuple(example_inputs))
+
+
+def save_fused(gm: torch.nn.Module, directory: str | Path, example_inputs: tuple) -> Path:
+    """Write ``fused.pt2`` (graph and weights, ``torch.export.save``) and ``fused.safetensors`` (the weights
+    alone, for tools that read safetensors) into ``directory``."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.export.save(export_program(gm, example_inputs), out / "fused.pt2")
+    save_file({k: v.detach().contiguous().cpu() for k, v in gm.state_dict().items()}, str(out / "fused.safetensors"))
+    return out
+
+
+def load_fused(directory: str | Path) -> torch.nn.Module:
+    path = Path(directory) / "fused.pt2"
+    if not path.is_file():
+        raise InputError(f"{path} not found: save the model with fxrep.export.save_fused first")
+    return torch.export.load(path).module()
+
+
+def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int | None = None) -> Path:
+    """Export to ONNX with torch's exporter (needs the ``export`` extra: onnx, onnxscript)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gm.eval()
+    kwargs = {"opset_version": opset} if opset else {}
+    with torch.no_grad():
+        torch.onnx.export(gm, tuple(example_inputs), str(path), dynamo=True, **kwargs)
+    return path
