@@ -431,3 +431,129 @@ def branched_attention_blocks(draw, **kwargs) -> Case:
         spec.form = "timm_sdpa"
     model = GeneratedAttentionBlock(spec)
     return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed), {"spec": spec})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random, mostly non-conforming graphs for differential fuzzing: fuse must raise a documented FxrepError or
+# return a model that computes the same function, and must leave the input model unchanged.
+# ----------------------------------------------------------------------------------------------------------
+
+FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
+            "scale_param", "mlp", "attention", "masked_attention", "reshape")
+
+
+@dataclass
+class GraphSpec:
+    """A random program over values of shape (batch, tokens, dim): each step applies one of FUZZ_OPS to
+    earlier values; the model returns the sum of some values (or a tuple of them)."""
+
+    dim: int = 8
+    steps: list = field(default_factory=list)   # (op, input indices, option)
+    outputs: list = field(default_factory=list)
+    tuple_output: bool = False
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+class RandomGraphModel(nn.Module):
+    def __init__(self, spec: GraphSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        self.mods = nn.ModuleList()
+        self.params = nn.ParameterList()
+        self.index = []   # per step: index into mods/params, or -1
+        last_linear = None
+        for op, _, opt in spec.steps:
+            idx = -1
+            if op == "linear" or (op == "shared_linear" and last_linear is None):
+                self.mods.append(nn.Linear(d, d, bias=opt % 2 == 0))
+                idx = last_linear = len(self.mods) - 1
+            elif op == "shared_linear":
+                idx = last_linear
+            elif op in ("layer_norm", "functional_norm"):
+                self.mods.append(nn.LayerNorm(d, eps=(1e-5, 1e-6)[opt % 2]))
+                idx = len(self.mods) - 1
+            elif op == "mlp":
+                h = 2 + opt % 7
+                self.mods.append(nn.Sequential(nn.Linear(d, h), ACTIVATIONS[sorted(ACTIVATIONS)[opt % 4]](),
+                                               nn.Linear(h, d)))
+                idx = len(self.mods) - 1
+            elif op in ("attention", "masked_attention"):
+                from timm.layers import Attention
+
+                heads = (1, 2)[opt % 2] if d % 2 == 0 else 1
+                self.mods.append(Attention(d, heads, qkv_bias=opt % 3 != 0))
+                self.mods[-1].fused_attn = opt % 4 < 2
+                idx = len(self.mods) - 1
+            elif op == "scale_param":
+                self.params.append(nn.Parameter(torch.empty(d)))
+                idx = len(self.params) - 1
+            self.index.append(idx)
+        self.register_buffer("mask", torch.randn(1, 1, 1, 1))
+        _randomize(self, torch.Generator().manual_seed(spec.seed))
+        self.to(spec.dtype).eval()
+
+    def forward(self, x):
+        values = [x]
+        for (op, inputs, opt), idx in zip(self.spec.steps, self.index):
+            a = values[inputs[0] % len(values)]
+            b = values[inputs[1] % len(values)]
+            if op in ("linear", "shared_linear", "layer_norm", "mlp"):
+                y = self.mods[idx](a)
+            elif op == "functional_norm":
+                m = self.mods[idx]
+                y = F.layer_norm(a, m.normalized_shape, m.weight, m.bias, m.eps)
+            elif op == "activation":
+                y = (F.gelu, F.relu, torch.tanh, F.silu)[opt % 4](a)
+            elif op == "add":
+                y = a + b
+            elif op == "scale_const":
+                y = a * (0.5 + opt % 3) if opt % 2 else a / (1.0 + opt % 3)
+            elif op == "scale_param":
+                y = a * self.params[idx]
+            elif op == "attention":
+                y = self.mods[idx](a)
+            elif op == "masked_attention":
+                attn = self.mods[idx]
+                B_, N, C = a.shape
+                q, k, v = attn.qkv(a).reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+                w = ((q * attn.scale) @ k.transpose(-2, -1) + self.mask).softmax(dim=-1)
+                y = attn.proj((w @ v).transpose(1, 2).reshape(B_, N, C))
+            else:  # reshape round trip
+                y = a.reshape(a.shape[0], -1).reshape(a.shape)
+            values.append(y)
+        outs = [values[i % len(values)] for i in self.spec.outputs] or [values[-1]]
+        return tuple(outs) if self.spec.tuple_output else sum(outs)
+
+
+@st.composite if st is not None else (lambda f: f)
+def random_graphs(draw, max_steps: int = 10, dtypes=(torch.float32, torch.float64, torch.bfloat16)) -> Case:
+    """A ``Case`` with a RandomGraphModel: DAGs of Linear (some shared), LayerNorm (module and functional,
+    mixed eps), activations, adds, constant and parameter scales, MLPs, timm attention (SDPA or explicit),
+    masked attention and reshapes; values with several users; float32/float64/bfloat16."""
+    n = draw(st.integers(1, max_steps))
+    steps = []
+    for i in range(n):
+        op = draw(st.sampled_from(FUZZ_OPS))
+        steps.append((op, (draw(st.integers(0, i)), draw(st.integers(0, i))), draw(st.integers(0, 11))))
+    spec = GraphSpec(dim=draw(st.sampled_from([2, 4, 6, 8])), steps=steps,
+                     outputs=draw(st.lists(st.integers(0, n), max_size=3)), tuple_output=draw(st.booleans()),
+                     dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 2**16)))
+    model = RandomGraphModel(spec)
+    return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed, tokens=3), {"spec": spec})
+
+
+def fuzz_check(case: Case) -> dict:
+    """Fuse ``case.model``: either a documented FxrepError, or the same outputs and an unchanged input model.
+    Returns {'applied': number of rewrites, 'error': str | None}; raises EquivalenceError on a wrong result."""
+    from .errors import FxrepError
+
+    try:
+        fused = assert_fused_equivalent(case.model, case.inputs,
+                                        rtol=5e-2 if case.info["spec"].dtype == torch.bfloat16 else None)
+    except EquivalenceError:
+        raise
+    except FxrepError as e:
+        return {"applied": 0, "error": f"{type(e).__name__}: {e}"}
+    return {"applied": len(fused.meta["fxrep_report"].applied), "error": None}

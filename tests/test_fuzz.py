@@ -1,0 +1,27 @@
+"""Differential fuzzing in the suite (benchmarks/fuzz.py runs thousands): exact or untouched, never a crash."""
+
+import torch
+from hypothesis import given, settings
+
+from fxrep.testing import Case, GraphSpec, RandomGraphModel, fuzz_check, make_inputs, random_graphs
+
+
+@settings(max_examples=60)
+@given(random_graphs())
+def test_fuse_is_exact_or_raises_a_documented_error(case):
+    result = fuzz_check(case)
+    assert result["error"] is None or result["error"].split(":")[0].endswith("Error")
+
+
+def _case(steps, outputs=(), dtype=torch.float32, dim=4):
+    spec = GraphSpec(dim=dim, steps=steps, outputs=list(outputs), dtype=dtype)
+    return Case(RandomGraphModel(spec), make_inputs(dim, dtype, tokens=3), {"spec": spec})
+
+
+def test_shared_linear_read_by_two_branches():
+    assert fuzz_check(_case([("linear", (0, 0), 0), ("shared_linear", (0, 0), 0), ("add", (1, 2), 0)]))["error"] is None
+
+
+def test_masked_attention_beside_plain_attention():
+    case = _case([("attention", (0, 0), 0), ("masked_attention", (0, 0), 1), ("add", (1, 2), 0)])
+    assert fuzz_check(case)["error"] is None
