@@ -112,6 +112,17 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
                          "Fix: pass example_inputs with the shapes and dtypes the model expects.") from e
 
 
+def _inputs_from_shapes(model) -> tuple | None:
+    """Random inputs of the traced shapes, when ``model`` is a GraphModule whose placeholders have shapes."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    metas = [n.meta.get("tensor_meta") for n in model.graph.nodes if n.op == "placeholder"]
+    if not metas or any(m is None or not hasattr(m, "shape") for m in metas):
+        return None
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(tuple(m.shape), generator=g).to(m.dtype) for m in metas)
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph, type(gm).__name__)
@@ -238,8 +249,11 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     gm.meta["fxrep_report"] = report
     if check:
         if example_inputs is None:
+            example_inputs = _inputs_from_shapes(model)
+        if example_inputs is None:
             raise InputError("fuse(check=True) needs example_inputs=(tensor, ...) with the model's input "
-                             "shapes, to compare the fused model against the original.")
+                             "shapes (or a GraphModule whose placeholders carry shapes from ShapeProp), to compare "
+                             "the fused model against the original.")
         from .testing import assert_fused_equivalent
 
         try:

@@ -152,3 +152,18 @@ def test_half_precision_models_fold_in_float64(dtype):
     model = model.to(dtype)
     x = tuple(t.to(dtype) for t in make_inputs(16, torch.float32))
     assert_fused_equivalent(model, x)
+
+
+def test_check_generates_inputs_from_traced_shapes():
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    traced = torch.fx.symbolic_trace(_block(lam=1.0))
+    ShapeProp(traced).propagate(*make_inputs(8, torch.float32))
+    fused = fxrep.fuse(traced.eval(), check=True)
+    assert fused.meta["fxrep_report"].after["activation"] == 1
+
+
+def test_regression_single_branch_without_bias_reaches_a_fixed_point():
+    # found by hypothesis: a zero scalar bias was emitted as `+ 0.0` and re-merged forever
+    model = GeneratedMlpBlock(MlpSpec(dim=2, hidden=1, branches=1, bias=False, layerscale=False, lam=1.0))
+    assert_fused_equivalent(model, make_inputs(2, torch.float32))

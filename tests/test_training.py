@@ -89,3 +89,31 @@ def test_distributed_training_with_torchrun_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "fused.pt").is_file()
     assert "predictions differ" in done.stdout
+
+
+def test_distillation_from_a_teacher_changes_the_loss(tmp_path):
+    data = synthetic_shapes(64, 16, seed=0)
+    teacher = timm.create_model("fxrep_deit_tiny_d3b4", **TINY).eval()
+    losses = []
+    for alpha in (0.0, 0.9):
+        torch.manual_seed(0)
+        model = timm.create_model("fxrep_deit_tiny_d3b4", **TINY)
+        cfg = TrainConfig(steps=2, batch_size=32, progress=False, kd_alpha=alpha, fuse_at_end=False)
+        losses.append(train(model, data, None, cfg, teacher=teacher).history[0]["loss"])
+    assert losses[0] != losses[1]
+
+
+def test_image_folder_dataset(tmp_path):
+    from PIL import Image
+
+    from fxrep.training.data import image_folder
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.new("RGB", (20, 24), (i * 100, 50, 0)).save(tmp_path / cls / f"{i}.png")
+    ds = image_folder(tmp_path, img_size=16)
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and ds.classes == ["a", "b"]
+    with pytest.raises(InputError, match="does not exist"):
+        image_folder(tmp_path / "missing", 16)

@@ -1,0 +1,139 @@
+"""CPU (or GPU) latency of fused branched ViTs against a deep DeiT-Tiny, side by side in one process.
+
+    python benchmarks/latency.py [--batch 1 8] [--threads 2 1] [--repeats 30] [--onnx] [--compile] [--plot FILE]
+                                 [--device cuda --dtype float16]
+
+Models (random weights; fusing is exact, so weights do not change speed):
+- baseline: timm ``vit_tiny_patch16_224`` (12 layers, 3 heads of 64, MLP 768);
+- fxrep_deit_tiny_{d6b2,d4b3,d3b4} fused at lam = 1 (collapsed), with the rank-aware attention form and with
+  the per-head form; and fused at lam = 0 (widened only: same FLOPs, fewer layers);
+- ``hand-written d3``: a timm VisionTransformer built directly in the shape of the fused d3b4 per-head form
+  (3 blocks, 3 heads of q/k/v width 256, MLP 768), to show the fused GraphModule adds no overhead.
+Runs are interleaved (every model once per round), warm-up excluded, medians with min-max; ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import Attention
+
+import fxrep
+import fxrep.models  # noqa: F401
+from fxrep.benchmarking import markdown_table, measure_latency
+
+
+def fused(name: str, lam: float, x, rank_aware: bool = True, dtype=torch.float32):
+    model = timm.create_model(name, num_classes=1000, init_values=0.1).eval()
+    model.set_join(lam)
+    registry = fxrep.default_registry()
+    if not rank_aware:
+        registry = registry.without("rank_aware_attention")
+    return fxrep.fuse(model.to(dtype), example_inputs=(x.to(dtype),), patterns=registry)
+
+
+def hand_written_d3() -> torch.nn.Module:
+    model = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=1000).eval()
+    for blk in model.blocks:
+        blk.attn = Attention(192, 3, attn_head_dim=256, qkv_bias=True).eval()
+    return model
+
+
+def build(x, dtype) -> dict:
+    models = {"baseline DeiT-Tiny (12 layers)": timm.create_model("vit_tiny_patch16_224", num_classes=1000).eval().to(dtype)}
+    for v in ("d6b2", "d4b3", "d3b4"):
+        models[f"{v} collapsed, rank-aware"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True, dtype)
+        models[f"{v} collapsed, per-head"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, False, dtype)
+    for v in ("d6b2", "d3b4"):
+        models[f"{v} widened (lam=0)"] = fused(f"fxrep_deit_tiny_{v}", 0.0, x, True, dtype)
+    models["hand-written d3 (fused d3b4 per-head shape)"] = hand_written_d3().to(dtype)
+    return models
+
+
+def onnx_sessions(models: dict, x) -> dict:
+    import onnxruntime as ort
+
+    from fxrep.export import to_onnx
+
+    out = {}
+    tmp = Path(tempfile.mkdtemp())
+    for name, m in models.items():
+        path = to_onnx(m, (x,), tmp / f"{abs(hash(name))}.onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed_name = sess.get_inputs()[0].name
+        out[name] = lambda inp, s=sess, n=feed_name: s.run(None, {n: inp.numpy()})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--onnx", action="store_true", help="also ONNX Runtime (batch 1 only)")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (batch 1 only)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    x0 = torch.randn(1, 3, 224, 224)
+    models = {k: m.to(device) for k, m in build(x0, dtype).items()}
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available, "
+          f"torch {torch.__version__}, device {device}, {args.dtype}")
+    base_name = next(iter(models))
+    all_rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batch:
+            x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+            variants = {("eager", k): m for k, m in models.items()}
+            if args.compile and batch == 1:
+                for k in (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head"):
+                    variants[("compile", k)] = torch.compile(models[k])
+            if args.onnx and batch == 1 and device.type == "cpu" and dtype == torch.float32:
+                sel = {k: models[k] for k in (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head")}
+                for k, fn in onnx_sessions(sel, x).items():
+                    variants[("onnxruntime", k)] = fn
+            timed = measure_latency({f"{b}|{k}": m for (b, k), m in variants.items()}, (x,),
+                                    repeats=args.repeats, warmup=5)
+            for (backend, name) in variants:
+                t = timed[f"{backend}|{name}"]
+                base = timed[f"{backend}|{base_name}"]["median"] if f"{backend}|{base_name}" in timed else None
+                all_rows.append((threads, batch, backend, name, t["median"] * 1e3, t["min"] * 1e3, t["max"] * 1e3,
+                                 t["median"] / base if base else float("nan")))
+            print(f"  done: {threads} threads, batch {batch}", flush=True)
+    table = markdown_table(["threads", "batch", "backend", "model", "median ms", "min-max ms", "vs baseline"],
+                           [(a, b, c, d, f"{e:.2f}", f"{f:.2f}-{g:.2f}", f"{h:.2f}x") for a, b, c, d, e, f, g, h in all_rows])
+    print(table)
+    if args.plot:
+        plot(all_rows, args.plot)
+    return 0
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r[2] == "eager" and r[1] == 1 and r[0] == max(q[0] for q in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh([r[3] for r in sel][::-1], [r[7] for r in sel][::-1], color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("latency relative to the 12-layer baseline (eager, batch 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
