@@ -93,7 +93,7 @@ class RankAwareAttention:
             q = emit_linear(g, x, torch.cat(q_rows), torch.cat(q_bias) if bq is not None else None, dtype,
                             node.name + "_qk", origins)
             q = g.call_method("transpose", (g.call_method("unflatten", (q, -1, (H, -1))), -3, -2))
-            k = g.call_method("unsqueeze", (x, -3))
+            k = g.call_method("expand_as", (g.call_method("unsqueeze", (x, -3)), q))  # one k for all heads
             v = emit_linear(g, x, torch.cat(v_rows), None, dtype, node.name + "_vo", origins)
             v = g.call_method("transpose", (g.call_method("unflatten", (v, -1, (H, -1))), -3, -2))
             o = g.call_function(F.scaled_dot_product_attention, (q, k, v), {"scale": 1.0})
