@@ -261,5 +261,10 @@ def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dt
     return node
 
 
+def emit_split_heads(graph: fx.Graph, t: fx.Node, num_heads: int) -> fx.Node:
+    """(..., N, H * d) -> (..., H, N, d): head-major features, as SDPA wants them."""
+    return graph.call_method("transpose", (graph.call_method("unflatten", (t, -1, (num_heads, -1))), -3, -2))
+
+
 def inv_sqrt(d: int) -> float:
     return 1.0 / math.sqrt(d)

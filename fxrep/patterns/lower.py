@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ir import attention_view, emit_linear
+from ..ir import attention_view, emit_linear, emit_split_heads
 from ..registry import Match
 
 
@@ -41,9 +41,7 @@ class LowerAttention:
             parts = g.call_method("split", (qkv, widths), {"dim": -1})
             heads = []
             for i in range(3):
-                t = g.call_function(operator.getitem, (parts, i))
-                t = g.call_method("unflatten", (t, -1, (H, widths[i] // H)))
-                heads.append(g.call_method("transpose", (t, -3, -2)))
+                heads.append(emit_split_heads(g, g.call_function(operator.getitem, (parts, i)), H))
             o = g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": 1.0})
             o = g.call_method("transpose", (o, -3, -2))
             out = g.call_method("flatten", (o, -2))

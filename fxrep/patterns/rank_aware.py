@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import fx
 
 from .. import algebra
-from ..ir import as_layer_norm, as_linear, attention_view, const_node, emit_linear, merge_origins
+from ..ir import (
+    as_layer_norm,
+    as_linear,
+    attention_view,
+    const_node,
+    emit_linear,
+    emit_split_heads,
+    merge_origins,
+)
 from ..registry import Match, Skip
 
 f64 = torch.float64
@@ -92,10 +100,10 @@ class RankAwareAttention:
         with g.inserting_before(reader):
             q = emit_linear(g, x, torch.cat(q_rows), torch.cat(q_bias) if bq is not None else None, dtype,
                             node.name + "_qk", origins)
-            q = g.call_method("transpose", (g.call_method("unflatten", (q, -1, (H, -1))), -3, -2))
+            q = emit_split_heads(g, q, H)
             k = g.call_method("expand_as", (g.call_method("unsqueeze", (x, -3)), q))  # one k for all heads
             v = emit_linear(g, x, torch.cat(v_rows), None, dtype, node.name + "_vo", origins)
-            v = g.call_method("transpose", (g.call_method("unflatten", (v, -1, (H, -1))), -3, -2))
+            v = emit_split_heads(g, v, H)
             o = g.call_function(F.scaled_dot_product_attention, (q, k, v), {"scale": 1.0})
             out = g.call_method("sum", (o, -3))
             if bool(out_bias.any()):
