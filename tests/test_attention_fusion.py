@@ -52,8 +52,8 @@ def test_joined_four_branch_attention_is_one_sdpa_of_single_branch_heads():
     head_form = fxrep.default_registry().without("rank_aware_attention")
     gm = assert_fused_equivalent(model, x, patterns=head_form)
     assert _sdpa_heads(gm, x) == [2]
-    q_width = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "unflatten"][0].args[2]
-    assert q_width == (2, 4 * 8), "joined q/k heads concatenate the branches' head dims"
+    widths = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "split"][0].args[1]
+    assert widths == [2 * 4 * 8] * 3, "joined q/k (and v) heads concatenate the branches' head dims"
 
 
 def test_widened_attention_is_one_sdpa_over_the_union_of_heads():
