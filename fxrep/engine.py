@@ -81,6 +81,10 @@ def _validate(model: nn.Module) -> None:
             raise UnsupportedModelError(
                 f"'{name}' is on the meta device: it has no values to fold. Materialize the model first "
                 "(model.to_empty(device='cpu') and load a state_dict) and call fuse again.")
+        if t.device.type != "cpu":
+            raise UnsupportedModelError(
+                f"'{name}' is on {t.device}: fxrep does its float64 weight algebra on the CPU. Fuse a CPU copy "
+                "(fxrep.fuse(copy.deepcopy(model).cpu())) and move the fused model: fused.to(device).")
         if t.is_quantized:
             raise UnsupportedModelError(
                 f"'{name}' is a quantized tensor ({t.dtype}): fxrep folds float weights only. Fuse the float "
