@@ -189,8 +189,15 @@ def attention_view(node) -> dict | None:
 
 
 def origin(node: fx.Node) -> tuple[str, ...]:
-    """Where a node came from in the user's model: module qualnames or original node names."""
-    return tuple(node.meta.get("fxrep_origin", (node.name,)))
+    """Where a node came from in the user's model: module qualnames (from fxrep's own bookkeeping or the
+    tracer's ``nn_module_stack``), else the node name."""
+    if "fxrep_origin" in node.meta:
+        return tuple(node.meta["fxrep_origin"])
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return (str(path),)
+    return (node.name,)
 
 
 def merge_origins(nodes) -> tuple[str, ...]:

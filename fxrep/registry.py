@@ -108,6 +108,8 @@ class FuseContext:
         """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve`` old."""
         old.replace_all_uses_with(new)
         self._replaced[old] = new
+        if "tensor_meta" in old.meta and "tensor_meta" not in new.meta:
+            new.meta["tensor_meta"] = old.meta["tensor_meta"]  # same value, same shape
 
     def resolve(self, node: fx.Node) -> fx.Node:
         while node in self._replaced:

@@ -53,11 +53,12 @@ class FuseReport:
         lines.append("")
         lines.append(f"applied rewrites ({len(self.applied)}):")
         rows = []
-        for a in self.applied:
+        for a, n in _grouped(self.applied):
             d = a.details
             macs = f"{_fmt(d['macs_before'])} -> {_fmt(d['macs_after'])}" if "macs_before" in d else ""
             params = f"{_fmt(d['params_before'])} -> {_fmt(d['params_after'])}" if "params_after" in d else ""
-            rows.append((a.pattern, a.summary, macs, params, _short(a.origins)))
+            what = a.summary if n == 1 else f"{a.summary} (x{n})"
+            rows.append((a.pattern, what, macs, params, _short(a.origins) if n == 1 else "..."))
         if rows:
             lines += ["  " + r for r in self._table(rows, ("pattern", "what", "MACs/token", "params", "from"))]
         lines.append(f"skipped candidates ({len(self.skipped)}):")
@@ -65,6 +66,22 @@ class FuseReport:
             rows = [(s.pattern, s.reason, _short(s.origins)) for s in self.skipped]
             lines += ["  " + r for r in self._table(rows, ("pattern", "reason", "at"))]
         return "\n".join(lines)
+
+
+def _grouped(applied):
+    """Rewrites without numbers (canonicalization) grouped by pattern and summary; others one row each."""
+    out, index = [], {}
+    for a in applied:
+        if a.details:
+            out.append([a, 1])
+            continue
+        key = (a.pattern, a.summary)
+        if key in index:
+            index[key][1] += 1
+        else:
+            index[key] = [a, 1]
+            out.append(index[key])
+    return [tuple(x) for x in out]
 
 
 def _fmt(v) -> str:
