@@ -269,7 +269,7 @@ def branched_mlp_blocks(draw, **kwargs) -> Case:
 
 
 ATTENTION_FORMS = ("timm_sdpa", "timm_explicit", "separate_sdpa", "separate_softmax_scale_before",
-                   "separate_softmax_scale_after", "softmax_module")
+                   "separate_softmax_scale_after", "softmax_module", "einsum")
 ATTENTION_NEAR_MISSES = ("mask", "causal", "qk_norm", "input")
 
 
@@ -337,10 +337,13 @@ class _Branch(nn.Module):
         scale = s.head_dim ** -0.5
         if s.form == "separate_softmax_scale_after":
             return (q @ k.transpose(-2, -1)) * scale
+        if s.form == "einsum":
+            return torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
         return (q * scale) @ k.transpose(-2, -1)
 
     def finish(self, probs, v, x):
-        o = (probs @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        o = torch.einsum("bhqk,bhkd->bhqd", probs, v) if self.spec.form == "einsum" else probs @ v
+        o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.project(o)
 
     def project(self, o):

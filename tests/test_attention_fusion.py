@@ -103,3 +103,10 @@ def test_rank_aware_form_is_chosen_when_cheaper_and_reported():
     gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), make_inputs(16, torch.float32))
     reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "rank_aware_attention"]
     assert reasons and reasons[0].startswith("kept the per-head form")
+
+
+def test_einsum_attention_is_recognized():
+    spec = AttentionSpec(dim=8, heads=2, head_dim=4, branches=2, form="einsum", lam=1.0)
+    x = make_inputs(8, torch.float32)
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
+    assert gm.meta["fxrep_report"].count("lift_attention") == 2 and len(sdpa_calls(gm)) == 1

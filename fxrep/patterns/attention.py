@@ -6,6 +6,7 @@ Recognized (after ``symbolic_trace``), in any mix:
 - ``softmax(s * (q @ k.transpose(-2, -1)), dim=-1) @ v`` with the scale before or after the matmul, softmax as
   function, method or module, and softmax inputs that are *sums of scaled logit products*: the joined
   branches of the math doc section 3, ``(1 - lam) * S_i + lam * mean_j S_j``;
+- the same with ``torch.einsum('bhqd,bhkd->bhqk', q, k)`` / ``einsum('bhqk,bhkd->bhqd', p, v)``;
 - q, k, v produced by one fused qkv Linear (reshape/permute/unbind, timm) or separate Linears (view/permute,
   Hugging Face), heads merged back by transpose/reshape (any head and feature order).
 
@@ -248,7 +249,13 @@ def _parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
     if n.op == "call_function" and n.target in MATMUL_TARGETS or (n.op == "call_method" and n.target == "matmul"):
         a, b = n.args[:2]
         if n not in out.terms:
-            out.terms[n] = [0.0, Chain(a), Chain(b)]
+            out.terms[n] = [0.0, Chain(a), Chain(b), True]
+        out.terms[n][0] += coef
+        return
+    if _einsum_kind(n) == "logits":
+        a, b = n.args[1:3]
+        if n not in out.terms:
+            out.terms[n] = [0.0, Chain(a), Chain(b), False]
         out.terms[n][0] += coef
         return
     scale = _scale_op(n)
@@ -270,6 +277,29 @@ def _parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
         return
     raise NotAttention(f"softmax input {_describe(n)} is not a sum of scaled q @ k^T products "
                        "(an attention mask or bias?)")
+
+
+def _einsum_kind(n: fx.Node) -> str | None:
+    """'logits' for ``einsum('bhqd,bhkd->bhqk', q, k)``, 'pv' for ``einsum('bhqk,bhkd->bhqd', p, v)`` (any
+    letters), else None."""
+    if not (n.op == "call_function" and n.target is torch.einsum and len(n.args) == 3
+            and isinstance(n.args[0], str)):
+        return None
+    eq = n.args[0].replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ops = lhs.split(",")
+    if len(ops) != 2 or not all(len(t) == 4 for t in (*ops, out)):
+        return None
+    (a, b), o = ops, out
+    if len(set(a)) != 4 or len(set(b)) != 4 or a[:2] != b[:2] or o[:2] != a[:2]:
+        return None
+    if a[3] == b[3] and a[2] != b[2] and o[2:] == a[2] + b[2]:
+        return "logits"
+    if a[3] == b[2] and o[2:] == a[2] + b[3] and a[3] not in o:
+        return "pv"
+    return None
 
 
 def _softmax_input(p: fx.Node) -> fx.Node:
@@ -314,14 +344,12 @@ class Candidate:
             self.scale = bound.get("scale")
             if self.scale is not None and not isinstance(self.scale, (int, float)):
                 raise NotAttention("SDPA scale is not a constant")
-            self.logits.terms[anchor] = [1.0, q, k]
-            self.sdpa_k_transposed = False
+            self.logits.terms[anchor] = [1.0, q, k, False]
             self.value = Chain(bound["value"])
             self.softmax = None
         else:
-            p, v = anchor.args[:2]
+            p, v = anchor.args[1:3] if _einsum_kind(anchor) == "pv" else anchor.args[:2]
             self.softmax = p
-            self.sdpa_k_transposed = True
             _parse_logits(_softmax_input(p), 1.0, self.logits)
             self.value = Chain(v)
             self.scale = 1.0
@@ -330,7 +358,7 @@ class Candidate:
         out = {self.anchor} | set(self.value.nodes) | {self.value.linear.node}
         if self.softmax is not None:
             out |= {self.softmax} | self.logits.nodes
-        for _, q, k in self.logits.terms.values():
+        for _, q, k, _ in self.logits.terms.values():
             out |= set(q.nodes) | set(k.nodes) | {q.linear.node, k.linear.node}
         return out
 
@@ -345,6 +373,10 @@ def _analyze(gm: fx.GraphModule) -> dict:
                  (n.op == "call_method" and n.target == "matmul")) and isinstance(n.args[0], fx.Node) and \
             ((n.args[0].op == "call_function" and n.args[0].target in SOFTMAX_TARGETS) or
              (n.args[0].op == "call_method" and n.args[0].target == "softmax"))
+        if _einsum_kind(n) == "pv" and isinstance(n.args[1], fx.Node) and \
+                (n.args[1].op in ("call_function", "call_method")) and \
+                (n.args[1].target in SOFTMAX_TARGETS or n.args[1].target == "softmax"):
+            is_pv = True
         if not (is_sdpa or is_pv):
             continue
         try:
@@ -360,7 +392,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
 
 def _lift(gm: fx.GraphModule, cand: Candidate) -> dict:
     x = cand.value.linear.input
-    for _, q, k in cand.logits.terms.values():
+    for _, q, k, _ in cand.logits.terms.values():
         if q.linear.input is not x or k.linear.input is not x:
             raise NotAttention("q, k and v are computed from different tensors (cross-attention)")
     x_meta = x.meta.get("tensor_meta")
@@ -374,11 +406,11 @@ def _lift(gm: fx.GraphModule, cand: Candidate) -> dict:
     terms = []
     order_of = {n: i for i, n in enumerate(gm.graph.nodes)}
     # a canonical term order, so joined branches with equal logits get bitwise-equal q/k weights
-    for matmul, (coef, q, k) in sorted(cand.logits.terms.items(), key=lambda kv: order_of[kv[0]]):
+    for matmul, (coef, q, k, k_transposed) in sorted(cand.logits.terms.items(), key=lambda kv: order_of[kv[0]]):
         if coef == 0.0:
             continue  # a joined branch's own logits at lam == 1 (finite logits: 0 * S == 0 exactly)
         qmap = _decode_heads(q, probe, x_shape_probe, transposed=False)
-        kmap = _decode_heads(k, probe, x_shape_probe, transposed=cand.sdpa_k_transposed)
+        kmap = _decode_heads(k, probe, x_shape_probe, transposed=k_transposed)
         if qmap.shape[0] != H or kmap.shape != qmap.shape:
             raise NotAttention("q, k and v have different head counts or q/k widths")
         terms.append((matmul, coef * q.factor * k.factor, q, qmap, k, kmap))

@@ -80,8 +80,10 @@ def sibling_groups(ctx, kind: str):
             for nodes in by_input.values():
                 if len(nodes) > 1:
                     mergeable.append(nodes)
-            if len(by_input) > 1:
-                skipped.append(([ns[0] for ns in by_input.values()], _describe_inputs(list(by_input))))
+            if len(by_input) > 1:  # report the branches left out of the largest group
+                largest = max(by_input.values(), key=len)
+                odd = [n for ns in by_input.values() if ns is not largest for n in ns]
+                skipped.append((odd, _describe_inputs(list(by_input))))
         return mergeable, skipped
     return ctx.cached(f"siblings:{kind}", compute)
 
