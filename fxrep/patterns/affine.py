@@ -53,10 +53,11 @@ f64 = torch.float64
 class Affine:
     """``sum_k terms[base_k] @ base_k + bias`` (see module docstring)."""
 
-    __slots__ = ("terms", "bias", "dtype")
+    __slots__ = ("terms", "bias", "dtype", "zeros")
 
-    def __init__(self, terms: dict, bias: torch.Tensor | None, dtype: torch.dtype | None):
+    def __init__(self, terms: dict, bias: torch.Tensor | None, dtype: torch.dtype | None, zeros=frozenset()):
         self.terms, self.bias, self.dtype = terms, bias, dtype
+        self.zeros = frozenset(zeros)  # bases whose term is exactly zero (only a zero scale makes them)
 
     @staticmethod
     def base(node: fx.Node) -> Affine:
@@ -114,7 +115,8 @@ def plus(x: Affine, y: Affine, sign: float = 1.0) -> Affine | None:
     bias = _add_bias(x.bias, None if y.bias is None else y.bias * sign)
     if bias is None and (x.bias is not None or y.bias is not None):
         return None
-    return Affine(terms, bias, x.dtype or y.dtype)
+    zeros = (x.zeros - y.terms.keys()) | (y.zeros - x.terms.keys()) | (x.zeros & y.zeros)
+    return _without_zero_terms(Affine(terms, bias, x.dtype or y.dtype, zeros))
 
 
 def shifted(x: Affine, c: torch.Tensor) -> Affine | None:
@@ -122,7 +124,7 @@ def shifted(x: Affine, c: torch.Tensor) -> Affine | None:
     if c.dim() == 1 and s is not None and c.shape[0] != s:
         return None
     bias = _add_bias(x.bias, c)
-    return None if bias is None else Affine(dict(x.terms), bias, x.dtype)
+    return None if bias is None else Affine(dict(x.terms), bias, x.dtype, x.zeros)
 
 
 def scaled(x: Affine, c: torch.Tensor) -> Affine | None:
@@ -136,7 +138,10 @@ def scaled(x: Affine, c: torch.Tensor) -> Affine | None:
         else:
             terms[node] = c[:, None] * t
     bias = None if x.bias is None else c * x.bias
-    return Affine(terms, bias, x.dtype)
+    zeros = set(x.zeros)
+    if not bool(c.all()):  # only a zero factor makes new zero terms
+        zeros |= {n for n, t in terms.items() if not bool(t.any())}
+    return _without_zero_terms(Affine(terms, bias, x.dtype, zeros))
 
 
 def composed(weight: torch.Tensor, bias: torch.Tensor | None, x: Affine) -> Affine | None:
@@ -185,6 +190,7 @@ class AffineAnalysis:
             stop = new_stop
         self.forms, self.through, self.stop = forms, through, stop
         self.regions = self._regions()
+        self.region_at = {region["stops"][0]: region for region in self.regions}
         self.owner = {}
         for region in self.regions:
             for f, cone in region["cones"].items():
@@ -208,7 +214,7 @@ class AffineAnalysis:
         for n in graph.nodes:
             f = self._form(n, forms, stop, operand)
             if f is not None:
-                forms[n] = _without_zero_terms(f)
+                forms[n] = f
             else:
                 through.pop(n, None)
         return forms, through
@@ -320,13 +326,12 @@ def _shape_key(n: fx.Node):
 def _without_zero_terms(f: Affine) -> Affine:
     """Drop terms that are exactly zero (e.g. ``(1 - lam) * z_i`` at lam == 1), where a remaining term has the
     same shape, so dropping cannot change how the sum broadcasts. ``0 * finite == 0`` exactly."""
-    zero = [n for n, t in f.terms.items() if not bool(t.any())]
-    if not zero:
+    if not f.zeros:
         return f
-    keep = {n: t for n, t in f.terms.items() if bool(t.any())}
+    keep = {n: t for n, t in f.terms.items() if n not in f.zeros}
     keys = {_shape_key(n) for n in keep}
     terms = {n: t for n, t in f.terms.items() if n in keep or _shape_key(n) not in keys}
-    return Affine(terms, f.bias, f.dtype) if terms else f
+    return Affine(terms, f.bias, f.dtype, f.zeros & terms.keys()) if terms else f
 
 
 def _arith_kind(n: fx.Node) -> str | None:
@@ -414,10 +419,8 @@ class MergeAffine:
 
     def match(self, node, ctx):
         analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph))
-        for region in analysis.regions:
-            if region["stops"][0] is node:
-                return self._evaluate(region, analysis)
-        return None
+        region = analysis.region_at.get(node)
+        return self._evaluate(region, analysis) if region is not None else None
 
     def _evaluate(self, region, analysis):
         nodes = set().union(*region["cones"].values())

@@ -128,9 +128,8 @@ def _describe(n: fx.Node) -> str:
 class Probe:
     """Evaluates small parts of the graph on probe tensors (shape arithmetic included)."""
 
-    def __init__(self, gm: fx.GraphModule, x: fx.Node, x_value: torch.Tensor):
-        self.gm, self.env = gm, {}
-        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    def __init__(self, gm: fx.GraphModule, x: fx.Node, x_value: torch.Tensor, order: dict):
+        self.gm, self.env, self.order = gm, {}, order
         # tensors whose *shape* equals x's: x and the inputs of LayerNorms that produced it
         self.shape_sources = {}
         n = x
@@ -367,6 +366,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
     """anchor node -> Match | Skip for every attention candidate of the graph."""
     results: dict = {}
     lifted: dict = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in gm.graph.nodes:
         is_sdpa = n.op == "call_function" and n.target in SDPA_TARGETS
         is_pv = ((n.op == "call_function" and n.target in MATMUL_TARGETS) or
@@ -380,7 +380,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
         if not (is_sdpa or is_pv):
             continue
         try:
-            lifted[n] = _lift(gm, Candidate(n))
+            lifted[n] = _lift(gm, Candidate(n), order)
         except NotAttention as e:
             results[n] = Skip([n], str(e))
     _check_closure(lifted, results)
@@ -390,7 +390,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
     return results
 
 
-def _lift(gm: fx.GraphModule, cand: Candidate) -> dict:
+def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
     x = cand.value.linear.input
     for _, q, k, _ in cand.logits.terms.values():
         if q.linear.input is not x or k.linear.input is not x:
@@ -399,12 +399,12 @@ def _lift(gm: fx.GraphModule, cand: Candidate) -> dict:
     d = cand.value.linear.weight.shape[1]
     shape = tuple(x_meta.shape) if x_meta is not None and len(x_meta.shape) == 3 else (PROBE_BATCH, PROBE_TOKENS, d)
     x_shape_probe = torch.zeros(shape, dtype=f64)
-    probe = Probe(gm, x, x_shape_probe)
+    probe = Probe(gm, x, x_shape_probe, order)
 
     vmap = _decode_heads(cand.value, probe, x_shape_probe, transposed=False)
     H, dv = vmap.shape
     terms = []
-    order_of = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order_of = order
     # a canonical term order, so joined branches with equal logits get bitwise-equal q/k weights
     for matmul, (coef, q, k, k_transposed) in sorted(cand.logits.terms.items(), key=lambda kv: order_of[kv[0]]):
         if coef == 0.0:

@@ -19,13 +19,13 @@ from torch import fx
 from ..ir import add_constant, fetch_attr
 from ..registry import Match, Skip
 
-try:  # timm's DropPath is traced through at eval, but may be a leaf under custom tracers
-    from timm.layers import DropPath
-except ImportError:  # pragma: no cover - timm is a dependency
-    DropPath = ()
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                     DropPath)
+
+def _is_identity_module(m) -> bool:
+    # timm's DropPath is traced through at eval, but may be a leaf under custom tracers; matched by name so
+    # that fuse does not import timm
+    return isinstance(m, _IDENTITY_MODULES) or (type(m).__name__ == "DropPath" and not m.training)
 _RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.bernoulli,
                    torch.normal, torch.multinomial, F.dropout, torch.dropout, torch.randperm}
 
@@ -41,7 +41,7 @@ class DropIdentity:
     def match(self, node, ctx):
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
-        if node.op == "call_module" and isinstance(_module(node), _IDENTITY_MODULES):
+        if node.op == "call_module" and _is_identity_module(_module(node)):
             return Match([node], node.args[0], f"{type(_module(node)).__name__} is the identity at eval")
         if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
             args = dict(zip(("input", "p", "training", "inplace"), node.args))

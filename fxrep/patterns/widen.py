@@ -99,9 +99,16 @@ def _repoint_readers(ctx, branches, merged: fx.Node, columns, total: int) -> Non
             ctx.replace_node(user, new)
 
 
-def _first(nodes, graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
+def _first(nodes, ctx):
+    order = ctx.cached("order", lambda: {n: i for i, n in enumerate(ctx.graph.nodes)})
+    if any(n not in order for n in nodes):  # created in this sweep: recount
+        order = {n: i for i, n in enumerate(ctx.graph.nodes)}
     return min(nodes, key=order.__getitem__)
+
+
+def _by_first(groups):
+    """{first node: entry} for lists of node groups or (nodes, reason) pairs."""
+    return {(g[0] if isinstance(g, list) else g[0][0]): g for g in groups}
 
 
 class WidenMLP:
@@ -109,14 +116,13 @@ class WidenMLP:
     phase = "fuse"
 
     def match(self, node, ctx):
-        mergeable, skipped = sibling_groups(ctx, "mlp")
-        for nodes in mergeable:
-            if nodes[0] is node:
-                act = activation_key(node)[0]
-                return Match(nodes, None, f"{len(nodes)} parallel {act} MLP branches -> one wider MLP")
-        for nodes, reason in skipped:
-            if nodes[0] is node:
-                return Skip(nodes, reason)
+        mergeable, skipped = ctx.cached("widen_mlp", lambda: tuple(map(_by_first, sibling_groups(ctx, "mlp"))))
+        if node in mergeable:
+            nodes = mergeable[node]
+            act = activation_key(node)[0]
+            return Match(nodes, None, f"{len(nodes)} parallel {act} MLP branches -> one wider MLP")
+        if node in skipped:
+            return Skip(*skipped[node])
         return None
 
     def replace(self, match, ctx):
@@ -125,7 +131,7 @@ class WidenMLP:
         w, b = algebra.concat_rows([p.weight for p in pres], [p.bias for p in pres])
         graph = ctx.graph
         readers = [u for a in acts for u in a.users]
-        with graph.inserting_before(_first(readers, graph)):
+        with graph.inserting_before(_first(readers, ctx)):
             pre = emit_linear(graph, pres[0].input, w, b, pres[0].weight.dtype, acts[0].name + "_wide",
                               merge_origins([p.node for p in pres]))
             act = graph.node_copy(acts[0], lambda n: pre if n is pres[0].node else n)
@@ -230,17 +236,16 @@ class _MergeAttention:
         return out, []
 
     def match(self, node, ctx):
-        mergeable, skipped = self.groups(ctx)
-        for nodes in mergeable:
-            if nodes[0] is node:
-                heads = sum(attention_view(n)["num_heads"] for n in nodes)
-                what = (f"{len(nodes)} attention branches with joined logits -> one attention"
-                        if self.mode == "collapse" else
-                        f"{len(nodes)} parallel attention branches -> one attention with {heads} heads")
-                return Match(nodes, None, what)
-        for nodes, reason in skipped:
-            if nodes[0] is node:
-                return Skip(nodes, reason)
+        mergeable, skipped = ctx.cached(self.name, lambda: tuple(map(_by_first, self.groups(ctx))))
+        if node in mergeable:
+            nodes = mergeable[node]
+            heads = sum(attention_view(n)["num_heads"] for n in nodes)
+            what = (f"{len(nodes)} attention branches with joined logits -> one attention"
+                    if self.mode == "collapse" else
+                    f"{len(nodes)} parallel attention branches -> one attention with {heads} heads")
+            return Match(nodes, None, what)
+        if node in skipped:
+            return Skip(*skipped[node])
         return None
 
     def replace(self, match, ctx):
@@ -248,7 +253,7 @@ class _MergeAttention:
         params, heads, columns, total = _merge_heads(atts, self.mode)
         graph = ctx.graph
         readers = [u for n in match.nodes for u in n.users]
-        with graph.inserting_before(_first(readers, graph)):
+        with graph.inserting_before(_first(readers, ctx)):
             merged = emit_attention(graph, atts[0]["input"], params, heads, atts[0]["q_weight"].dtype,
                                     match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes))
         _repoint_readers(ctx, match.nodes, merged, columns, total)
