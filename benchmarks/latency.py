@@ -66,6 +66,9 @@ def onnx_sessions(models: dict, x) -> dict:
         path = to_onnx(m, (x,), tmp / f"{abs(hash(name))}.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
+        # ORT's worker threads spin between runs by default and would steal the cores from the interleaved
+        # PyTorch runs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feed_name = sess.get_inputs()[0].name
         out[name] = lambda inp, s=sess, n=feed_name: s.run(None, {n: inp.numpy()})
