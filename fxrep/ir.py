@@ -8,7 +8,6 @@ The helpers here read those nodes and build new ones; they never mutate existing
 from __future__ import annotations
 
 import hashlib
-import math
 import operator
 import re
 from dataclasses import dataclass
@@ -39,11 +38,6 @@ _ACTIVATION_FUNCTIONS = {
 _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _ACTIVATION_VARIANT_ARG = {"gelu": ("approximate", "none"), "leaky_relu": ("negative_slope", 0.01),
                            "elu": ("alpha", 1.0)}
-
-
-def node_args(node: fx.Node) -> list[fx.Node]:
-    """Every Node that ``node`` reads, in order (args and kwargs, flattened)."""
-    return list(node.all_input_nodes)
 
 
 def is_call(node: fx.Node, targets) -> bool:
@@ -273,5 +267,7 @@ def emit_split_heads(graph: fx.Graph, t: fx.Node, num_heads: int) -> fx.Node:
     return graph.call_method("transpose", (graph.call_method("unflatten", (t, -1, (num_heads, -1))), -3, -2))
 
 
-def inv_sqrt(d: int) -> float:
-    return 1.0 / math.sqrt(d)
+def is_shape_read(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.ndim`` / ``x.size()`` / ``x.dim()``: reads metadata only, never values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))) \
+        or (node.op == "call_method" and node.target in ("size", "dim"))

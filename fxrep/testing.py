@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import EquivalenceError, InputError
@@ -99,18 +100,12 @@ class Case:
         return f"Case({self.info})"
 
 
-def clone_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Generated branched blocks. Each block is a plain nn.Module written the way a user would write it; the spec
 # it was built from says what fuse should do with it (``expect``), so tests can assert structure too.
 # ----------------------------------------------------------------------------------------------------------
-
-import math  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
 
 try:
     from hypothesis import strategies as st

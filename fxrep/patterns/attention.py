@@ -41,6 +41,7 @@ from ..ir import (
     as_linear,
     emit_attention,
     fetch_attr,
+    is_shape_read,
     merge_origins,
 )
 from ..ops import reference_attention
@@ -489,19 +490,13 @@ def _check_closure(lifted: dict, results: dict) -> None:
             for n in lift["nodes"]:
                 if n is lift["z"]:
                     continue
-                outside = [u for u in n.users if u not in inside and not _is_shape_read(u)]
+                outside = [u for u in n.users if u not in inside and not is_shape_read(u)]
                 if outside:
                     results[anchor] = Skip([anchor], f"intermediate value {_describe(n)} is also read by "
                                                      f"{_describe(outside[0])} outside the attention")
                     del lifted[anchor]
                     changed = True
                     break
-
-
-def _is_shape_read(u: fx.Node) -> bool:
-    return (u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in ("shape", "ndim",
-                                                                                                "dtype", "device")) \
-        or (u.op == "call_method" and u.target in ("size", "dim"))
 
 
 def _check_cost(lifted: dict, results: dict) -> None:

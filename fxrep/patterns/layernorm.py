@@ -16,13 +16,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ir import as_layer_norm, as_linear, attention_view, emit_attention, emit_linear, merge_origins
+from ..ir import (
+    as_layer_norm,
+    as_linear,
+    attention_view,
+    emit_attention,
+    emit_linear,
+    is_shape_read,
+    merge_origins,
+)
 from ..registry import Match, Skip
-
-
-def _is_shape_read(u) -> bool:
-    return (u.op == "call_function" and u.target is getattr and u.args[1:2] in (("shape",), ("ndim",))) or \
-        (u.op == "call_method" and u.target in ("size", "dim"))
 
 
 def _consumer_kind(user, ln_node):
@@ -46,7 +49,7 @@ class ExtractLayerNormAffine:
             return None
         if len(ln.normalized_shape) != 1:
             return Skip([node], f"LayerNorm over {len(ln.normalized_shape)} dims: only last-dim norms fold")
-        others = [u for u in node.users if _consumer_kind(u, node) is None and not _is_shape_read(u)]
+        others = [u for u in node.users if _consumer_kind(u, node) is None and not is_shape_read(u)]
         if others:
             what = ", ".join(sorted({u.name for u in others}))
             return Skip([node], f"LayerNorm output is also read by non-linear ops ({what}); its affine "
@@ -65,7 +68,7 @@ class ExtractLayerNormAffine:
         bare.meta["fxrep_origin"] = merge_origins([node])
         params_before = sum(t.numel() for t in (ln.weight, ln.bias) if t is not None)
         for user in list(node.users):
-            if _is_shape_read(user):  # the affine-free norm has the same shape
+            if is_shape_read(user):  # the affine-free norm has the same shape
                 user.replace_input_with(node, bare)
                 continue
             with g.inserting_before(user):
