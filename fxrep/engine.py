@@ -16,6 +16,7 @@ from .errors import (
     TrainingModeError,
     UnsupportedModelError,
 )
+from .ir import merge_origins
 from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default_registry
 from .report import Applied, FuseReport, Skipped
 from .stats import graph_stats
@@ -150,7 +151,7 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
                 continue
             result = pattern.match(node, ctx)
             if isinstance(result, Skip):
-                skips.append(Skipped(pattern.name, result.reason, _origins(result.nodes)))
+                skips.append(Skipped(pattern.name, result.reason, merge_origins(result.nodes)))
             elif isinstance(result, Match):
                 if taken.isdisjoint(result.nodes):
                     matches.append(result)
@@ -161,19 +162,13 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
         for m in matches:
             if not all(_alive(n, ctx.graph) for n in m.nodes):
                 continue
-            origins = tuple(m.origins) or _origins(m.nodes)
+            origins = tuple(m.origins) or merge_origins(m.nodes)
             details = pattern.replace(m, ctx) or {}
             report.applied.append(Applied(pattern.name, m.summary, origins, dict(details)))
             applied += 1
         if matches:
             _cleanup(ctx)
     return applied, skips
-
-
-def _origins(nodes) -> tuple[str, ...]:
-    from .ir import merge_origins
-
-    return merge_origins(nodes)
 
 
 def _cleanup(ctx: FuseContext) -> None:

@@ -44,6 +44,12 @@ def is_call(node: fx.Node, targets) -> bool:
     return node.op == "call_function" and node.target in targets
 
 
+def is_softmax(node) -> bool:
+    """``F.softmax`` / ``torch.softmax`` / ``x.softmax(...)`` (nn.Softmax is functionalized to the first)."""
+    return isinstance(node, fx.Node) and (is_call(node, SOFTMAX_TARGETS) or
+                                          (node.op == "call_method" and node.target == "softmax"))
+
+
 def constant_tensor(node) -> torch.Tensor | None:
     """The tensor behind a ``get_attr`` node, or None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ir import LINEAR_TARGETS, SDPA_TARGETS, SOFTMAX_TARGETS, activation_key
+from .ir import LINEAR_TARGETS, SDPA_TARGETS, activation_key, as_layer_norm, is_softmax
 from .ops import multi_head_attention
 
 
@@ -38,12 +37,11 @@ def graph_stats(gm: fx.GraphModule, example_inputs=None) -> dict:
             linears += 1
         elif (n.op == "call_function" and n.target in SDPA_TARGETS) or n.target is multi_head_attention:
             sdpa += 1
-        elif (n.op == "call_function" and n.target in SOFTMAX_TARGETS) or (n.op == "call_method" and n.target == "softmax") \
-                or isinstance(target_mod, torch.nn.Softmax):
+        elif is_softmax(n) or isinstance(target_mod, torch.nn.Softmax):
             softmax += 1
         elif activation_key(n) is not None or isinstance(target_mod, (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU)):
             acts += 1
-        elif (n.op == "call_function" and n.target is F.layer_norm) or isinstance(target_mod, torch.nn.LayerNorm):
+        elif as_layer_norm(n) is not None or isinstance(target_mod, torch.nn.LayerNorm):
             layer_norms += 1
     stats = {"ops": sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")),
              "linear": linears, "sdpa": sdpa, "softmax": softmax, "activation": acts,

@@ -35,13 +35,13 @@ from ..ir import (
     MUL_TARGETS,
     NEG_TARGETS,
     SDPA_TARGETS,
-    SOFTMAX_TARGETS,
     SUB_TARGETS,
     as_layer_norm,
     as_linear,
     emit_attention,
     fetch_attr,
     is_shape_read,
+    is_softmax,
     merge_origins,
 )
 from ..ops import reference_attention
@@ -303,9 +303,7 @@ def _einsum_kind(n: fx.Node) -> str | None:
 
 
 def _softmax_input(p: fx.Node) -> fx.Node:
-    is_fn = p.op == "call_function" and p.target in SOFTMAX_TARGETS
-    is_method = p.op == "call_method" and p.target == "softmax"
-    if not (is_fn or is_method):
+    if not is_softmax(p):
         raise NotAttention(f"{_describe(p)} is not a softmax")
     names = ["input", "dim", "_stacklevel", "dtype"]
     bound = dict(zip(names, p.args))
@@ -371,12 +369,8 @@ def _analyze(gm: fx.GraphModule) -> dict:
     for n in gm.graph.nodes:
         is_sdpa = n.op == "call_function" and n.target in SDPA_TARGETS
         is_pv = ((n.op == "call_function" and n.target in MATMUL_TARGETS) or
-                 (n.op == "call_method" and n.target == "matmul")) and isinstance(n.args[0], fx.Node) and \
-            ((n.args[0].op == "call_function" and n.args[0].target in SOFTMAX_TARGETS) or
-             (n.args[0].op == "call_method" and n.args[0].target == "softmax"))
-        if _einsum_kind(n) == "pv" and isinstance(n.args[1], fx.Node) and \
-                (n.args[1].op in ("call_function", "call_method")) and \
-                (n.args[1].target in SOFTMAX_TARGETS or n.args[1].target == "softmax"):
+                 (n.op == "call_method" and n.target == "matmul")) and is_softmax(n.args[0])
+        if _einsum_kind(n) == "pv" and is_softmax(n.args[1]):
             is_pv = True
         if not (is_sdpa or is_pv):
             continue

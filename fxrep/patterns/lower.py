@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.nn.functional as F
 
 from .. import algebra
@@ -30,10 +29,7 @@ class LowerAttention:
         node, att = match.nodes[0], match.data
         H = att["num_heads"]
         widths = [att[f"{p}_weight"].shape[0] for p in "qkv"]
-        w = torch.cat([algebra.as64(att[f"{p}_weight"]) for p in "qkv"])
-        has_bias = any(att[f"{p}_bias"] is not None for p in "qkv")
-        b = torch.cat([algebra.as64(att[f"{p}_bias"]) if att[f"{p}_bias"] is not None
-                       else torch.zeros(n, dtype=torch.float64) for p, n in zip("qkv", widths)]) if has_bias else None
+        w, b = algebra.concat_rows([att[f"{p}_weight"] for p in "qkv"], [att[f"{p}_bias"] for p in "qkv"])
         g = ctx.graph
         with g.inserting_before(node):
             qkv = emit_linear(g, att["input"], w, b, att["q_weight"].dtype, node.name + "_qkv",
