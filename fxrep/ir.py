@@ -215,6 +215,28 @@ def merge_origins(nodes) -> tuple[str, ...]:
 _NAME_RE = re.compile(r"[^0-9a-zA-Z_]")
 
 
+def fingerprint(value: torch.Tensor) -> tuple:
+    """A cheap hash of a tensor's bytes: bitwise-equal tensors have equal fingerprints. The converse does not
+    hold for large tensors (only 4096 evenly spaced words are hashed): callers compare with ``bitwise_equal``."""
+    raw = value.reshape(-1).contiguous().cpu().view(torch.uint8)
+    if raw.numel() <= 1 << 15:
+        return (hashlib.sha1(raw.numpy()).hexdigest(),)
+    words = raw[: raw.numel() // 8 * 8].view(torch.int64)
+    sample = words[:: max(1, words.numel() // 4096)].contiguous()
+    return (hashlib.sha1(sample.numpy()).hexdigest(), bytes(raw[-8:].numpy()))
+
+
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (unlike ``torch.equal``: NaN equals NaN, -0.0 differs from 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = _BITS.get(a.element_size(), torch.uint8)
+    return torch.equal(a.reshape(-1).contiguous().view(bits), b.reshape(-1).contiguous().view(bits))
+
+
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
     """Register ``tensor`` on ``gm`` under a fresh, readable attribute name and return that name.
 
@@ -223,10 +245,10 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
     """
     cache = gm.meta.setdefault("fxrep_constants", {})
     value = tensor.detach()
-    raw = value.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    key = (value.dtype, tuple(value.shape), hashlib.sha1(raw).hexdigest())
-    if key in cache and hasattr(gm, cache[key]):
-        return cache[key]
+    key = (value.dtype, tuple(value.shape), fingerprint(value))
+    for name in cache.get(key, ()):
+        if hasattr(gm, name) and bitwise_equal(fetch_attr(gm, name), value):
+            return name
     base = "fx_" + _NAME_RE.sub("_", hint).strip("_")[:60] or "fx_const"
     name, i = base, 0
     while hasattr(gm, name):
@@ -237,7 +259,7 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
         gm.register_buffer(name, value)
-    cache[key] = name
+    cache.setdefault(key, []).append(name)
     return name
 
 

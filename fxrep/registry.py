@@ -84,12 +84,14 @@ class FunctionPattern:
 @dataclass
 class FuseContext:
     """What a pattern sees: the GraphModule being rewritten, a cache for analyses shared by the patterns of
-    one sweep (dropped whenever the graph changes), and the options of the ``fuse`` call."""
+    one sweep (dropped whenever the graph changes), a memo that outlives graph changes, and the options of
+    the ``fuse`` call."""
 
     gm: fx.GraphModule
     options: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict)
     _replaced: dict = field(default_factory=dict)
+    _memo: dict = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -103,6 +105,11 @@ class FuseContext:
 
     def invalidate(self) -> None:
         self._cache.clear()
+
+    def memo(self, key: str) -> dict:
+        """A dict that lives for the whole ``fuse`` call and survives graph changes, for analyses that reuse
+        per-node results across sweeps. Entries must be keyed by everything they were computed from."""
+        return self._memo.setdefault(key, {})
 
     def replace_node(self, old: fx.Node, new: fx.Node) -> None:
         """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve`` old."""

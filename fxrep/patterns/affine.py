@@ -40,8 +40,11 @@ from ..ir import (
     activation_key,
     as_layer_norm,
     as_linear,
+    bitwise_equal,
     const_node,
+    constant_tensor,
     emit_linear,
+    fingerprint,
     merge_origins,
     scalar_or_channel,
 )
@@ -104,7 +107,8 @@ def plus(x: Affine, y: Affine, sign: float = 1.0) -> Affine | None:
         return None  # would broadcast along the channel dim
     terms = dict(x.terms)
     for node, t in y.terms.items():
-        t = t * sign
+        if sign != 1.0:
+            t = t * sign
         if node in terms:
             merged = _add_terms(terms[node], t)
             if merged is None:
@@ -112,7 +116,7 @@ def plus(x: Affine, y: Affine, sign: float = 1.0) -> Affine | None:
             terms[node] = merged
         else:
             terms[node] = t
-    bias = _add_bias(x.bias, None if y.bias is None else y.bias * sign)
+    bias = _add_bias(x.bias, y.bias if y.bias is None or sign == 1.0 else y.bias * sign)
     if bias is None and (x.bias is not None or y.bias is not None):
         return None
     zeros = (x.zeros - y.terms.keys()) | (y.zeros - x.terms.keys()) | (x.zeros & y.zeros)
@@ -174,10 +178,18 @@ def _term_cost(t: torch.Tensor, out: int) -> int:
 
 
 class AffineAnalysis:
-    """Forms, stop nodes and regions of one graph state."""
+    """Forms, stop nodes and regions of one graph state.
 
-    def __init__(self, graph: fx.Graph):
+    ``memo`` (a dict kept for the whole fuse call, see ``FuseContext.memo``) lets a new analysis reuse the
+    form of every node whose operands did not change since the last one: after a rewrite, only the forms
+    downstream of the new nodes are recomputed, which keeps fusing large models close to linear in time.
+    """
+
+    def __init__(self, graph: fx.Graph, memo: dict | None = None):
         self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self._memo = {} if memo is None else memo
+        for n in [n for n in self._memo if n not in self.order]:
+            del self._memo[n]  # erased nodes: their forms can never be asked for again
         stop: set = set()
         for _ in range(20):
             forms, through = self._forms(graph, stop)
@@ -201,10 +213,11 @@ class AffineAnalysis:
     def _forms(self, graph, stop):
         forms: dict = {}
         through: dict = {}
+        used: set = set()
 
         def operand(n, a, dtype=None):
             if isinstance(a, fx.Node) and a in forms and a not in stop:
-                through.setdefault(n, set()).add(a)
+                used.add(a)
                 return forms[a]
             if isinstance(a, fx.Node):
                 c = scalar_or_channel(a, dtype) if a.op == "get_attr" else None
@@ -212,11 +225,17 @@ class AffineAnalysis:
             return scalar_or_channel(a, dtype)
 
         for n in graph.nodes:
-            f = self._form(n, forms, stop, operand)
+            key, keep_alive = _dependency_key(n, forms, stop)
+            entry = self._memo.get(n)
+            if entry is None or entry[0] != key:
+                used.clear()
+                entry = (key, self._form(n, forms, stop, operand), frozenset(used), keep_alive)
+                self._memo[n] = entry
+            _, f, reads, _ = entry
             if f is not None:
                 forms[n] = f
-            else:
-                through.pop(n, None)
+                if reads:
+                    through[n] = set(reads)
         return forms, through
 
     def _form(self, n, forms, stop, operand):
@@ -349,11 +368,61 @@ def _arith_kind(n: fx.Node) -> str | None:
     return None
 
 
-def _form_key(f: Affine, order) -> tuple:
-    items = sorted(f.terms.items(), key=lambda kv: order.get(kv[0], -1))
-    key = tuple((id(n), tuple(t.shape), t.numpy().tobytes()) for n, t in items)
-    bias = None if f.bias is None else (tuple(f.bias.shape), f.bias.numpy().tobytes())
-    return key + (bias, f.dtype)
+def _dependency_key(n: fx.Node, forms: dict, stop: set) -> tuple[tuple, list]:
+    """Everything the form of ``n`` is computed from: its op, its constant arguments, the form objects of
+    operands that carry one, and the identity and version of the tensors behind ``get_attr`` operands.
+    Returns the key and the tensors it names by ``id`` (kept alive with the key so no id is reused)."""
+    parts: list = [n.op, n.target]
+    keep: list = []
+
+    def visit(a):
+        if isinstance(a, fx.Node):
+            if a in forms and a not in stop:
+                parts.append(forms[a])
+            elif a.op == "get_attr":
+                t = constant_tensor(a)
+                keep.append(t)
+                parts.append((a, a.target, id(t), getattr(t, "_version", None)))
+            else:
+                parts.append(a)
+        else:
+            parts.append((type(a), repr(a)))
+        return a
+
+    fx.node.map_aggregate(n.args, visit)
+    for name in sorted(n.kwargs):
+        parts.append(name)
+        fx.node.map_aggregate(n.kwargs[name], visit)
+    return tuple(parts), keep
+
+
+class _FormKey:
+    """Hashable identity of a form: equal when terms (same bases, same order) and bias are bitwise equal.
+    Hashes a cheap fingerprint and compares the tensors only on a hash match."""
+
+    __slots__ = ("tensors", "_hash")
+
+    def __init__(self, f: Affine, order):
+        items = sorted(f.terms.items(), key=lambda kv: order.get(kv[0], -1))
+        self.tensors = [(n, t) for n, t in items] + [(None, f.bias), (None, f.dtype)]
+        self._hash = hash(tuple((id(n), fingerprint(t) if isinstance(t, torch.Tensor) else t)
+                                for n, t in self.tensors))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, _FormKey) or len(self.tensors) != len(other.tensors):
+            return False
+        for (n, a), (m, b) in zip(self.tensors, other.tensors):
+            if n is not m:
+                return False
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                if not bitwise_equal(a, b):
+                    return False
+            elif a is not b and (isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b):
+                return False
+        return True
 
 
 def _form_cost(f: Affine) -> tuple[int, int]:
@@ -418,7 +487,7 @@ class MergeAffine:
     phase = "fuse"
 
     def match(self, node, ctx):
-        analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph))
+        analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph, ctx.memo("affine")))
         region = analysis.region_at.get(node)
         return self._evaluate(region, analysis) if region is not None else None
 
@@ -428,7 +497,7 @@ class MergeAffine:
         ops_before = len(nodes)
         seen = {}
         for f in region["stops"]:
-            seen.setdefault(_form_key(analysis.forms[f], analysis.order), analysis.forms[f])
+            seen.setdefault(_FormKey(analysis.forms[f], analysis.order), analysis.forms[f])
         costs = [_form_cost(form) for form in seen.values()]
         macs_after = sum(c[0] for c in costs)
         ops_after = sum(c[1] for c in costs)
@@ -450,7 +519,7 @@ class MergeAffine:
         params_after = 0
         for f in region["stops"]:
             form = analysis.forms[f]
-            key = _form_key(form, analysis.order)
+            key = _FormKey(form, analysis.order)
             if key not in made:
                 cone = region["cones"][f]
                 origins = merge_origins([n for n in sorted(cone, key=analysis.order.__getitem__)

@@ -426,29 +426,32 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
         order.append(int(heads[0]))
         feats.append(col_feat[hp * dv:(hp + 1) * dv])
 
-    def rows(lin, head_map, idx, factor=1.0):
-        w = lin.weight.detach().to(f64)[head_map[idx]] * factor
-        b = lin.bias.detach().to(f64)[head_map[idx]] * factor if lin.bias is not None else None
+    heads = torch.tensor(order)
+
+    def gather(lin, index, factor=1.0):
+        """Rows ``index`` (heads, d) of the Linear's weight and bias, in float64, times ``factor``."""
+        w = lin.weight.detach()[index].to(f64) * factor
+        b = lin.bias.detach()[index].to(f64) * factor if lin.bias is not None else None
         return w, b
 
-    qw, qb, kw, kb, vw, vb = [], [], [], [], [], []
+    def stack(parts):  # (H, d_t, ...) per term -> head-major rows: head, then term, then feature
+        return torch.cat(parts, dim=1).flatten(0, 1)
+
+    qw, qb, kw, kb = [], [], [], []
+    for _, c, q, qmap, k, kmap in terms:
+        for lin, index, factor, ws, bs in ((q.linear, qmap[heads], c * scale, qw, qb),
+                                           (k.linear, kmap[heads], 1.0, kw, kb)):
+            w, b = gather(lin, index, factor)
+            ws.append(w)
+            bs.append(b if b is not None else torch.zeros(w.shape[:2], dtype=f64))
     has_qb = any(q.linear.bias is not None for _, _, q, _, _, _ in terms)
     has_kb = any(k.linear.bias is not None for _, _, _, _, k, _ in terms)
-    for hp, h in enumerate(order):
-        for _, c, q, qmap, k, kmap in terms:
-            w, b = rows(q.linear, qmap, h, c * scale)
-            qw.append(w)
-            qb.append(b if b is not None else torch.zeros(w.shape[0], dtype=f64))
-            w, b = rows(k.linear, kmap, h)
-            kw.append(w)
-            kb.append(b if b is not None else torch.zeros(w.shape[0], dtype=f64))
-        w, b = rows(cand.value.linear, vmap[h][feats[hp]].unsqueeze(0), 0, cand.value.factor)
-        vw.append(w)
-        vb.append(b)
+    vw, vb = gather(cand.value.linear, torch.stack([vmap[h][feats[hp]] for hp, h in enumerate(order)]),
+                    cand.value.factor)
     params = {
-        "q_weight": torch.cat(qw), "q_bias": torch.cat(qb) if has_qb else None,
-        "k_weight": torch.cat(kw), "k_bias": torch.cat(kb) if has_kb else None,
-        "v_weight": torch.cat(vw), "v_bias": torch.cat(vb) if cand.value.linear.bias is not None else None,
+        "q_weight": stack(qw), "q_bias": stack(qb) if has_qb else None,
+        "k_weight": stack(kw), "k_bias": stack(kb) if has_kb else None,
+        "v_weight": vw.flatten(0, 1), "v_bias": vb.flatten(0, 1) if vb is not None else None,
     }
     nodes = cand.nodes() | set(out_nodes)
     _verify(gm, probe, cand, x, nodes, z, params, H, shape)

@@ -57,7 +57,7 @@ def _describe_inputs(xs) -> str:
 def sibling_groups(ctx, kind: str):
     """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged, and skipped near misses."""
     def compute():
-        analysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph))
+        analysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph, ctx.memo("affine")))
         groups: dict = {}
         for n in ctx.graph.nodes:
             if kind == "mlp":
