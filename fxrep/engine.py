@@ -31,12 +31,52 @@ class _NamingTracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.stack: list[str] = []
+        self.stowed: list[str] = []  # constant attributes this tracer set on the traced model
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)
         out = super().call_module(m, forward, args, kwargs)
         self.stack.pop()
         return out
+
+    def _name_of(self, kind: str, t: torch.Tensor) -> str | None:
+        """Qualified name of a parameter or buffer of the traced model, from a map built once per trace
+        (fx scans every parameter of the model on each lookup, which is quadratic in model size)."""
+        if getattr(self, "_names_of", (None, None))[0] is not self.root:
+            names: dict = {}
+            for name, p in self.root.named_parameters():
+                names.setdefault(("param", id(p)), name)
+            for name, b in self.root.named_buffers():
+                names.setdefault(("buffer", id(b)), name)
+            self._names_of = (self.root, names)
+        return self._names_of[1].get((kind, id(t)))
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """As fx's, with the name lookup of ``_name_of``."""
+        if isinstance(attr_val, torch.Tensor):
+            kind = "param" if isinstance(attr_val, nn.Parameter) else "buffer" if self.proxy_buffer_attributes else None
+            name = self._name_of(kind, attr_val)
+            if name is not None and not self.param_shapes_constant:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a):
+        """As fx's for tensors, with the name lookup of ``_name_of``. A tensor that is neither a parameter nor
+        a buffer is stowed as a ``_tensor_constant`` attribute, which ``trace`` moves off the user's model."""
+        if isinstance(a, torch.Tensor):
+            name = self._name_of("param" if isinstance(a, nn.Parameter) else "buffer", a)
+            if name is None and not isinstance(a, nn.Parameter):
+                name = self.tensor_attrs.get(a)
+                if name is None:
+                    name = self.get_fresh_qualname("_tensor_constant")
+                    self.tensor_attrs[a] = name
+                    setattr(self.root, name, a)
+                    self.stowed.append(name)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -52,6 +92,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     tracer = _NamingTracer()
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # torch raises TraceError, TypeError, RuntimeError, ... from user code
         where = tracer.stack[-1] if tracer.stack else type(model).__name__
         raise TraceError(
@@ -61,7 +102,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch with "
             "torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        for name in tracer.stowed:  # the GraphModule holds them now; leave the user's model as it was
+            if name in vars(model):
+                delattr(model, name)
 
 
 def _validate(model: nn.Module) -> None:

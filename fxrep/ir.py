@@ -254,7 +254,7 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    value = value.clone()
+    value = value.clone(memory_format=torch.contiguous_format)  # also densifies expanded (stride-0) tensors
     if value.is_floating_point():
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:

@@ -23,6 +23,10 @@ def _state_snapshot(model: nn.Module):
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
 
 
+def _attribute_names(model: nn.Module) -> dict:
+    return {name: set(vars(m)) for name, m in model.named_modules()}
+
+
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     """max |expected - actual| / max |expected| (computed in float64)."""
     e, a = expected.detach().double(), actual.detach().double()
@@ -44,7 +48,7 @@ def assert_fused_equivalent(model: nn.Module, inputs, *, fused=None, rtol: float
                             patterns=None, check_unchanged: bool = True) -> torch.fx.GraphModule:
     """Fuse ``model`` (unless ``fused`` is given), run both on ``inputs`` and raise EquivalenceError when
     max |y - y_fused| / max |y| exceeds ``rtol`` (default by dtype: float32 1e-5, float64 1e-10, fp16 1e-2,
-    bf16 2e-2). Also checks that fusing left ``model``'s parameters and buffers untouched. Returns the fused
+    bf16 2e-2). Also checks that fusing left ``model``'s parameters, buffers and attributes untouched. Returns the fused
     GraphModule."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
@@ -52,6 +56,7 @@ def assert_fused_equivalent(model: nn.Module, inputs, *, fused=None, rtol: float
         if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.dtype in (torch.long, torch.int)):
             raise InputError(f"inputs of dtype {t.dtype} are not supported; use a float tensor")
     snapshot = _state_snapshot(model) if check_unchanged else None
+    attributes = _attribute_names(model) if check_unchanged else None
     if fused is None:
         from .engine import fuse
 
@@ -62,6 +67,11 @@ def assert_fused_equivalent(model: nn.Module, inputs, *, fused=None, rtol: float
             if k not in after or not torch.equal(after[k].detach(), v):
                 raise EquivalenceError(f"fusing modified the input model: '{k}' changed. fxrep must build new "
                                        "tensors, never edit the user's in place.")
+        for name, names in _attribute_names(model).items():
+            added = names - attributes.get(name, names)
+            if added:
+                raise EquivalenceError(f"fusing modified the input model: module '{name}' has new attributes "
+                                       f"{sorted(added)}. Tracing must leave the user's modules as they were.")
     with torch.no_grad():
         try:
             expected = _outputs(model(*inputs))

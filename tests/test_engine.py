@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxrep
+from fxrep.models.registry import _create
 from fxrep.testing import GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, make_inputs
 
 
@@ -167,3 +168,15 @@ def test_regression_single_branch_without_bias_reaches_a_fixed_point():
     # found by hypothesis: a zero scalar bias was emitted as `+ 0.0` and re-merged forever
     model = GeneratedMlpBlock(MlpSpec(dim=2, hidden=1, branches=1, bias=False, layerscale=False, lam=1.0))
     assert_fused_equivalent(model, make_inputs(2, torch.float32))
+
+
+def test_tracing_leaves_no_constants_on_the_users_model():
+    # fx stows tensors made during tracing, here (1 - lam), as attributes of the traced root
+    model = _create("fxrep_deit_tiny_d12b1", branches=2, depth=1, embed_dim=16, num_heads=2, num_classes=3,
+                    img_size=16, patch_size=8).eval()
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    gm = fxrep.trace(model)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before
+    assert any(n.op == "get_attr" and "_tensor_constant" in n.target for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

@@ -54,7 +54,12 @@ f64 = torch.float64
 
 
 class Affine:
-    """``sum_k terms[base_k] @ base_k + bias`` (see module docstring)."""
+    """``sum_k terms[base_k] @ base_k + bias`` (see module docstring).
+
+    Terms are float64, except the weight of a Linear whose form is just that Linear: it stays in the model's
+    dtype (exactly representable in float64) until arithmetic needs it, through ``_exact64``. Most Linears
+    are never merged, and converting every weight of a large model each analysis would dominate fuse time.
+    """
 
     __slots__ = ("terms", "bias", "dtype", "zeros")
 
@@ -75,7 +80,12 @@ class Affine:
         return None
 
 
+def _exact64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == f64 else t.to(f64)
+
+
 def _add_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    a, b = _exact64(a), _exact64(b)
     if a.dim() > b.dim():
         a, b = b, a
     if b.dim() <= 1:
@@ -101,16 +111,53 @@ def _add_bias(a, b):
     return a + b
 
 
-def plus(x: Affine, y: Affine, sign: float = 1.0) -> Affine | None:
+class TermCache:
+    """Float64 term arithmetic memoized by operand identity, for one analysis.
+
+    The stop-node fixed point evaluates forms more than once; when a node becomes a stop node, the forms
+    downstream of it change, but their matrix sums and scalings (the expensive part) do not. Operands are
+    kept alive with the results, so an ``id`` is never reused while the cache lives."""
+
+    def __init__(self):
+        self._results: dict = {}
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        key = ("add", id(a), id(b))
+        if key not in self._results:
+            self._results[key] = (a, b, _add_terms(a, b))
+        return self._results[key][2]
+
+    def scale(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = ("scale", id(t), tuple(c.shape), c.numpy().tobytes())
+        if key not in self._results:
+            t64 = _exact64(t)
+            self._results[key] = (t, c * t64 if c.dim() == 0 or t.dim() <= 1 else c[:, None] * t64)
+        return self._results[key][1]
+
+
+def _add_known_zero(a, b, a_zero: bool, b_zero: bool):
+    """``a + b`` without arithmetic when one of two same-shape terms is known to be exactly zero."""
+    if a.shape != b.shape:
+        return None
+    if a_zero:
+        return b
+    if b_zero:
+        return a
+    return None
+
+
+def plus(x: Affine, y: Affine, sign: float = 1.0, cache: TermCache | None = None) -> Affine | None:
     sx, sy = x.out_size(), y.out_size()
     if sx is not None and sy is not None and sx != sy:
         return None  # would broadcast along the channel dim
     terms = dict(x.terms)
     for node, t in y.terms.items():
         if sign != 1.0:
-            t = t * sign
+            t = _exact64(t) * sign
         if node in terms:
-            merged = _add_terms(terms[node], t)
+            merged = _add_known_zero(terms[node], t, node in x.zeros, node in y.zeros)
+            if merged is None:
+                merged = cache.add(terms[node], t) if cache is not None else _add_terms(terms[node], t)
             if merged is None:
                 return None
             terms[node] = merged
@@ -131,16 +178,18 @@ def shifted(x: Affine, c: torch.Tensor) -> Affine | None:
     return None if bias is None else Affine(dict(x.terms), bias, x.dtype, x.zeros)
 
 
-def scaled(x: Affine, c: torch.Tensor) -> Affine | None:
+def scaled(x: Affine, c: torch.Tensor, cache: TermCache | None = None) -> Affine | None:
     s = x.out_size()
     if c.dim() == 1 and s is not None and c.shape[0] != s:
         return None
     terms = {}
     for node, t in x.terms.items():
-        if c.dim() == 0 or t.dim() <= 1:
-            terms[node] = c * t
+        if c.dim() == 0 and float(c) == 1.0:
+            terms[node] = t  # 1.0 * t == t bitwise
+        elif c.dim() == 0 and float(c) == 0.0 and t.dim() == 2 and bool(torch.isfinite(t).all()):
+            terms[node] = torch.zeros((), dtype=f64).expand(t.shape)  # 0 * finite == 0, no copy
         else:
-            terms[node] = c[:, None] * t
+            terms[node] = (cache or TermCache()).scale(c, t)
     bias = None if x.bias is None else c * x.bias
     zeros = set(x.zeros)
     if not bool(c.all()):  # only a zero factor makes new zero terms
@@ -151,6 +200,7 @@ def scaled(x: Affine, c: torch.Tensor) -> Affine | None:
 def composed(weight: torch.Tensor, bias: torch.Tensor | None, x: Affine) -> Affine | None:
     """``linear(x, W, b)`` where x has exactly one term."""
     (node, t), = x.terms.items()
+    t = _exact64(t)
     w = weight.detach().to(f64)
     if t.dim() == 0:
         new = w * t
@@ -190,6 +240,7 @@ class AffineAnalysis:
         self._memo = {} if memo is None else memo
         for n in [n for n in self._memo if n not in self.order]:
             del self._memo[n]  # erased nodes: their forms can never be asked for again
+        self._cache = TermCache()
         stop: set = set()
         for _ in range(20):
             forms, through = self._forms(graph, stop)
@@ -200,6 +251,7 @@ class AffineAnalysis:
             if new_stop == stop:
                 break
             stop = new_stop
+        del self._cache  # the forms keep what they use; drop the rest
         self.forms, self.through, self.stop = forms, through, stop
         self.regions = self._regions()
         self.region_at = {region["stops"][0]: region for region in self.regions}
@@ -252,7 +304,7 @@ class AffineAnalysis:
                         operand(n, a)
                         return f
             b = None if lin.bias is None else lin.bias.detach().to(f64)
-            return Affine({a: lin.weight.detach().to(f64)}, b, lin.weight.dtype)
+            return Affine({a: lin.weight.detach()}, b, lin.weight.dtype)  # converted when needed
 
         op = _arith_kind(n)
         if op is None:
@@ -265,7 +317,7 @@ class AffineAnalysis:
             return None
         if op == "neg":
             x = operand(n, args[0], dtype)
-            return scaled(x, torch.tensor(-1.0, dtype=f64)) if isinstance(x, Affine) else None
+            return scaled(x, torch.tensor(-1.0, dtype=f64), self._cache) if isinstance(x, Affine) else None
         if len(args) != 2 or set(n.kwargs) - {"alpha"}:
             return None
         x, y = operand(n, args[0], dtype), operand(n, args[1], dtype)
@@ -275,27 +327,27 @@ class AffineAnalysis:
             alpha = scalar_or_channel(n.kwargs["alpha"])
             if alpha is None or alpha.dim() != 0 or op not in ("add", "sub"):
                 return None
-            y = scaled(y, alpha) if isinstance(y, Affine) else y * alpha
+            y = scaled(y, alpha, self._cache) if isinstance(y, Affine) else y * alpha
         if op in ("add", "sub"):
             sign = 1.0 if op == "add" else -1.0
             if isinstance(x, Affine) and isinstance(y, Affine):
-                return plus(x, y, sign)
+                return plus(x, y, sign, self._cache)
             if isinstance(x, Affine):
                 return shifted(x, y * sign)
             if isinstance(y, Affine):
-                f = scaled(y, torch.tensor(sign, dtype=f64))
+                f = scaled(y, torch.tensor(sign, dtype=f64), self._cache)
                 return shifted(f, x) if f is not None else None
             return None
         if op == "mul":
             if isinstance(x, Affine) and not isinstance(y, Affine):
-                return scaled(x, y)
+                return scaled(x, y, self._cache)
             if isinstance(y, Affine) and not isinstance(x, Affine):
-                return scaled(y, x)
+                return scaled(y, x, self._cache)
             return None
         if op == "div" and isinstance(x, Affine) and not isinstance(y, Affine):
             if bool((y == 0).any()):
                 return None
-            return scaled(x, 1.0 / y)
+            return scaled(x, 1.0 / y, self._cache)
         return None
 
     # -- regions -------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ def _describe(n: fx.Node) -> str:
 class Probe:
     """Evaluates small parts of the graph on probe tensors (shape arithmetic included)."""
 
-    def __init__(self, gm: fx.GraphModule, x: fx.Node, x_value: torch.Tensor, order: dict):
+    def __init__(self, gm: fx.GraphModule, x: fx.Node, x_value: torch.Tensor, order: dict, constants: dict):
         self.gm, self.env, self.order = gm, {}, order
+        self.constants = constants  # get_attr node -> float64 value, shared by the probes of one analysis
         # tensors whose *shape* equals x's: x and the inputs of LayerNorms that produced it
         self.shape_sources = {}
         n = x
@@ -145,8 +146,10 @@ class Probe:
         if a in env:
             return env[a]
         if a.op == "get_attr":
-            t = fetch_attr(self.gm, a.target)
-            return t.detach().to(f64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            if a not in self.constants:
+                t = fetch_attr(self.gm, a.target)
+                self.constants[a] = t.detach().to(f64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            return self.constants[a]
         if a in self.shape_sources:
             return self.shape_sources[a]
         if (a.op == "call_function" and a.target in _AUX_FUNCTIONS) or \
@@ -366,6 +369,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
     results: dict = {}
     lifted: dict = {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    shared = {"constants": {}, "verified": {}}
     for n in gm.graph.nodes:
         is_sdpa = n.op == "call_function" and n.target in SDPA_TARGETS
         is_pv = ((n.op == "call_function" and n.target in MATMUL_TARGETS) or
@@ -375,7 +379,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
         if not (is_sdpa or is_pv):
             continue
         try:
-            lifted[n] = _lift(gm, Candidate(n), order)
+            lifted[n] = _lift(gm, Candidate(n), order, shared)
         except NotAttention as e:
             results[n] = Skip([n], str(e))
     _check_closure(lifted, results)
@@ -385,7 +389,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
     return results
 
 
-def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
+def _lift(gm: fx.GraphModule, cand: Candidate, order: dict, shared: dict) -> dict:
     x = cand.value.linear.input
     for _, q, k, _ in cand.logits.terms.values():
         if q.linear.input is not x or k.linear.input is not x:
@@ -394,7 +398,7 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
     d = cand.value.linear.weight.shape[1]
     shape = tuple(x_meta.shape) if x_meta is not None and len(x_meta.shape) == 3 else (PROBE_BATCH, PROBE_TOKENS, d)
     x_shape_probe = torch.zeros(shape, dtype=f64)
-    probe = Probe(gm, x, x_shape_probe, order)
+    probe = Probe(gm, x, x_shape_probe, order, shared["constants"])
 
     vmap = _decode_heads(cand.value, probe, x_shape_probe, transposed=False)
     H, dv = vmap.shape
@@ -430,8 +434,10 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
 
     def gather(lin, index, factor=1.0):
         """Rows ``index`` (heads, d) of the Linear's weight and bias, in float64, times ``factor``."""
-        w = lin.weight.detach()[index].to(f64) * factor
-        b = lin.bias.detach()[index].to(f64) * factor if lin.bias is not None else None
+        w = lin.weight.detach()[index].to(f64)
+        b = lin.bias.detach()[index].to(f64) if lin.bias is not None else None
+        if factor != 1.0:  # x * 1.0 == x bitwise: skip the copy
+            w, b = w * factor, (b * factor if b is not None else None)
         return w, b
 
     def stack(parts):  # (H, d_t, ...) per term -> head-major rows: head, then term, then feature
@@ -454,7 +460,7 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
         "v_weight": vw.flatten(0, 1), "v_bias": vb.flatten(0, 1) if vb is not None else None,
     }
     nodes = cand.nodes() | set(out_nodes)
-    _verify(gm, probe, cand, x, nodes, z, params, H, shape)
+    _verify(probe, x, nodes, z, params, H, shape, shared["verified"])
     dtype = cand.value.linear.weight.dtype
     width = sum(qmap.shape[1] for _, _, _, qmap, _, _ in terms)
     kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
@@ -464,12 +470,19 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict) -> dict:
             "summary": f"{kind} attention, {H} heads (q/k width {width}, v width {dv}) -> multi_head_attention"}
 
 
-def _verify(gm, probe, cand, x, nodes, z, params, H, shape):
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1234)
-    x_value = torch.randn(shape, dtype=f64, generator=gen)
+def _verify(probe, x, nodes, z, params, H, shape, verified: dict):
+    """Evaluate the original subgraph and the lifted op in float64 on one random input; they must agree.
+    ``verified`` keeps the values computed on that input per (x, shape), so branches that share nodes (the
+    joined logits read every branch's q/k) evaluate them once."""
+    key = (x, shape)
+    if key not in verified:
+        gen = torch.Generator().manual_seed(1234)
+        x_value = torch.randn(shape, dtype=f64, generator=gen)
+        verified[key] = {x: x_value}
+    env = verified[key]
+    x_value = env[x]
     probe.shape_sources = {k: x_value for k in probe.shape_sources}
-    env = probe.run(nodes - {x}, {x: x_value})
+    env.update(probe.run(nodes - env.keys(), env))
     expected = env[z]
     actual = reference_attention(x_value, params, H)
     err = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1e-30)
