@@ -1,6 +1,7 @@
 """The identities of docs/reparam-math.md as pure float64 tensor functions (no graphs here).
 
-Every function takes and returns float64 tensors; callers cast back to the model dtype once, at the end.
+Every function returns float64 tensors (but ``place_columns``, which only moves data); callers cast back to the
+model dtype once, at the end.
 Missing biases are passed as None and come back as None when the result has no bias either.
 """
 
@@ -50,10 +51,11 @@ def place_columns(weight, total: int, columns: torch.Tensor):
     """A (out, total) matrix that reads ``weight``'s input columns at the given positions, zeros elsewhere.
 
     Used to re-point a Linear that read one branch's hidden units at the same units inside a widened op;
-    the zero columns contribute exactly nothing.
+    the zero columns contribute exactly nothing. Pure data movement, so unlike the rest of this module it
+    keeps ``weight``'s dtype (no float64 round trip for the largest matrices of a widened model).
     """
-    w = as64(weight)
-    out = torch.zeros(w.shape[0], total, dtype=f64)
+    w = weight.detach()
+    out = torch.zeros(w.shape[0], total, dtype=w.dtype)
     out[:, columns] = w
     return out
 

@@ -237,11 +237,12 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).contiguous().view(bits), b.reshape(-1).contiguous().view(bits))
 
 
-def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
+def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, owned: bool = False) -> str:
     """Register ``tensor`` on ``gm`` under a fresh, readable attribute name and return that name.
 
     A tensor bitwise equal to one fxrep registered before gets that one's name: identical merged weights
-    then give identical nodes, which common-subexpression elimination merges.
+    then give identical nodes, which common-subexpression elimination merges. The tensor is copied unless
+    ``owned`` says the caller made it for this purpose and holds no other reference to it.
     """
     cache = gm.meta.setdefault("fxrep_constants", {})
     value = tensor.detach()
@@ -254,7 +255,8 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    value = value.clone(memory_format=torch.contiguous_format)  # also densifies expanded (stride-0) tensors
+    if not owned or not value.is_contiguous():
+        value = value.clone(memory_format=torch.contiguous_format)  # also densifies expanded (stride-0) tensors
     if value.is_floating_point():
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
@@ -263,28 +265,38 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
     return name
 
 
-def const_node(graph: fx.Graph, tensor: torch.Tensor, hint: str) -> fx.Node:
+def const_node(graph: fx.Graph, tensor: torch.Tensor, hint: str, owned: bool = False) -> fx.Node:
     gm = graph.owning_module
-    name = add_constant(gm, tensor, hint)
+    name = add_constant(gm, tensor, hint, owned)
     return graph.get_attr(name)
 
 
 def emit_linear(graph: fx.Graph, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
                 dtype: torch.dtype, hint: str, origins=()) -> fx.Node:
     """``F.linear(x, weight, bias)`` with new constants cast to ``dtype`` (algebra was done in float64)."""
-    w = const_node(graph, weight.to(dtype), hint + "_weight")
-    b = const_node(graph, bias.to(dtype), hint + "_bias") if bias is not None else None
+    w = const_node(graph, weight.to(dtype, copy=True), hint + "_weight", owned=True)
+    b = const_node(graph, bias.to(dtype, copy=True), hint + "_bias", owned=True) if bias is not None else None
     node = graph.call_function(F.linear, (x, w, b))
     node.meta["fxrep_origin"] = tuple(origins)
     return node
 
 
 def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dtype: torch.dtype,
-                   hint: str, origins=()) -> fx.Node:
+                   hint: str, origins=(), emitted: dict | None = None) -> fx.Node:
+    """A ``multi_head_attention`` node. ``emitted`` (id of a float64 param -> (param, attribute name)) lets
+    several calls that share param tensors register each one once."""
     args = [x]
+    emitted = {} if emitted is None else emitted
     for key in ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias"):
         t = params.get(key)
-        args.append(const_node(graph, t.to(dtype), f"{hint}_{key}") if t is not None else None)
+        if t is None:
+            args.append(None)
+        elif id(t) in emitted and hasattr(graph.owning_module, emitted[id(t)][1]):
+            args.append(graph.get_attr(emitted[id(t)][1]))
+        else:
+            node = const_node(graph, t.to(dtype, copy=True), f"{hint}_{key}", owned=True)
+            emitted[id(t)] = (t, node.target)
+            args.append(node)
     node = graph.call_function(multi_head_attention, tuple(args), {"num_heads": int(num_heads)})
     node.meta["fxrep_origin"] = tuple(origins)
     return node

@@ -23,10 +23,11 @@ def multi_head_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias
     return o.transpose(-3, -2).flatten(-2)
 
 
-def reference_attention(x: torch.Tensor, params: dict, num_heads: int) -> torch.Tensor:
-    """The same computation written with an explicit softmax, used to verify lifts in float64."""
+def reference_attention(x: torch.Tensor, params: dict, num_heads: int, project=F.linear) -> torch.Tensor:
+    """The same computation written with an explicit softmax, used to verify lifts in float64.
+    ``project(x, w, b)`` computes the q/k/v projections (a caller may memoize them)."""
     def split(w, b):
-        return F.linear(x, w, b).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+        return project(x, w, b).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
 
     q = split(params["q_weight"], params.get("q_bias"))
     k = split(params["k_weight"], params.get("k_bias"))

@@ -369,7 +369,7 @@ def _analyze(gm: fx.GraphModule) -> dict:
     results: dict = {}
     lifted: dict = {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    shared = {"constants": {}, "verified": {}}
+    shared = {"constants": {}, "verified": {}, "qk": {}, "emitted": {}}
     for n in gm.graph.nodes:
         is_sdpa = n.op == "call_function" and n.target in SDPA_TARGETS
         is_pv = ((n.op == "call_function" and n.target in MATMUL_TARGETS) or
@@ -443,22 +443,25 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict, shared: dict) -> dic
     def stack(parts):  # (H, d_t, ...) per term -> head-major rows: head, then term, then feature
         return torch.cat(parts, dim=1).flatten(0, 1)
 
-    qw, qb, kw, kb = [], [], [], []
-    for _, c, q, qmap, k, kmap in terms:
-        for lin, index, factor, ws, bs in ((q.linear, qmap[heads], c * scale, qw, qb),
-                                           (k.linear, kmap[heads], 1.0, kw, kb)):
-            w, b = gather(lin, index, factor)
-            ws.append(w)
-            bs.append(b if b is not None else torch.zeros(w.shape[:2], dtype=f64))
-    has_qb = any(q.linear.bias is not None for _, _, q, _, _, _ in terms)
-    has_kb = any(k.linear.bias is not None for _, _, _, _, k, _ in terms)
+    # joined branches share their logits: build their q/k weights once (the same tensors for all of them)
+    qk_key = (tuple(order), scale) + tuple((m, c, q.linear.node, k.linear.node, qmap.numpy().tobytes(),
+                                            kmap.numpy().tobytes()) for m, c, q, qmap, k, kmap in terms)
+    if qk_key not in shared["qk"]:
+        qw, qb, kw, kb = [], [], [], []
+        for _, c, q, qmap, k, kmap in terms:
+            for lin, index, factor, ws, bs in ((q.linear, qmap[heads], c * scale, qw, qb),
+                                               (k.linear, kmap[heads], 1.0, kw, kb)):
+                w, b = gather(lin, index, factor)
+                ws.append(w)
+                bs.append(b if b is not None else torch.zeros(w.shape[:2], dtype=f64))
+        has_qb = any(q.linear.bias is not None for _, _, q, _, _, _ in terms)
+        has_kb = any(k.linear.bias is not None for _, _, _, _, k, _ in terms)
+        shared["qk"][qk_key] = {"q_weight": stack(qw), "q_bias": stack(qb) if has_qb else None,
+                                "k_weight": stack(kw), "k_bias": stack(kb) if has_kb else None}
     vw, vb = gather(cand.value.linear, torch.stack([vmap[h][feats[hp]] for hp, h in enumerate(order)]),
                     cand.value.factor)
-    params = {
-        "q_weight": stack(qw), "q_bias": stack(qb) if has_qb else None,
-        "k_weight": stack(kw), "k_bias": stack(kb) if has_kb else None,
-        "v_weight": vw.flatten(0, 1), "v_bias": vb.flatten(0, 1) if vb is not None else None,
-    }
+    params = dict(shared["qk"][qk_key],
+                  v_weight=vw.flatten(0, 1), v_bias=vb.flatten(0, 1) if vb is not None else None)
     nodes = cand.nodes() | set(out_nodes)
     _verify(probe, x, nodes, z, params, H, shape, shared["verified"])
     dtype = cand.value.linear.weight.dtype
@@ -466,6 +469,7 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict, shared: dict) -> dic
     kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
     linears = sorted({n for n in nodes if as_linear(n) is not None}, key=probe.order.__getitem__)
     return {"x": x, "z": z, "params": params, "heads": H, "dtype": dtype, "nodes": nodes, "terms": terms,
+            "emitted": shared["emitted"],
             "qk_width": width, "origins": merge_origins(linears),
             "summary": f"{kind} attention, {H} heads (q/k width {width}, v width {dv}) -> multi_head_attention"}
 
@@ -484,7 +488,14 @@ def _verify(probe, x, nodes, z, params, H, shape, verified: dict):
     probe.shape_sources = {k: x_value for k in probe.shape_sources}
     env.update(probe.run(nodes - env.keys(), env))
     expected = env[z]
-    actual = reference_attention(x_value, params, H)
+    projections = verified.setdefault(("projections",) + key, {})
+
+    def project(x, w, b):  # joined branches share q/k weights: project x with them once
+        if (id(w), id(b)) not in projections:
+            projections[id(w), id(b)] = (w, b, torch.nn.functional.linear(x, w, b))
+        return projections[id(w), id(b)][2]
+
+    actual = reference_attention(x_value, params, H, project)
     err = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1e-30)
     if not err <= 1e-9:
         raise NotAttention(f"recognized attention did not verify numerically (rel. error {err:.2g})")
@@ -547,6 +558,6 @@ class LiftAttention:
         lift = match.data
         with ctx.graph.inserting_before(lift["z"]):
             new = emit_attention(ctx.graph, ctx.resolve(lift["x"]), lift["params"], lift["heads"], lift["dtype"],
-                                 lift["z"].name + "_attn", lift["origins"])
+                                 lift["z"].name + "_attn", lift["origins"], lift["emitted"])
         ctx.replace_node(lift["z"], new)
         return {"heads": lift["heads"]}
