@@ -150,58 +150,57 @@ def _heads(att):
     return h, att["q_weight"].shape[0] // h, att["v_weight"].shape[0] // h
 
 
+def _head_blocks(att, p: str, width: int | None = None):
+    """(heads, rows, d) weight and (heads, rows) bias of projection ``p`` ('q', 'k' or 'v'), each head's rows
+    zero-padded to ``width``; the bias is None when the op has none."""
+    H = att["num_heads"]
+    w = att[f"{p}_weight"].detach()
+    w = w.reshape(H, -1, w.shape[-1])
+    b = att[f"{p}_bias"]
+    b = b.detach().reshape(H, -1) if b is not None else None
+    pad = 0 if width is None else width - w.shape[1]
+    if pad:
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+        b = torch.nn.functional.pad(b, (0, pad)) if b is not None else None
+    return w, b
+
+
+def _concat_heads(blocks, dim: int):
+    """Concatenate (weight, bias) head blocks along ``dim`` (0: more heads, 1: wider heads), then flatten to
+    head-major rows. A missing bias is zeros when another block has one."""
+    w = torch.cat([w for w, _ in blocks], dim)
+    if all(b is None for _, b in blocks):
+        return w.flatten(0, 1), None
+    b = torch.cat([b if b is not None else w_.new_zeros(w_.shape[:2]) for w_, b in blocks], dim)
+    return w.flatten(0, 1), b.flatten(0, 1)
+
+
 def _merge_heads(atts, mode: str):
-    """Per-head blocks of the merged attention op, and where branch i's output columns land in it."""
-    H0, _, _ = _heads(atts[0])
+    """Params of the merged attention op, and where branch i's output columns land in it.
+
+    Only concatenation and zero padding: done in the weights' dtype, no float64 round trip.
+    collapse: the ops share q/k (joined logits); each head's values are the concatenation of theirs.
+    widen: the heads of all ops side by side, q/k and v head widths zero-padded to the largest."""
+    if mode == "collapse":
+        H = atts[0]["num_heads"]
+        dv = [_heads(a)[2] for a in atts]
+        offsets = [sum(dv[:i]) for i in range(len(atts))]
+        columns = [torch.cat([torch.arange(h * sum(dv) + off, h * sum(dv) + off + dvi) for h in range(H)])
+                   for off, dvi in zip(offsets, dv)]
+        v_weight, v_bias = _concat_heads([_head_blocks(a, "v") for a in atts], 1)
+        params = {key: atts[0][key] for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
+        params.update(v_weight=v_weight, v_bias=v_bias)
+        return params, H, columns, H * sum(dv)
     dqk = max(_heads(a)[1] for a in atts)
     dv = max(_heads(a)[2] for a in atts)
-    d = atts[0]["q_weight"].shape[1]
-    blocks = {p: ([], []) for p in "qkv"}
-    columns = []
-    if mode == "collapse":
-        dv_total = sum(_heads(a)[2] for a in atts)
-        cols = [[] for _ in atts]
-        for h in range(H0):
-            off = 0
-            for i, a in enumerate(atts):
-                _, _, dvi = _heads(a)
-                cols[i].append(torch.arange(h * dv_total + off, h * dv_total + off + dvi))
-                off += dvi
-        columns = [torch.cat(c) for c in cols]
-        for p in "qk":
-            w, b = algebra.head_rows(atts[0][f"{p}_weight"], atts[0][f"{p}_bias"], H0)
-            blocks[p] = (list(w), list(b) if b is not None else [None] * H0)
-        for h in range(H0):
-            ws, bs = [], []
-            for a in atts:
-                w, b = algebra.head_rows(a["v_weight"], a["v_bias"], H0)
-                ws.append(w[h])
-                bs.append(b[h] if b is not None else torch.zeros(w.shape[1], dtype=torch.float64))
-            blocks["v"][0].append(torch.cat(ws))
-            blocks["v"][1].append(torch.cat(bs))
-        heads = H0
-    else:
-        heads = 0
-        for a in atts:
-            H, _, dvi = _heads(a)
-            for p, width in (("q", dqk), ("k", dqk), ("v", dv)):
-                w, b = algebra.head_rows(a[f"{p}_weight"], a[f"{p}_bias"], H)
-                for h in range(H):
-                    wp = torch.zeros(width, d, dtype=torch.float64)
-                    bp = torch.zeros(width, dtype=torch.float64)
-                    wp[: w.shape[1]] = w[h]
-                    if b is not None:
-                        bp[: b.shape[1]] = b[h]
-                    blocks[p][0].append(wp)
-                    blocks[p][1].append(bp)
-            columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
-            heads += H
-    params = {}
-    for p in "qkv":
-        w, b = algebra.join_head_rows(*blocks[p])
-        params[f"{p}_weight"], params[f"{p}_bias"] = w, b
-    total = heads * (dv_total if mode == "collapse" else dv)
-    return params, heads, columns, total
+    params, columns, heads = {}, [], 0
+    for p, width in (("q", dqk), ("k", dqk), ("v", dv)):
+        params[f"{p}_weight"], params[f"{p}_bias"] = _concat_heads([_head_blocks(a, p, width) for a in atts], 0)
+    for a in atts:
+        H, _, dvi = _heads(a)
+        columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
+        heads += H
+    return params, heads, columns, heads * dv
 
 
 def _same_logits(a, b) -> bool:
