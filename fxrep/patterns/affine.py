@@ -28,6 +28,8 @@ After::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -191,7 +193,8 @@ def scaled(x: Affine, c: torch.Tensor, cache: TermCache | None = None) -> Affine
     for node, t in x.terms.items():
         if c.dim() == 0 and float(c) == 1.0:
             terms[node] = t  # 1.0 * t == t bitwise
-        elif c.dim() == 0 and float(c) == 0.0 and t.dim() == 2 and bool(torch.isfinite(t).all()):
+        elif c.dim() == 0 and float(c) == 0.0 and t.dim() == 2 and math.isfinite(float(t.sum())):
+            # (a finite sum means every element is finite; an overflowing sum only costs the fast path)
             terms[node] = torch.zeros((), dtype=f64).expand(t.shape)  # 0 * finite == 0, no copy
         else:
             terms[node] = (cache or TermCache()).scale(c, t)

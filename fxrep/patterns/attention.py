@@ -369,7 +369,9 @@ def _analyze(gm: fx.GraphModule) -> dict:
     results: dict = {}
     lifted: dict = {}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    shared = {"constants": {}, "verified": {}, "qk": {}, "emitted": {}}
+    # what the lifts of one analysis share: float64 constants, decoded head layouts, verification values,
+    # q/k params of joined branches and the constants registered for them
+    shared = {"constants": {}, "heads": {}, "verified": {}, "qk": {}, "emitted": {}}
     for n in gm.graph.nodes:
         is_sdpa = n.op == "call_function" and n.target in SDPA_TARGETS
         is_pv = ((n.op == "call_function" and n.target in MATMUL_TARGETS) or
@@ -400,7 +402,13 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict, shared: dict) -> dic
     x_shape_probe = torch.zeros(shape, dtype=f64)
     probe = Probe(gm, x, x_shape_probe, order, shared["constants"])
 
-    vmap = _decode_heads(cand.value, probe, x_shape_probe, transposed=False)
+    def decode(chain, transposed):  # joined branches read each other's q/k: decode each chain once
+        key = (chain.end, transposed, x, shape)
+        if key not in shared["heads"]:
+            shared["heads"][key] = _decode_heads(chain, probe, x_shape_probe, transposed)
+        return shared["heads"][key]
+
+    vmap = decode(cand.value, False)
     H, dv = vmap.shape
     terms = []
     order_of = order
@@ -408,8 +416,8 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict, shared: dict) -> dic
     for matmul, (coef, q, k, k_transposed) in sorted(cand.logits.terms.items(), key=lambda kv: order_of[kv[0]]):
         if coef == 0.0:
             continue  # a joined branch's own logits at lam == 1 (finite logits: 0 * S == 0 exactly)
-        qmap = _decode_heads(q, probe, x_shape_probe, transposed=False)
-        kmap = _decode_heads(k, probe, x_shape_probe, transposed=k_transposed)
+        qmap = decode(q, False)
+        kmap = decode(k, k_transposed)
         if qmap.shape[0] != H or kmap.shape != qmap.shape:
             raise NotAttention("q, k and v have different head counts or q/k widths")
         terms.append((matmul, coef * q.factor * k.factor, q, qmap, k, kmap))
