@@ -216,9 +216,16 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
 
 
 def _cleanup(ctx: FuseContext) -> None:
-    ctx.graph.eliminate_dead_code()
-    ctx.graph.lint()
+    _eliminate_dead_code(ctx.graph)
     ctx.invalidate()
+
+
+def _eliminate_dead_code(graph: fx.Graph) -> None:
+    """``Graph.eliminate_dead_code`` without its lint and with the purity check only for unused nodes:
+    the same result, in a fraction of the time on large graphs (run_patterns lints once per phase)."""
+    for node in reversed(graph.nodes):
+        if not node.users and not node.is_impure():
+            graph.erase_node(node)
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
@@ -246,6 +253,7 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
             for s in seen:
                 skips.setdefault((s.pattern, s.reason, s.origins), s)
             if not applied:
+                ctx.graph.lint()  # a pattern that broke the graph is caught at the end of its phase
                 break
         else:
             raise FxrepError(f"phase {phase!r} did not reach a fixed point in {MAX_SWEEPS} sweeps; "
