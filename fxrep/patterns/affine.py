@@ -87,10 +87,6 @@ def _exact64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _add_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    if a.dim() == 2 and b.dim() == 2:
-        # float64 + float32 promotes to float64 (the float32 operand is converted exactly, element by
-        # element): bitwise the same as converting first, without the extra copy
-        return _exact64(a) + b if a.shape == b.shape else None
     a, b = _exact64(a), _exact64(b)
     if a.dim() > b.dim():
         a, b = b, a
@@ -98,6 +94,8 @@ def _add_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         if a.dim() == 1 and a.shape != b.shape:
             return None
         return a + b
+    if a.dim() == 2:
+        return a + b if a.shape == b.shape else None
     # b is a matrix, a a scalar or diagonal: only a square matrix can absorb it
     if b.shape[0] != b.shape[1] or (a.dim() == 1 and a.shape[0] != b.shape[0]):
         return None
@@ -134,11 +132,8 @@ class TermCache:
     def scale(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         key = ("scale", id(t), tuple(c.shape), c.numpy().tobytes())
         if key not in self._results:
-            if t.dim() == 2:  # c as a dimensioned float64 tensor promotes t exactly (a 0-d c would not)
-                product = (c.reshape(1, 1) if c.dim() == 0 else c[:, None]) * t
-            else:
-                product = c * _exact64(t)
-            self._results[key] = (t, product)
+            t64 = _exact64(t)  # (converting first is faster than a mixed-dtype multiply)
+            self._results[key] = (t, c * t64 if c.dim() == 0 or t.dim() <= 1 else c[:, None] * t64)
         return self._results[key][1]
 
 
