@@ -54,11 +54,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cases = [("MLP model (target < 1 s)", "mlp", 192, 0, 12, 4)]
-    depths = [3, 12] if args.quick else [3, 6, 12, 24]
+    depths = [3, 12] if args.quick else [3, 6, 12, 24, 48]
     for d in depths:
         cases.append((f"DeiT-Tiny width{' (target < 1 s)' if d == 3 else ''}", "vit", 192, 3, d, 4))
     for b in ([1, 8] if args.quick else [1, 2, 8]):
         cases.append(("DeiT-Tiny width", "vit", 192, 3, 12, b))
+    if not args.quick:
+        cases.append(("ViT-Base width", "vit", 768, 12, 3, 4))
     cases.append(("ViT-Base width (target < 5 s)", "vit", 768, 12, 12, 4))
     rows, points = [], []
     for label, kind, width, heads, depth, branches in cases:

@@ -65,11 +65,3 @@ def head_rows(weight, bias, num_heads: int):
     w = as64(weight).reshape(num_heads, -1, weight.shape[-1])
     b = None if bias is None else as64(bias).reshape(num_heads, -1)
     return w, b
-
-
-def join_head_rows(blocks_w, blocks_b):
-    """Inverse of ``head_rows`` after per-head concatenation: lists over heads of (rows, d) blocks."""
-    w = torch.cat(list(blocks_w), 0)
-    if all(b is None for b in blocks_b):
-        return w, None
-    return w, torch.cat(list(blocks_b), 0)
