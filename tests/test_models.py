@@ -74,3 +74,14 @@ def test_branch_from_copies_consecutive_layers_into_branches():
     assert len(sdpa_calls(gm)) == 3
     with pytest.raises(ValueError, match="divide"):
         branch_from(deep, depth=4)
+
+
+@pytest.mark.parametrize("name, branches", [("fxrep_deit_tiny_d6b2", 2), ("fxrep_deit_tiny_d3b4", 4)])
+def test_branched_models_start_as_the_mean_of_their_branches(name, branches):
+    small = dict(num_classes=3, img_size=16, patch_size=8, depth=1)
+    model = timm.create_model(name, **small)
+    for ls in list(model.blocks[0].ls1) + list(model.blocks[0].ls2):
+        assert torch.equal(ls.gamma.detach(), torch.full((192,), 1.0 / branches))
+    plain = timm.create_model(name, init_values=0, **small)
+    assert all(isinstance(ls, torch.nn.Identity) for ls in plain.blocks[0].ls1)
+    assert all(isinstance(b.ls1[0], torch.nn.Identity) for b in timm.create_model("fxrep_deit_tiny_d12b1", **small).blocks)

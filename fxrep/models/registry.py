@@ -49,12 +49,16 @@ def _register(variant: str):
     name = f"fxrep_deit_tiny_{variant}"
 
     def entry(pretrained: bool = False, **kwargs):
-        args = dict(DEIT_TINY, depth=depth)
+        # LayerScale 1/B: at init a block adds the mean of its B branches, the residual update of one plain
+        # block (a sum would be B times larger). Measured on MNIST: d3b4 92.95% with it, 90.30% without
+        # (README). It folds into the fused Linears; pass init_values=0 for plain branch sums (timm drops None).
+        args = dict(DEIT_TINY, depth=depth, init_values=1.0 / branches if branches > 1 else None)
         args.update(kwargs)
         return _create(name, pretrained, branches=branches, **args)
 
     entry.__name__ = name
-    entry.__doc__ = f"DeiT-Tiny shape, {depth} blocks of {branches} parallel branches (fuses to {depth} layers)."
+    entry.__doc__ = (f"DeiT-Tiny shape, {depth} blocks of {branches} parallel branches (fuses to {depth} layers)"
+                     + (f"; LayerScale initialized to 1/{branches}." if branches > 1 else "."))
     entry.__module__ = __name__
     globals()[name] = register_model(entry)
 
