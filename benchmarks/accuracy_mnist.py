@@ -4,7 +4,7 @@ Same budget for every row (steps, batch, learning rate, seed); branched models t
 joining (lam 0 -> 1) and are then fused; the table compares accuracy before and after fuse (and how many of
 the 2,000 predictions differ), parameters, FLOPs and CPU latency (batch 1, median of interleaved runs).
 
-    python benchmarks/accuracy_mnist.py [--data ../shared/data/mnist-t10k] [--steps 600] [--out runs/accuracy]
+    python benchmarks/accuracy_mnist.py [--data ../shared/data/mnist-t10k] [--steps 500] [--out runs/accuracy]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ COMMON = dict(num_classes=10, img_size=28, patch_size=7, in_chans=1)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"))
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
