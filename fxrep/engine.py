@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dis
+import functools
 import inspect
 
 import torch
@@ -25,8 +27,30 @@ MAX_SWEEPS = 50
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@functools.lru_cache(maxsize=1024)
+def _unpack_counts(code) -> dict:
+    """Offset -> item count of every ``UNPACK_SEQUENCE`` instruction of a code object."""
+    return {i.offset: i.argval for i in dis.get_instructions(code) if i.opname == "UNPACK_SEQUENCE"}
+
+
+class _UnpackingProxy(fx.Proxy):
+    """``fx.Proxy`` whose tuple unpacking (``q, k, v = qkv.unbind(0)``, ``B, N, C = x.shape``) looks the
+    calling instruction up in a per-code-object table. fx disassembles the caller's whole code object on every
+    unpack, which was a third of the trace time of a 12-block branched ViT. Same graph as fx's."""
+
+    def __iter__(self):
+        frame = inspect.currentframe().f_back  # f_lasti: byte offset of the instruction being run
+        count = _unpack_counts(frame.f_code).get(frame.f_lasti)
+        if count is not None:
+            return (self[i] for i in range(count))
+        return self.tracer.iter(self)
+
+
 class _NamingTracer(fx.Tracer):
     """A Tracer that remembers which module it was inside, so a trace failure can name it."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _UnpackingProxy(node, self)
 
     def __init__(self):
         super().__init__()

@@ -271,20 +271,30 @@ def const_node(graph: fx.Graph, tensor: torch.Tensor, hint: str, owned: bool = F
     return graph.get_attr(name)
 
 
+def _param_node(graph: fx.Graph, t: torch.Tensor, dtype: torch.dtype, hint: str, owned: bool) -> fx.Node:
+    """A constant of ``dtype`` holding ``t``: cast (a new tensor, so owned) or, in ``dtype`` already, registered
+    as is when ``owned`` (the caller made it for this node), else copied if it is not a duplicate."""
+    if t.dtype != dtype:
+        return const_node(graph, t.to(dtype), hint, owned=True)
+    return const_node(graph, t, hint, owned=owned)
+
+
 def emit_linear(graph: fx.Graph, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
-                dtype: torch.dtype, hint: str, origins=()) -> fx.Node:
-    """``F.linear(x, weight, bias)`` with new constants cast to ``dtype`` (algebra was done in float64)."""
-    w = const_node(graph, weight.to(dtype, copy=True), hint + "_weight", owned=True)
-    b = const_node(graph, bias.to(dtype, copy=True), hint + "_bias", owned=True) if bias is not None else None
+                dtype: torch.dtype, hint: str, origins=(), owned: bool = False) -> fx.Node:
+    """``F.linear(x, weight, bias)`` with new constants cast to ``dtype`` (algebra was done in float64).
+    ``owned``: weight and bias were made by the caller for this node and are not referenced elsewhere."""
+    w = _param_node(graph, weight, dtype, hint + "_weight", owned)
+    b = _param_node(graph, bias, dtype, hint + "_bias", owned) if bias is not None else None
     node = graph.call_function(F.linear, (x, w, b))
     node.meta["fxrep_origin"] = tuple(origins)
     return node
 
 
 def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dtype: torch.dtype,
-                   hint: str, origins=(), emitted: dict | None = None) -> fx.Node:
+                   hint: str, origins=(), emitted: dict | None = None, owned=()) -> fx.Node:
     """A ``multi_head_attention`` node. ``emitted`` (id of a float64 param -> (param, attribute name)) lets
-    several calls that share param tensors register each one once."""
+    several calls that share param tensors register each one once; ``owned`` names the params the caller
+    made for this node (see ``emit_linear``)."""
     args = [x]
     emitted = {} if emitted is None else emitted
     for key in ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias"):
@@ -294,7 +304,7 @@ def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dt
         elif id(t) in emitted and hasattr(graph.owning_module, emitted[id(t)][1]):
             args.append(graph.get_attr(emitted[id(t)][1]))
         else:
-            node = const_node(graph, t.to(dtype, copy=True), f"{hint}_{key}", owned=True)
+            node = _param_node(graph, t, dtype, f"{hint}_{key}", key in owned)
             emitted[id(t)] = (t, node.target)
             args.append(node)
     node = graph.call_function(multi_head_attention, tuple(args), {"num_heads": int(num_heads)})

@@ -26,6 +26,36 @@ def test_fold_norm_affine(d, o, bias, seed):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@given(d=dims, o=dims, dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       beta_zero=st.booleans(), seed=st.integers(0, 10_000))
+def test_fold_norm_affine_in_the_model_dtype_is_the_float64_result(d, o, dtype, beta_zero, seed):
+    """The same-dtype product is bitwise the float64 product cast back; the bias shift stays float64."""
+    w, g, beta = _rand(o, d, seed=seed).to(dtype), _rand(d, seed=seed + 2).to(dtype), _rand(d, seed=seed + 3).to(dtype)
+    beta = torch.zeros_like(beta) if beta_zero else beta
+    nw, nb = algebra.fold_norm_affine(w, None, g, beta)
+    assert nw.dtype == dtype
+    want = (w.double() * g.double()[None, :]).to(dtype)
+    assert torch.equal(nw.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    if beta_zero:
+        assert nb is None  # W @ 0 == 0 exactly for a finite W: no bias to add
+    else:
+        torch.testing.assert_close(nb, w.double() @ beta.double(), rtol=1e-12, atol=1e-12)
+
+
+@given(a=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64),
+       b=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_exact_product_matches_float64_on_extreme_values(a, b, dtype):
+    """Overflow, subnormals, infinities and signed zeros: the same bits as the float64 route."""
+    n = min(len(a), len(b))
+    x, y = torch.tensor(a[:n]).to(dtype), torch.tensor(b[:n]).to(dtype)
+    got, want = algebra.exact_product(x, y), (x.double() * y.double()).to(dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    same = (got.view(bits) == want.view(bits)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), (x, y, got, want)
+
+
 @given(d=dims, o=dims, per_channel=st.booleans(), seed=st.integers(0, 10_000))
 def test_scale_rows(d, o, per_channel, seed):
     w, b, x = _rand(o, d, seed=seed), _rand(o, seed=seed + 1), _rand(3, d, seed=seed + 2)
@@ -56,3 +86,36 @@ def test_head_rows_round_trip(heads, dh, d, seed):
     hw, hb = algebra.head_rows(w, b, heads)
     assert hw.shape == (heads, dh, d) and hb.shape == (heads, dh)
     assert torch.equal(hw.flatten(0, 1), w) and torch.equal(hb.flatten(0, 1), b)
+
+
+@given(out=st.integers(1, 5), total=st.integers(1, 200), data=st.data())
+def test_place_columns_puts_each_column_where_asked(out, total, data):
+    """Any set of target columns (runs of heads, scattered, more than 64 runs), any order."""
+    width = data.draw(st.integers(1, total))
+    columns = torch.tensor(data.draw(st.permutations(range(total)))[:width])
+    if data.draw(st.booleans()):
+        columns = columns.sort().values
+    w = torch.randn(out, width, generator=torch.Generator().manual_seed(width))
+    got = algebra.place_columns(w, total, columns)
+    want = torch.zeros(out, total)
+    for j, c in enumerate(columns.tolist()):
+        want[:, c] = w[:, j]
+    assert got.dtype == w.dtype and torch.equal(got, want)
+
+
+@given(dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), per_row=st.booleans(),
+       c=st.sampled_from([0.5, 0.25, 1 / 3, 0.1, -2.0, 1e-3]), seed=st.integers(0, 10_000))
+def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, seed):
+    """merge_affine scales a weight in its own dtype only when that is the float64 result: the factor must be
+    representable in the dtype (0.1 and 1/3 are not, so those stay float64)."""
+    from fxrep.patterns.affine import _scale_term
+
+    t = _rand(6, 5, seed=seed).to(dtype)
+    factor = torch.full((6,), c, dtype=f64) * torch.linspace(1, 2, 6, dtype=f64) if per_row else torch.tensor(c, dtype=f64)
+    got = _scale_term(factor, t)
+    exact = (factor[:, None] if per_row else factor) * t.double()
+    if got.dtype == f64:
+        assert torch.equal(got, exact)
+    else:
+        assert torch.equal(factor.to(dtype).double(), factor), "scaled in the model dtype by an inexact factor"
+        assert torch.equal(got, exact.to(dtype))

@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+from torch import fx
 
 import fxrep
 from fxrep.models.registry import _create
@@ -180,3 +181,29 @@ def test_tracing_leaves_no_constants_on_the_users_model():
     assert any(n.op == "get_attr" and "_tensor_constant" in n.target for n in gm.graph.nodes)
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+class _Unpacks(nn.Module):
+    def forward(self, x):
+        B, N, C = x.shape  # noqa: N806 - the names timm uses
+        q, k, v = x.reshape(B, N, 3, C // 3).permute(2, 0, 1, 3).unbind(0)
+        first, second = x.unbind(1)[:2]
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v + first[:, None, :C // 3] * second[:, None, -1:]
+
+
+def test_tracing_unpacks_like_fx():
+    """fxrep's tracer looks tuple unpacking up in a table instead of disassembling on every unpack: the same
+    graph as fx's, and the same error for iterating a proxy of unknown length."""
+    for model in (_Unpacks(), _create("fxrep_deit_tiny_d12b1", branches=2, depth=2, embed_dim=16, num_heads=2,
+                                      num_classes=3, img_size=16, patch_size=8).eval()):
+        concrete = {"attn_mask": None, "is_causal": False} if not isinstance(model, _Unpacks) else None
+        got = fxrep.trace(model).graph  # first: fx's tracer leaves its constants on the model, fxrep's does not
+        want = fx.Tracer().trace(model, concrete_args=concrete)
+        assert str(got) == str(want)
+
+    class Loops(nn.Module):
+        def forward(self, x):
+            return sum(t for t in x)
+
+    with pytest.raises(fxrep.TraceError, match="Loops"):
+        fxrep.trace(Loops())

@@ -76,7 +76,8 @@ class ExtractLayerNormAffine:
                     lin = as_linear(user)
                     params_before += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
                     w, b = algebra.fold_norm_affine(lin.weight, lin.bias, ln.weight, ln.bias)
-                    new = emit_linear(g, bare, w, b, lin.weight.dtype, user.name, merge_origins([user, node]))
+                    new = emit_linear(g, bare, w, b, lin.weight.dtype, user.name, merge_origins([user, node]),
+                                      owned=True)
                 else:
                     att = attention_view(user)
                     params = {}
@@ -84,6 +85,6 @@ class ExtractLayerNormAffine:
                         w, b = algebra.fold_norm_affine(att[f"{p}_weight"], att[f"{p}_bias"], ln.weight, ln.bias)
                         params[f"{p}_weight"], params[f"{p}_bias"] = w, b
                     new = emit_attention(g, bare, params, att["num_heads"], att["q_weight"].dtype, user.name,
-                                         merge_origins([user, node]))
+                                         merge_origins([user, node]), owned=set(params))
             ctx.replace_node(user, new)
         return {"params_before": params_before}

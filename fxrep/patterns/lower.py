@@ -33,7 +33,7 @@ class LowerAttention:
         g = ctx.graph
         with g.inserting_before(node):
             qkv = emit_linear(g, att["input"], w, b, att["q_weight"].dtype, node.name + "_qkv",
-                              node.meta.get("fxrep_origin", ()))
+                              node.meta.get("fxrep_origin", ()), owned=True)
             parts = g.call_method("split", (qkv, widths), {"dim": -1})
             heads = []
             for i in range(3):

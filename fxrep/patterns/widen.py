@@ -94,8 +94,9 @@ def _repoint_readers(ctx, branches, merged: fx.Node, columns, total: int) -> Non
         for user in list(node.users):
             lin = as_linear(user)
             with ctx.graph.inserting_before(user):
-                new = emit_linear(ctx.graph, merged, algebra.place_columns(lin.weight, total, cols),
-                                  algebra.as64(lin.bias), lin.weight.dtype, user.name, merge_origins([user]))
+                bias = None if lin.bias is None else lin.bias.detach().clone()
+                new = emit_linear(ctx.graph, merged, algebra.place_columns(lin.weight, total, cols), bias,
+                                  lin.weight.dtype, user.name, merge_origins([user]), owned=True)
             ctx.replace_node(user, new)
 
 
@@ -133,7 +134,7 @@ class WidenMLP:
         readers = [u for a in acts for u in a.users]
         with graph.inserting_before(_first(readers, ctx)):
             pre = emit_linear(graph, pres[0].input, w, b, pres[0].weight.dtype, acts[0].name + "_wide",
-                              merge_origins([p.node for p in pres]))
+                              merge_origins([p.node for p in pres]), owned=True)
             act = graph.node_copy(acts[0], lambda n: pre if n is pres[0].node else n)
         act.meta["fxrep_origin"] = merge_origins(acts)
         columns, offset = [], 0
@@ -254,7 +255,8 @@ class _MergeAttention:
         readers = [u for n in match.nodes for u in n.users]
         with graph.inserting_before(_first(readers, ctx)):
             merged = emit_attention(graph, atts[0]["input"], params, heads, atts[0]["q_weight"].dtype,
-                                    match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes))
+                                    match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes),
+                                    owned={k for k, t in params.items() if t is not atts[0][k]})  # built here
         _repoint_readers(ctx, match.nodes, merged, columns, total)
         return {"heads": heads}
 
