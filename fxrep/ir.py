@@ -101,6 +101,11 @@ class LinearView:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def param_node(self, name: str) -> fx.Node | None:
+        """The ``get_attr`` node of the ``weight`` or ``bias``."""
+        args = list(self.node.args) + [None] * (3 - len(self.node.args))
+        return self.node.kwargs.get(name, args[1 if name == "weight" else 2])
+
 
 def as_linear(node) -> LinearView | None:
     """``F.linear(x, W, b)`` with constant W (and b) as a LinearView, else None."""

@@ -3,8 +3,13 @@
 import torch
 from helpers import activations, hidden_widths, stats
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxrep
+from fxrep.engine import run_patterns
+from fxrep.patterns.affine import AffineAnalysis, _FormKey
+from fxrep.registry import PatternRegistry, default_registry
+from fxrep.report import FuseReport
 from fxrep.testing import (
     GeneratedMlpBlock,
     MlpSpec,
@@ -12,6 +17,7 @@ from fxrep.testing import (
     branched_mlp_blocks,
     graph_code,
     make_inputs,
+    random_graphs,
 )
 
 
@@ -80,3 +86,25 @@ def test_fuse_does_not_touch_the_input_model():
     assert fused is not traced and fused.code != code
     fused_params = {id(p) for p in fused.parameters()}
     assert not fused_params & {id(p) for p in model.parameters()}, "merged weights must be new tensors"
+
+
+def _analysis_summary(analysis):
+    regions = [(tuple(r["stops"]), tuple(sorted((f, tuple(sorted(c, key=analysis.order.get)))
+                                                for f, c in r["cones"].items())))
+               for r in analysis.regions]
+    return analysis.stop, regions
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(branched_mlp_blocks(near_miss=None), random_graphs()))
+def test_seeded_stop_nodes_reach_the_same_fixed_point(case):
+    """merge_affine starts its stop-node fixed point from the nodes read by non-affine ops (fast with the memo);
+    stop nodes, regions and the forms of stop nodes must be what the fixed point from no stop nodes gives."""
+    gm = fxrep.trace(case.model)
+    early = [p for p in default_registry()
+             if ({p.phase} if isinstance(p.phase, str) else set(p.phase)) & {"canonicalize", "lift"}]
+    run_patterns(gm, PatternRegistry(early), FuseReport())  # the graph merge_affine first sees
+    seeded, plain = AffineAnalysis(gm.graph, seed_stops=True), AffineAnalysis(gm.graph, seed_stops=False)
+    assert _analysis_summary(seeded) == _analysis_summary(plain)
+    for f in seeded.stop:
+        assert _FormKey(seeded.forms[f], seeded.order) == _FormKey(plain.forms[f], plain.order)

@@ -84,11 +84,50 @@ class Affine:
         return None
 
 
-def _exact64(t: torch.Tensor) -> torch.Tensor:
+class _Sum:
+    """A left-to-right sum of same-shape matrix terms, computed when first needed, into one float64 buffer.
+
+    ``((W1 + W2) + W3) + W4`` over a chain of add nodes needs only the last sum (unless an intermediate one is
+    itself a stop node): the intermediate float64 matrices are never made, and the sum is accumulated in place,
+    which gives the same bits as the pairwise float64 sums (same order, each step rounded once)."""
+
+    __slots__ = ("parts", "shape", "_value")
+    dtype = f64
+
+    def __init__(self, parts: list):
+        self.parts, self.shape, self._value = parts, parts[0].shape, None
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            acc = self.parts[0].to(f64, copy=True)
+            for p in self.parts[1:]:
+                acc += p  # a float32 part is promoted exactly
+            self._value = acc
+        return self._value
+
+
+def _exact64(t) -> torch.Tensor:
+    if isinstance(t, _Sum):
+        return t.value()
     return t if t.dtype == f64 else t.to(f64)
 
 
-def _add_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+def _dense(t):
+    """A term as a tensor (its dtype kept)."""
+    return t.value() if isinstance(t, _Sum) else t
+
+
+def _add_terms(a, b):
+    if a.dim() == 2 and b.dim() == 2:
+        if a.shape != b.shape:
+            return None
+        return _Sum((a.parts if isinstance(a, _Sum) else [a]) + [_dense(b)])  # same order as a + b
     a, b = _exact64(a), _exact64(b)
     if a.dim() > b.dim():
         a, b = b, a
@@ -96,8 +135,6 @@ def _add_terms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         if a.dim() == 1 and a.shape != b.shape:
             return None
         return a + b
-    if a.dim() == 2:
-        return a + b if a.shape == b.shape else None
     # b is a matrix, a a scalar or diagonal: only a square matrix can absorb it
     if b.shape[0] != b.shape[1] or (a.dim() == 1 and a.shape[0] != b.shape[0]):
         return None
@@ -204,7 +241,7 @@ def scaled(x: Affine, c: torch.Tensor, cache: TermCache | None = None) -> Affine
     for node, t in x.terms.items():
         if c.dim() == 0 and float(c) == 1.0:
             terms[node] = t  # 1.0 * t == t bitwise
-        elif c.dim() == 0 and float(c) == 0.0 and t.dim() == 2 and math.isfinite(float(t.sum())):
+        elif c.dim() == 0 and float(c) == 0.0 and t.dim() == 2 and math.isfinite(float(_dense(t).sum())):
             # (a finite sum means every element is finite; an overflowing sum only costs the fast path)
             terms[node] = torch.zeros((), dtype=f64).expand(t.shape)  # 0 * finite == 0, no copy
         else:
@@ -212,7 +249,7 @@ def scaled(x: Affine, c: torch.Tensor, cache: TermCache | None = None) -> Affine
     bias = None if x.bias is None else c * x.bias
     zeros = set(x.zeros)
     if not bool(c.all()):  # only a zero factor makes new zero terms
-        zeros |= {n for n, t in terms.items() if not bool(t.any())}
+        zeros |= {n for n, t in terms.items() if not bool(_dense(t).any())}
     return _without_zero_terms(Affine(terms, bias, x.dtype, zeros))
 
 
@@ -254,14 +291,19 @@ class AffineAnalysis:
     downstream of the new nodes are recomputed, which keeps fusing large models close to linear in time.
     """
 
-    def __init__(self, graph: fx.Graph, memo: dict | None = None):
+    def __init__(self, graph: fx.Graph, memo: dict | None = None, seed_stops: bool = True):
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         self._memo = {} if memo is None else memo
         for n in [n for n in self._memo if n not in self.order]:
             del self._memo[n]  # erased nodes: their forms can never be asked for again
         self._cache = TermCache()
-        stop: set = set()
-        for _ in range(20):
+        # Stop nodes grow to a fixed point (the set only grows, so this ends). It starts from the nodes read
+        # by an op that can never carry a form, which are stop nodes of every fixed point that gives them a
+        # form (and stop membership of a node without a form changes nothing). Starting from no stop nodes
+        # gives the same result (tested) but first computes forms straight through the residual stream, which
+        # changes after every rewrite upstream and so defeats the memo.
+        stop: set = _structural_stops(graph) if seed_stops else set()
+        while True:
             forms, through = self._forms(graph, stop)
             new_stop = set(stop)
             for n in forms:
@@ -398,6 +440,11 @@ class AffineAnalysis:
         return [{"stops": stops, "cones": {f: cones[f] for f in stops}} for stops in groups.values()]
 
 
+def _structural_stops(graph: fx.Graph) -> set:
+    """Nodes with a user that is neither a Linear nor a scale/sum op: no form can ever read through it."""
+    return {n for n in graph.nodes if any(as_linear(u) is None and _arith_kind(u) is None for u in n.users)}
+
+
 def _shape_key(n: fx.Node):
     """Nodes with equal keys have equal shapes: the shape recorded by shape propagation when fuse had
     example inputs; else structural: norms and activations keep their input's shape, a Linear keeps the
@@ -445,6 +492,11 @@ def _dependency_key(n: fx.Node, forms: dict, stop: set) -> tuple[tuple, list]:
     Returns the key and the tensors it names by ``id`` (kept alive with the key so no id is reused)."""
     parts: list = [n.op, n.target]
     keep: list = []
+    # a Linear's weight and bias are read by value: a duplicate get_attr of the same attribute (merged by
+    # CSE after a rewrite emitted it again) must not make the Linear's form, and every form downstream, new
+    lin = as_linear(n)
+    by_value = set() if lin is None else \
+        {a for a in (*n.args[1:], *n.kwargs.values()) if isinstance(a, fx.Node) and a is not lin.input}
 
     def visit(a):
         if isinstance(a, fx.Node):
@@ -453,7 +505,8 @@ def _dependency_key(n: fx.Node, forms: dict, stop: set) -> tuple[tuple, list]:
             elif a.op == "get_attr":
                 t = constant_tensor(a)
                 keep.append(t)
-                parts.append((a, a.target, id(t), getattr(t, "_version", None)))
+                node = "attr" if a in by_value else a
+                parts.append((node, a.target, id(t), getattr(t, "_version", None)))
             else:
                 parts.append(a)
         else:
@@ -475,7 +528,7 @@ class _FormKey:
 
     def __init__(self, f: Affine, order):
         items = sorted(f.terms.items(), key=lambda kv: order.get(kv[0], -1))
-        self.tensors = [(n, t) for n, t in items] + [(None, f.bias), (None, f.dtype)]
+        self.tensors = [(n, _dense(t)) for n, t in items] + [(None, f.bias), (None, f.dtype)]
         self._hash = hash(tuple((id(n), fingerprint(t) if isinstance(t, torch.Tensor) else t)
                                 for n, t in self.tensors))
 
@@ -535,6 +588,7 @@ def _materialize(graph: fx.Graph, f: Affine, ctx, order, hint: str, origins) -> 
     parts = []
     for base, t in items:
         b = ctx.resolve(base)
+        t = _dense(t)
         if t.dim() == 2:
             absorb = bias is not None and bias.dim() == 1
             parts.append(emit_linear(graph, b, t, bias if absorb else None, f.dtype, hint, origins))

@@ -140,6 +140,10 @@ class Probe:
             ln = as_layer_norm(n)
             n = ln.input if ln is not None else None
 
+    def load(self, a: fx.Node):
+        """The value of a ``get_attr`` node, float64 for floating tensors (shared by the probes of one analysis)."""
+        return self._load(a, {})
+
     def _load(self, a, env):
         if not isinstance(a, fx.Node):
             return a
@@ -441,9 +445,10 @@ def _lift(gm: fx.GraphModule, cand: Candidate, order: dict, shared: dict) -> dic
     heads = torch.tensor(order)
 
     def gather(lin, index, factor=1.0):
-        """Rows ``index`` (heads, d) of the Linear's weight and bias, in float64, times ``factor``."""
-        w = lin.weight.detach()[index].to(f64)
-        b = lin.bias.detach()[index].to(f64) if lin.bias is not None else None
+        """Rows ``index`` (heads, d) of the Linear's weight and bias, in float64, times ``factor``. Reads the
+        float64 copies the verification probe evaluates the Linear with (converted once per analysis)."""
+        w = probe.load(lin.param_node("weight"))[index]
+        b = probe.load(lin.param_node("bias"))[index] if lin.bias is not None else None
         if factor != 1.0:  # x * 1.0 == x bitwise: skip the copy
             w, b = w * factor, (b * factor if b is not None else None)
         return w, b
