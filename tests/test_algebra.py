@@ -119,3 +119,20 @@ def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, 
     else:
         assert torch.equal(factor.to(dtype).double(), factor), "scaled in the model dtype by an inexact factor"
         assert torch.equal(got, exact.to(dtype))
+
+
+@given(n=st.integers(2, 5), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       rows=dims, cols=dims, seed=st.integers(0, 10_000))
+def test_lazy_matrix_sums_have_the_bits_of_pairwise_float64_sums(n, dtype, rows, cols, seed):
+    """merge_affine sums chains of matrices in place into one buffer: the bits of ((W1 + W2) + W3) + ...
+    in float64, also when a chain is extended by a sum that was made first (then added as one value)."""
+    from fxrep.patterns.affine import _add_terms, _dense
+
+    ws = [(_rand(rows, cols, seed=seed + i) * 10 ** (i - 2)).to(dtype) for i in range(n)]
+    acc, want = ws[0], ws[0].double()
+    for w in ws[1:]:
+        acc, want = _add_terms(acc, w), want + w.double()
+    assert torch.equal(_dense(acc), want)
+    right = _add_terms(ws[0], ws[1])  # a + (b + c): the right sum is computed first
+    got = _dense(_add_terms(ws[-1], right))
+    assert torch.equal(got, ws[-1].double() + (ws[0].double() + ws[1].double()))
