@@ -49,13 +49,13 @@ class _UnpackingProxy(fx.Proxy):
 class _NamingTracer(fx.Tracer):
     """A Tracer that remembers which module it was inside, so a trace failure can name it."""
 
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _UnpackingProxy(node, self)
-
     def __init__(self):
         super().__init__()
         self.stack: list[str] = []
         self.stowed: list[str] = []  # constant attributes this tracer set on the traced model
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _UnpackingProxy(node, self)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m) or type(m).__name__)

@@ -105,7 +105,7 @@ class _Sum:
 
     def value(self) -> torch.Tensor:
         if self._value is None:
-            acc = self.parts[0].to(f64, copy=True)
+            acc = torch.empty(self.shape, dtype=f64).copy_(self.parts[0])  # (a part may be an expanded zero)
             for p in self.parts[1:]:
                 acc += p  # a float32 part is promoted exactly
             self._value = acc
