@@ -103,18 +103,21 @@ class LinearView:
 
     def param_node(self, name: str) -> fx.Node | None:
         """The ``get_attr`` node of the ``weight`` or ``bias``."""
-        args = list(self.node.args) + [None] * (3 - len(self.node.args))
-        return self.node.kwargs.get(name, args[1 if name == "weight" else 2])
+        _, w, b = _linear_args(self.node)
+        return w if name == "weight" else b
+
+
+def _linear_args(node: fx.Node) -> tuple:
+    """(input, weight, bias) arguments of an ``F.linear`` call, positional or keyword."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    return args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
 
 
 def as_linear(node) -> LinearView | None:
     """``F.linear(x, W, b)`` with constant W (and b) as a LinearView, else None."""
     if not (isinstance(node, fx.Node) and is_call(node, LINEAR_TARGETS)):
         return None
-    args = list(node.args) + [None] * (3 - len(node.args))
-    x = args[0]
-    w = node.kwargs.get("weight", args[1])
-    b = node.kwargs.get("bias", args[2])
+    x, w, b = _linear_args(node)
     wt = constant_tensor(w)
     if not isinstance(x, fx.Node) or wt is None or wt.dim() != 2:
         return None
@@ -297,7 +300,7 @@ def emit_linear(graph: fx.Graph, x: fx.Node, weight: torch.Tensor, bias: torch.T
 
 def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dtype: torch.dtype,
                    hint: str, origins=(), emitted: dict | None = None, owned=()) -> fx.Node:
-    """A ``multi_head_attention`` node. ``emitted`` (id of a float64 param -> (param, attribute name)) lets
+    """A ``multi_head_attention`` node. ``emitted`` (id of a param -> (param, attribute name)) lets
     several calls that share param tensors register each one once; ``owned`` names the params the caller
     made for this node (see ``emit_linear``)."""
     args = [x]

@@ -112,15 +112,15 @@ class _Sum:
         return self._value
 
 
-def _exact64(t) -> torch.Tensor:
-    if isinstance(t, _Sum):
-        return t.value()
-    return t if t.dtype == f64 else t.to(f64)
-
-
 def _dense(t):
     """A term as a tensor (its dtype kept)."""
     return t.value() if isinstance(t, _Sum) else t
+
+
+def _exact64(t) -> torch.Tensor:
+    """A term as a float64 tensor (model-dtype values are exactly representable)."""
+    t = _dense(t)
+    return t if t.dtype == f64 else t.to(f64)
 
 
 def _add_terms(a, b):
