@@ -9,6 +9,7 @@ from .errors import (
                      EquivalenceError,
                      FxrepError,
                      InputError,
+                     InternalError,
                      PatternError,
                      TraceError,
                      TrainingModeError,
@@ -34,5 +35,5 @@ __all__ = [
     "fuse", "trace", "FuseReport", "Match", "Skip", "Pattern", "FunctionPattern", "FuseContext",
     "PatternRegistry", "default_registry", "register_pattern", "unregister_pattern", "count_flops",
     "count_params", "FxrepError", "TraceError", "TrainingModeError", "UnsupportedModelError", "PatternError",
-    "EquivalenceError", "InputError",
+    "EquivalenceError", "InputError", "InternalError",
 ]

@@ -3,133 +3,27 @@
 from __future__ import annotations
 
 import copy
-import dis
-import functools
-import inspect
 
 import torch
 from torch import fx, nn
 
+from .equivalence import assert_equivalent, signature
 from .errors import (
     EquivalenceError,
     FxrepError,
     InputError,
-    TraceError,
+    InternalError,
     TrainingModeError,
     UnsupportedModelError,
 )
-from .ir import merge_origins
+from .ir import is_guard, merge_origins
 from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default_registry
 from .report import Applied, FuseReport, Skipped
-from .stats import graph_stats
+from .stats import graph_stats, run_counting_flops
+from .tracing import portable_guards, trace
 
 MAX_SWEEPS = 50
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@functools.lru_cache(maxsize=1024)
-def _unpack_counts(code) -> dict:
-    """Offset -> item count of every ``UNPACK_SEQUENCE`` instruction of a code object."""
-    return {i.offset: i.argval for i in dis.get_instructions(code) if i.opname == "UNPACK_SEQUENCE"}
-
-
-class _UnpackingProxy(fx.Proxy):
-    """``fx.Proxy`` whose tuple unpacking (``q, k, v = qkv.unbind(0)``, ``B, N, C = x.shape``) looks the
-    calling instruction up in a per-code-object table. fx disassembles the caller's whole code object on every
-    unpack, which was a third of the trace time of a 12-block branched ViT. Same graph as fx's."""
-
-    def __iter__(self):
-        frame = inspect.currentframe().f_back  # f_lasti: byte offset of the instruction being run
-        count = _unpack_counts(frame.f_code).get(frame.f_lasti)
-        if count is not None:
-            return (self[i] for i in range(count))
-        return self.tracer.iter(self)
-
-
-class _NamingTracer(fx.Tracer):
-    """A Tracer that remembers which module it was inside, so a trace failure can name it."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack: list[str] = []
-        self.stowed: list[str] = []  # constant attributes this tracer set on the traced model
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _UnpackingProxy(node, self)
-
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m) or type(m).__name__)
-        out = super().call_module(m, forward, args, kwargs)
-        self.stack.pop()
-        return out
-
-    def _name_of(self, kind: str, t: torch.Tensor) -> str | None:
-        """Qualified name of a parameter or buffer of the traced model, from a map built once per trace
-        (fx scans every parameter of the model on each lookup, which is quadratic in model size)."""
-        if getattr(self, "_names_of", (None, None))[0] is not self.root:
-            names: dict = {}
-            for name, p in self.root.named_parameters():
-                names.setdefault(("param", id(p)), name)
-            for name, b in self.root.named_buffers():
-                names.setdefault(("buffer", id(b)), name)
-            self._names_of = (self.root, names)
-        return self._names_of[1].get((kind, id(t)))
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        """As fx's, with the name lookup of ``_name_of``."""
-        if isinstance(attr_val, torch.Tensor):
-            kind = "param" if isinstance(attr_val, nn.Parameter) else "buffer" if self.proxy_buffer_attributes else None
-            name = self._name_of(kind, attr_val)
-            if name is not None and not self.param_shapes_constant:
-                if name not in parameter_proxy_cache:
-                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
-                return parameter_proxy_cache[name]
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-    def create_arg(self, a):
-        """As fx's for tensors, with the name lookup of ``_name_of``. A tensor that is neither a parameter nor
-        a buffer is stowed as a ``_tensor_constant`` attribute, which ``trace`` moves off the user's model."""
-        if isinstance(a, torch.Tensor):
-            name = self._name_of("param" if isinstance(a, nn.Parameter) else "buffer", a)
-            if name is None and not isinstance(a, nn.Parameter):
-                name = self.tensor_attrs.get(a)
-                if name is None:
-                    name = self.get_fresh_qualname("_tensor_constant")
-                    self.tensor_attrs[a] = name
-                    setattr(self.root, name, a)
-                    self.stowed.append(name)
-            if name is not None:
-                return self.create_node("get_attr", name, (), {})
-        return super().create_arg(a)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` with optional None/bool arguments fixed to their defaults.
-
-    timm blocks take ``attn_mask=None``/``is_causal=False``: specializing them keeps the graph free of
-    inputs that would make attention unmergeable. Raises TraceError naming the module that failed.
-    """
-    concrete = {}
-    for name, p in inspect.signature(model.forward).parameters.items():
-        if p.default is not inspect.Parameter.empty and (p.default is None or isinstance(p.default, bool)):
-            concrete[name] = p.default
-    tracer = _NamingTracer()
-    try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-        return fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except Exception as e:  # torch raises TraceError, TypeError, RuntimeError, ... from user code
-        where = tracer.stack[-1] if tracer.stack else type(model).__name__
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
-            f"{type(e).__name__}: {e}\n"
-            "Fix: data-dependent Python control flow cannot be traced. Make that module a leaf "
-            "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch with "
-            "torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
-        ) from e
-    finally:
-        for name in tracer.stowed:  # the GraphModule holds them now; leave the user's model as it was
-            if name in vars(model):
-                delattr(model, name)
 
 
 def _validate(model: nn.Module) -> None:
@@ -168,8 +62,9 @@ def _validate(model: nn.Module) -> None:
                 f"'{name}' is a quantized module ({type(m).__name__}): fuse the float model, then quantize.")
 
 
-def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
-    """Record every node's shape (``meta['tensor_meta']``); patterns use it where structure alone is unclear."""
+def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> tuple[list, int]:
+    """Record every node's shape (``meta['tensor_meta']``), in the same run that counts the FLOPs of the
+    graph before fusing. Returns (the outputs' shapes and dtypes, FLOPs)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     for t in example_inputs:
@@ -177,12 +72,12 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
                                                                     (torch.int64, torch.int32, torch.bool))):
             raise InputError(f"example input of dtype {t.dtype} is not supported: pass float tensors")
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        out, flops = run_counting_flops(ShapeProp(gm).propagate, example_inputs)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix named
         shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
         raise InputError(f"the model does not run on the example inputs ({shapes}): {type(e).__name__}: {e}\n"
                          "Fix: pass example_inputs with the shapes and dtypes the model expects.") from e
+    return signature(out), flops
 
 
 def _inputs_from_shapes(model) -> tuple | None:
@@ -207,8 +102,9 @@ def _alive(node: fx.Node, graph: fx.Graph) -> bool:
     return node.graph is graph and not getattr(node, "_erased", False)
 
 
-def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
-    """Run each pattern once over the graph; return (rewrites applied, skips seen)."""
+def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -> tuple[int, list]:
+    """Run each pattern once over the graph; return (rewrites applied, skips seen). ``after_pattern(pattern,
+    rewrites)`` is called after each pattern that rewrote something (used to find a pattern that broke it)."""
     applied = 0
     skips: list = []
     for pattern in patterns:
@@ -236,6 +132,8 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport) -> tuple[int, list]:
             applied += 1
         if matches:
             _cleanup(ctx)
+            if after_pattern is not None:
+                after_pattern(pattern, report.applied[-len(matches):])
     return applied, skips
 
 
@@ -248,7 +146,7 @@ def _eliminate_dead_code(graph: fx.Graph) -> None:
     """``Graph.eliminate_dead_code`` without its lint and with the purity check only for unused nodes:
     the same result, in a fraction of the time on large graphs (run_patterns lints once per phase)."""
     for node in reversed(graph.nodes):
-        if not node.users and not node.is_impure():
+        if not node.users and not node.is_impure() and not is_guard(node):
             graph.erase_node(node)
 
 
@@ -260,7 +158,8 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, options=None) -> None:
+def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, options=None,
+                 after_pattern=None) -> None:
     """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy).
 
     Skips are collected from every sweep; one is dropped when the same pattern later rewrote the same
@@ -273,7 +172,7 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
             continue
         for _ in range(MAX_SWEEPS):
             report.sweeps += 1
-            applied, seen = _sweep(patterns, ctx, report)
+            applied, seen = _sweep(patterns, ctx, report, after_pattern)
             for s in seen:
                 skips.setdefault((s.pattern, s.reason, s.origins), s)
             if not applied:
@@ -288,17 +187,24 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
     report.skipped += [s for s in skips.values() if not set(s.origins) & done.get(s.pattern, set())]
 
 
-def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None):
+def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
+         concrete_args: dict | None = None):
     """Rewrite ``model`` into an equivalent GraphModule with parallel branches merged.
 
     Args:
         model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule``; must be in eval mode.
             It is never modified: fxrep builds new parameters and a new graph.
-        example_inputs: a tensor or tuple of tensors, used by ``check`` and for the FLOP counts of the report.
+        example_inputs: a tensor or tuple of tensors (positional arguments of ``forward``). They give the
+            report its FLOP counts, enable ``check``, and are run through the fused graph before it is
+            returned: a graph that does not run on them is an fxrep bug, raised as InternalError.
         patterns: a ``PatternRegistry`` or list of patterns (default: ``default_registry()``).
         check: run original and fused model on ``example_inputs`` and raise EquivalenceError if they differ
             by more than ``rtol`` (default by dtype: 1e-5 float32, 1e-10 float64, 1e-2 fp16/bf16) relative
             to max |y|.
+        concrete_args: for an nn.Module, the ``forward`` arguments to fix while tracing (as in
+            ``torch.fx.symbolic_trace``). Default: optional ``None``/``bool`` arguments other than the first
+            and other than those ``example_inputs`` supply as tensors (``fxrep.tracing.default_concrete_args``).
+            A fixed argument keeps a runtime guard: calling the fused model with another value raises.
 
     Returns:
         A new ``torch.fx.GraphModule``; its ``meta["fxrep_report"]`` is a FuseReport (``print`` it).
@@ -308,32 +214,98 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     _validate(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    gm = _copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(model)
-    gm.eval()
     registry = patterns if isinstance(patterns, PatternRegistry) else \
         (PatternRegistry(patterns) if patterns is not None else default_registry())
-    if example_inputs is not None:
-        _propagate_shapes(gm, example_inputs)
-    report = FuseReport()
-    report.before = graph_stats(gm, example_inputs)
+    gm, reference, flops = _prepare(model, example_inputs, concrete_args)
+    report = FuseReport(specialized=dict(gm.meta.get("fxrep_specialized", {})))
+    report.before = graph_stats(gm, flops=flops)
     run_patterns(gm, registry, report)
     _drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
-    report.after = graph_stats(gm, example_inputs)
+    if example_inputs is not None:
+        flops = _run_fused(gm, example_inputs, reference,
+                           lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry))
+    report.after = graph_stats(gm, flops=flops)
     gm.meta["fxrep_report"] = report
     if check:
-        if example_inputs is None:
-            example_inputs = _inputs_from_shapes(model)
-        if example_inputs is None:
-            raise InputError("fuse(check=True) needs example_inputs=(tensor, ...) with the model's input "
-                             "shapes (or a GraphModule whose placeholders carry shapes from ShapeProp), to compare "
-                             "the fused model against the original.")
-        from .testing import assert_fused_equivalent
-
-        try:
-            assert_fused_equivalent(model, example_inputs, fused=gm, rtol=rtol)
-        except EquivalenceError as e:
-            raise EquivalenceError(f"{e}\nPatterns applied: {report.patterns_applied()}. If you registered "
-                                   "a custom pattern, its replace() is the first suspect.") from None
+        _check(model, gm, example_inputs, rtol, report)
     return gm
+
+
+def _prepare(model, example_inputs, concrete_args) -> tuple:
+    """fxrep's own graph of ``model`` (traced, or a copy of a GraphModule) in eval mode, with shapes from
+    ``example_inputs``: (graph module, output signature or None, FLOPs or None)."""
+    if isinstance(model, fx.GraphModule):
+        gm = _copy_graph_module(model)
+        portable_guards(gm)
+    else:
+        gm = trace(model, example_inputs, concrete_args)
+    gm.eval()
+    if example_inputs is None:
+        return gm, None, None
+    reference, flops = _propagate_shapes(gm, example_inputs)
+    return gm, reference, flops
+
+
+def _run_fused(gm, example_inputs, reference, locate) -> int:
+    """Run the fused graph on the example inputs (counting its FLOPs, which the report needs anyway) and
+    check that its outputs have the original's shapes and dtypes. A failure is fxrep's bug: raise
+    InternalError naming the pattern that broke the graph (``locate()`` replays the rewrites to find it)."""
+    try:
+        out, flops = run_counting_flops(gm, example_inputs)
+        problem = None if signature(out) == reference else \
+            f"its outputs are {signature(out)}, the original's {reference}"
+    except Exception as e:  # noqa: BLE001 - whatever the fused graph raises is reported as fxrep's bug
+        problem = f"it raises {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if problem is None:
+        return flops
+    pattern, rewrites = locate()
+    where = f"pattern '{pattern}' ({rewrites})" if pattern else "a pattern that could not be singled out"
+    fix = f"fxrep.fuse(model, patterns=fxrep.default_registry().without('{pattern}'), ...)" if pattern else \
+        "fxrep.fuse(model, patterns=[...]) with fewer patterns"
+    raise InternalError(
+        f"fxrep built a graph that does not run on the example inputs: {problem}. This is a bug in fxrep, "
+        f"introduced by {where}; please report it with the model. The graph was not returned. Until it is "
+        f"fixed, fuse without that pattern: {fix}.")
+
+
+def _find_breaking_pattern(model, example_inputs, concrete_args, registry) -> tuple[str | None, str]:
+    """Replay the fuse on a fresh graph, running it after every pattern that rewrote something; return the
+    first pattern after which it no longer runs (with its first rewrite), or (None, '')."""
+    gm, reference, _ = _prepare(model, example_inputs, concrete_args)
+
+    class Broke(Exception):
+        pass
+
+    def after(pattern, rewrites):
+        gm.recompile()
+        try:
+            with torch.no_grad():
+                ok = signature(gm(*example_inputs)) == reference
+        except Exception:  # noqa: BLE001
+            ok = False
+        if not ok:
+            first = rewrites[0]
+            raise Broke(pattern.name, f"{len(rewrites)} rewrite(s), the first: {first.summary} at "
+                                      f"{', '.join(first.origins[:3])}")
+
+    try:
+        run_patterns(gm, registry, FuseReport(), after_pattern=after)
+    except Broke as b:
+        return b.args
+    return None, ""
+
+
+def _check(model, gm, example_inputs, rtol, report) -> None:
+    if example_inputs is None:
+        example_inputs = _inputs_from_shapes(model)
+    if example_inputs is None:
+        raise InputError("fuse(check=True) needs example_inputs=(tensor, ...) with the model's input "
+                         "shapes (or a GraphModule whose placeholders carry shapes from ShapeProp), to compare "
+                         "the fused model against the original.")
+    try:
+        assert_equivalent(model, gm, example_inputs, rtol=rtol)
+    except EquivalenceError as e:
+        raise EquivalenceError(f"{e}\nPatterns applied: {report.patterns_applied()}. If you registered "
+                               "a custom pattern, its replace() is the first suspect.") from None

@@ -27,3 +27,7 @@ class EquivalenceError(FxrepError):
 
 class InputError(FxrepError):
     """Example inputs are missing or do not fit the model."""
+
+
+class InternalError(FxrepError):
+    """fxrep built a graph that does not run: a bug in a pattern (named in the message), never the user's."""

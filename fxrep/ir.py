@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx._symbolic_trace import _assert_is_none
 
 from .ops import multi_head_attention
 
@@ -38,6 +39,15 @@ _ACTIVATION_FUNCTIONS = {
 _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _ACTIVATION_VARIANT_ARG = {"gelu": ("approximate", "none"), "leaky_relu": ("negative_slope", 0.01),
                            "elu": ("alpha", 1.0)}
+
+
+GUARD_TARGETS = {torch._assert, torch._assert_async, _assert_is_none}
+
+
+def is_guard(node: fx.Node) -> bool:
+    """A runtime check with no result (``torch._assert``, fx's ``_assert_is_none`` of a fixed argument):
+    never dead code, never folded."""
+    return node.op == "call_function" and node.target in GUARD_TARGETS
 
 
 def is_call(node: fx.Node, targets) -> bool:

@@ -27,6 +27,7 @@ class FuseReport:
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
     sweeps: int = 0
+    specialized: dict = field(default_factory=dict)  # forward arguments fixed while tracing: name -> value
 
     def count(self, pattern: str) -> int:
         return sum(1 for a in self.applied if a.pattern == pattern)
@@ -50,6 +51,9 @@ class FuseReport:
             keys = [k for k in self.before if k in self.after]
             rows = [(k, _fmt(self.before[k]), _fmt(self.after[k])) for k in keys]
             lines += self._table(rows, ("", "before", "after"))
+        if self.specialized:
+            fixed = ", ".join(f"{k}={v!r}" for k, v in self.specialized.items())
+            lines.append(f"arguments fixed while tracing (another value raises): {fixed}")
         lines.append("")
         lines.append(f"applied rewrites ({len(self.applied)}):")
         rows = []

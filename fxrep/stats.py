@@ -10,13 +10,18 @@ from .ir import LINEAR_TARGETS, SDPA_TARGETS, activation_key, as_layer_norm, is_
 from .ops import multi_head_attention
 
 
-def count_flops(model, example_inputs) -> int:
-    """Total FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+def run_counting_flops(model, example_inputs) -> tuple:
+    """(output, total FLOPs) of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example_inputs)
-    return int(counter.get_total_flops())
+        out = model(*example_inputs)
+    return out, int(counter.get_total_flops())
+
+
+def count_flops(model, example_inputs) -> int:
+    """Total FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    return run_counting_flops(model, example_inputs)[1]
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -29,7 +34,8 @@ def count_params(module: torch.nn.Module) -> int:
     return total
 
 
-def graph_stats(gm: fx.GraphModule, example_inputs=None) -> dict:
+def graph_stats(gm: fx.GraphModule, example_inputs=None, flops: int | None = None) -> dict:
+    """Op counts by kind, parameters, and FLOPs (``flops`` if given, else counted on ``example_inputs``)."""
     linears = softmax = sdpa = acts = layer_norms = 0
     for n in gm.graph.nodes:
         target_mod = gm.get_submodule(n.target) if n.op == "call_module" else None
@@ -46,7 +52,9 @@ def graph_stats(gm: fx.GraphModule, example_inputs=None) -> dict:
     stats = {"ops": sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")),
              "linear": linears, "sdpa": sdpa, "softmax": softmax, "activation": acts,
              "layer_norm": layer_norms, "params": count_params(gm)}
-    if example_inputs is not None:
+    if flops is not None:
+        stats["flops"] = flops
+    elif example_inputs is not None:
         try:
             stats["flops"] = count_flops(gm, example_inputs)
         except Exception:  # noqa: BLE001 - FLOPs are informative; a failure here must not hide the fuse result

@@ -1,0 +1,230 @@
+"""Tracing a user's module with torch.fx: which arguments are fixed, clear errors, and no trace left behind.
+
+``trace(model)`` is ``torch.fx`` symbolic tracing with three differences:
+
+- **Optional flags are fixed, inputs never silently.** An argument with a ``None`` or ``bool`` default (timm's
+  ``attn_mask=None`` / ``is_causal=False``) is fixed to its default so that it does not become an input that
+  blocks merging. The model's first argument and every argument ``example_inputs`` supply as tensors stay
+  inputs (``forward(self, pixel_values=None)`` is an input, not a constant). fx's runtime guard for each fixed
+  argument is kept, with a message that names the fix: calling the fused model with another value raises.
+- **Nothing of the model changes.** ``forward`` may write to the model while it is traced (timm's LeViT and
+  EfficientFormer fill an ``attention_bias_cache``; fx stows tensors it meets as ``_tensor_constant``
+  attributes). Every module's attributes and the contents of its dicts, lists and sets are restored.
+- **Failures name the module** that could not be traced, and the fix.
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import inspect
+import operator
+
+import torch
+from torch import fx, nn
+
+from .errors import InputError, TraceError
+from .ir import is_guard
+from .snapshot import preserved
+
+_SPECIALIZED = "has been specialized to have value"
+
+
+@functools.lru_cache(maxsize=1024)
+def _unpack_counts(code) -> dict:
+    """Offset -> item count of every ``UNPACK_SEQUENCE`` instruction of a code object."""
+    return {i.offset: i.argval for i in dis.get_instructions(code) if i.opname == "UNPACK_SEQUENCE"}
+
+
+class _UnpackingProxy(fx.Proxy):
+    """``fx.Proxy`` whose tuple unpacking (``q, k, v = qkv.unbind(0)``, ``B, N, C = x.shape``) looks the
+    calling instruction up in a per-code-object table. fx disassembles the caller's whole code object on every
+    unpack, which was a third of the trace time of a 12-block branched ViT. Same decision as fx's
+    ``Proxy.__iter__`` (an ``UNPACK_SEQUENCE`` unpacks by index, anything else goes to ``tracer.iter``)."""
+
+    def __iter__(self):
+        frame = inspect.currentframe().f_back  # f_lasti: byte offset of the instruction being run
+        count = _unpack_counts(frame.f_code).get(frame.f_lasti)
+        if count is not None:
+            return (self[i] for i in range(count))
+        return self.tracer.iter(self)
+
+
+class _NamingTracer(fx.Tracer):
+    """A Tracer that remembers which module it was inside, so a trace failure can name it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _UnpackingProxy(node, self)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+    def _name_of(self, kind: str, t: torch.Tensor) -> str | None:
+        """Qualified name of a parameter or buffer of the traced model, from a map built once per trace
+        (fx scans every parameter of the model on each lookup, which is quadratic in model size)."""
+        if getattr(self, "_names_of", (None, None))[0] is not self.root:
+            names: dict = {}
+            for name, p in self.root.named_parameters():
+                names.setdefault(("param", id(p)), name)
+            for name, b in self.root.named_buffers():
+                names.setdefault(("buffer", id(b)), name)
+            self._names_of = (self.root, names)
+        return self._names_of[1].get((kind, id(t)))
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """As fx's, with the name lookup of ``_name_of``."""
+        if isinstance(attr_val, torch.Tensor):
+            kind = "param" if isinstance(attr_val, nn.Parameter) else "buffer" if self.proxy_buffer_attributes else None
+            name = self._name_of(kind, attr_val)
+            if name is not None and not self.param_shapes_constant:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a):
+        """As fx's for tensors, with the name lookup of ``_name_of``. A tensor that is neither a parameter nor
+        a buffer is stowed as a ``_tensor_constant`` attribute of the root (``trace`` restores the root)."""
+        if isinstance(a, torch.Tensor):
+            name = self._name_of("param" if isinstance(a, nn.Parameter) else "buffer", a)
+            if name is None and not isinstance(a, nn.Parameter):
+                name = self.tensor_attrs.get(a)
+                if name is None:
+                    name = self.get_fresh_qualname("_tensor_constant")
+                    self.tensor_attrs[a] = name
+                    setattr(self.root, name, a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+
+def default_concrete_args(model: nn.Module, example_inputs=None) -> dict:
+    """The arguments ``trace`` fixes: those with a ``None`` or ``bool`` default, except the model's first
+    argument; an argument that ``example_inputs`` supply is fixed only if the value given is None or a bool."""
+    supplied = tuple(example_inputs or ())
+    concrete = {}
+    positional = True
+    for i, p in enumerate(inspect.signature(model.forward).parameters.values()):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            positional = False
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        if positional and p.kind is not inspect.Parameter.KEYWORD_ONLY and i < len(supplied):
+            v = supplied[i]
+            if v is None or isinstance(v, bool):
+                concrete[p.name] = v
+            continue
+        if i == 0 and positional or p.default is inspect.Parameter.empty:
+            continue
+        if p.default is None or isinstance(p.default, bool):
+            concrete[p.name] = p.default
+    return concrete
+
+
+def trace(model: nn.Module, example_inputs=None, concrete_args: dict | None = None) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` (see the module docstring for what is fixed and what is restored).
+
+    ``concrete_args`` replaces the default choice (``default_concrete_args``): exactly the arguments named
+    there are fixed, as in ``torch.fx.symbolic_trace``. Raises TraceError naming the module that failed.
+    """
+    concrete = default_concrete_args(model, example_inputs) if concrete_args is None else dict(concrete_args)
+    tracer = _NamingTracer()
+    with preserved(model):
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        except Exception as e:  # torch raises TraceError, TypeError, RuntimeError, ... from user code
+            where = tracer.stack[-1] if tracer.stack else type(model).__name__
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
+                f"{type(e).__name__}: {e}\n"
+                "Fix: data-dependent Python control flow cannot be traced. Make that module a leaf "
+                "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch with "
+                "torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
+            ) from e
+    portable_guards(gm, concrete)
+    gm.meta["fxrep_specialized"] = dict(concrete)
+    return gm
+
+
+class FixedArgument(nn.Module):
+    """Run-time guard of a ``forward`` argument that was fixed while tracing: raises InputError, naming the
+    fix, when the fused model is called with another value.
+
+    A module rather than fx's ``_assert_is_none`` function: a GraphModule that calls ``_assert_is_none`` breaks
+    every later ``symbolic_trace`` in the process once it has been through ``torch.save``/``torch.load``
+    (KeyError 'torch.fx._symbolic_trace._assert_is_none': fx's codegen wraps it by a dotted name). A module
+    call survives re-tracing as a leaf, and ``_is_impure`` keeps dead-code elimination away from it."""
+
+    _is_impure = True
+
+    def __init__(self, name: str, value, message: str):
+        super().__init__()
+        self.name, self.value, self.message = name, value, message
+
+    def forward(self, value) -> None:
+        same = value is self.value or (isinstance(value, bool) and isinstance(self.value, bool) and value == self.value)
+        if not same:
+            raise InputError(self.message)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}={self.value!r}"
+
+
+def portable_guards(gm: fx.GraphModule, concrete: dict | None = None) -> None:
+    """Replace fx's guards of fixed arguments (``_assert_is_none(x, msg)``, ``torch._assert(x == v, msg)`` on
+    a placeholder) by ``FixedArgument`` module calls, in place. The guards of arguments in ``concrete`` (the
+    ones fxrep fixed) get a message that names the fix; others keep fx's."""
+    concrete = concrete or {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        fixed = _fixed_argument(node)
+        if fixed is None:
+            continue
+        placeholder, value, message = fixed
+        name = message.split(" ", 1)[0]
+        if name in concrete:
+            rest = {k: v for k, v in concrete.items() if k != name}
+            message = (f"fxrep.fuse traced this model with argument '{name}' fixed to {value!r}, so the fused "
+                       f"model cannot take another value for it. To keep '{name}' an input, fuse again with "
+                       f"fxrep.fuse(model, concrete_args={rest!r}) or pass it in example_inputs.")
+        target = _fresh_name(gm, f"fixed_{name}")
+        gm.add_submodule(target, FixedArgument(name, value, message))
+        with graph.inserting_before(node):
+            guard = graph.call_module(target, (placeholder,))
+        guard.meta = {k: v for k, v in node.meta.items() if k != "is_wrapped"}
+        condition = node.args[0]
+        graph.erase_node(node)
+        if condition is not placeholder and not condition.users:
+            graph.erase_node(condition)
+    gm.recompile()
+
+
+def _fixed_argument(node: fx.Node):
+    """(placeholder, value, message) if ``node`` is fx's guard of a fixed argument, else None."""
+    if not is_guard(node) or len(node.args) != 2 or not isinstance(node.args[1], str) or \
+            _SPECIALIZED not in node.args[1]:
+        return None
+    condition, message = node.args
+    if isinstance(condition, fx.Node) and condition.op == "placeholder":
+        return condition, None, message  # _assert_is_none(x, msg)
+    if isinstance(condition, fx.Node) and condition.op == "call_function" and condition.target is operator.eq \
+            and isinstance(condition.args[0], fx.Node) and condition.args[0].op == "placeholder":
+        return condition.args[0], condition.args[1], message  # torch._assert(x == value, msg)
+    return None
+
+
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

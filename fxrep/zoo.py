@@ -1,0 +1,208 @@
+"""Models written by others as a reliability suite: fuse each, run it, compare, and check the original.
+
+``benchmarks/zoo.py`` runs every timm model module and torchvision classification model through
+``try_fuse``; ``tests/test_zoo.py`` runs a CI-sized slice. One outcome per (model, flow):
+
+- ``exact``: fused, runs, matches the original within the dtype tolerance, original unchanged;
+- ``error``: a documented ``FxrepError`` (its class is recorded), the original unchanged;
+- ``broken``: the fused model raises when run;
+- ``wrong``: the fused model's output differs;
+- ``mutated``: fusing changed the user's model (a parameter, buffer or any attribute, caches included);
+- ``fixed_point``: a phase did not reach a fixed point (patterns undoing each other);
+- ``internal``: fxrep caught its own broken graph (``InternalError``) and did not return it;
+- ``raw``: ``fuse`` raised something that is not an FxrepError (a stack trace from deep inside torch).
+
+Flows: ``module`` (``fxrep.fuse(model)``) and ``traced`` (``fxrep.fuse(torch.fx.symbolic_trace(model))``,
+only where plain torch.fx traces the model; ``untraceable`` otherwise).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from .errors import FxrepError, InternalError
+from .snapshot import ModelSnapshot
+from .testing import DEFAULT_RTOL, _outputs, relative_error
+
+OUTCOMES = ("exact", "error", "broken", "wrong", "mutated", "fixed_point", "internal", "raw")
+BAD_OUTCOMES = ("broken", "wrong", "mutated", "fixed_point", "internal", "raw")
+
+# Smallest first: the size words timm and torchvision use in model names.
+_SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "micro", "mini", "tiny", "t", "s0", "small",
+               "s", "m0", "medium", "m", "base", "b", "large", "l", "huge", "h", "giant", "g"]
+
+
+@dataclass
+class ZooResult:
+    source: str
+    model: str
+    flow: str
+    outcome: str
+    detail: str = ""
+    params: int = 0
+    seconds: float = 0.0
+    rewrites: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"source": self.source, "model": self.model, "flow": self.flow, "outcome": self.outcome,
+                "detail": self.detail, "params": self.params, "seconds": round(self.seconds, 2),
+                "rewrites": self.rewrites}
+
+
+def _size_rank(name: str) -> tuple:
+    words = re.split(r"[_\-.]", name.lower())
+    ranks = [_SIZE_WORDS.index(w) for w in words if w in _SIZE_WORDS]
+    numbers = [int(n) for n in re.findall(r"\d+", name)]
+    return (min(ranks) if ranks else len(_SIZE_WORDS), sum(numbers), len(name), name)
+
+
+def count_params_meta(build) -> int:
+    """Parameter count of ``build()`` built on the meta device (no memory, no init), or -1 if that fails."""
+    try:
+        with torch.device("meta"):
+            m = build()
+        return sum(p.numel() for p in m.parameters())
+    except Exception:  # noqa: BLE001 - some constructors touch real data; rank them last
+        return -1
+
+
+def timm_zoo(max_params: float = 60e6, candidates: int = 4) -> list[tuple[str, str, int]]:
+    """(module, model name, params) for the smallest model of every timm model module under ``max_params``:
+    the ``candidates`` smallest names by size word are built on the meta device and the smallest is kept."""
+    import timm
+
+    out = []
+    for module in timm.list_modules():
+        names = sorted(timm.list_models(module=module), key=_size_rank)[:candidates]
+        sized = [(count_params_meta(lambda n=n: timm.create_model(n, pretrained=False)), n) for n in names]
+        sized = [(p, n) for p, n in sized if p >= 0] or [(0, names[0])] if names else []
+        if not sized:
+            continue
+        params, name = min(sized)
+        out.append((module, name, params))
+    return [t for t in out if t[2] <= max_params]
+
+
+def torchvision_zoo(max_params: float = 60e6) -> list[tuple[str, str, int]]:
+    """(family, model name, params) for every torchvision classification model under ``max_params``."""
+    import torchvision
+
+    out = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        params = count_params_meta(lambda n=name: torchvision.models.get_model(n, weights=None))
+        if 0 <= params <= max_params:
+            out.append((re.sub(r"[\d_].*$", "", name), name, params))
+    return out
+
+
+def build(source: str, name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The model with random weights, in eval mode, and a batch-1 input of its default size."""
+    torch.manual_seed(0)
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    model.eval()
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def try_fuse(model: nn.Module, x: torch.Tensor, flow: str = "module", patterns=None,
+             check_traced_again: bool = True) -> ZooResult:
+    """Fuse ``model`` as a new user would (``flow``: 'module' or 'traced') and classify what happened.
+
+    The original is run first for the reference output; its parameters, buffers and every module attribute
+    (caches and other containers included) are fingerprinted before and compared after. With
+    ``check_traced_again`` the original must still trace with plain torch.fx after fusing if it did before
+    (a tracer that leaves Proxies behind in a cache breaks exactly that)."""
+    from .engine import fuse
+
+    result = ZooResult("", "", flow, "exact", params=sum(p.numel() for p in model.parameters()))
+    with torch.no_grad():
+        expected = _outputs(model(x))
+    subject = model
+    if flow == "traced":
+        try:
+            subject = fx.symbolic_trace(model)
+        except Exception as e:  # noqa: BLE001 - plain torch.fx cannot trace it: not fxrep's business
+            result.outcome, result.detail = "untraceable", _short(e)
+            return result
+    before = ModelSnapshot(subject)
+    start = time.perf_counter()
+    try:
+        fused = fuse(subject, example_inputs=(x,), patterns=patterns)
+    except FxrepError as e:
+        result.seconds = time.perf_counter() - start
+        result.outcome = "fixed_point" if "fixed point" in str(e) else \
+            "internal" if isinstance(e, InternalError) else "error"
+        result.detail = _short(e)
+    except Exception as e:  # noqa: BLE001 - that is what this harness measures
+        result.seconds = time.perf_counter() - start
+        result.outcome, result.detail = "raw", _short(e) + " | " + _last_frame(e)
+    else:
+        result.seconds = time.perf_counter() - start
+        result.rewrites = len(fused.meta["fxrep_report"].applied)
+        _compare(fused, x, expected, result)
+    changed = before.diff(subject)
+    if changed:
+        result.outcome, result.detail = "mutated", changed
+    elif check_traced_again and flow == "module" and result.outcome in ("exact", "error"):
+        _check_still_traceable(model, x, result)
+    return result
+
+
+def _compare(fused, x, expected, result: ZooResult) -> None:
+    try:
+        with torch.no_grad():
+            actual = _outputs(fused(x))
+    except Exception as e:  # noqa: BLE001
+        result.outcome, result.detail = "broken", _short(e)
+        return
+    if len(actual) != len(expected):
+        result.outcome, result.detail = "wrong", f"{len(actual)} outputs, expected {len(expected)}"
+        return
+    for e, a in zip(expected, actual):
+        if e.shape != a.shape or e.dtype != a.dtype:
+            result.outcome, result.detail = "wrong", f"output {tuple(a.shape)} {a.dtype}, expected {tuple(e.shape)}"
+            return
+        err = relative_error(e, a)
+        if not err <= DEFAULT_RTOL.get(e.dtype, 1e-5):
+            result.outcome, result.detail = "wrong", f"max|delta|/max|y| = {err:.3g}"
+            return
+
+
+def _check_still_traceable(model, x, result: ZooResult) -> None:
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - it did not trace before either; nothing to compare
+        return
+    try:
+        with torch.no_grad():
+            gm(x)
+    except Exception as e:  # noqa: BLE001
+        result.outcome = "mutated"
+        result.detail = f"after fuse, symbolic_trace(model) gives a graph that fails: {_short(e)}"
+
+
+def _last_frame(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "/fxrep/" in f.filename]
+    f = (ours or frames)[-1] if frames else None
+    return f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" if f else ""
