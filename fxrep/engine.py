@@ -16,9 +16,10 @@ from .errors import (
     TrainingModeError,
     UnsupportedModelError,
 )
-from .ir import is_guard, merge_origins
+from .ir import is_guard, is_inplace, merge_origins, mutation_hazards
 from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default_registry
 from .report import Applied, FuseReport, Skipped
+from .snapshot import stale_proxies
 from .stats import graph_stats, run_counting_flops
 from .tracing import portable_guards, trace
 
@@ -92,9 +93,21 @@ def _inputs_from_shapes(model) -> tuple | None:
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    try:
+        gm.graph.lint()
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix named
+        stale = stale_proxies(gm)
+        cause = (f" {', '.join(stale[:3]) if stale else 'A common cause'}: a model that caches values while it is "
+                 "traced (timm's LeViT and EfficientFormer keep an attention_bias_cache) keeps an fx Proxy, so a "
+                 "second torch.fx.symbolic_trace of it reads a node of the first trace.")
+        raise InputError(
+            f"the GraphModule's graph is malformed: {str(e).split('!')[0].splitlines()[0]}.{cause} Fix: pass the nn.Module itself to fxrep.fuse "
+            "(fxrep's tracer ignores and restores such caches), or trace a model that was never traced before.") from e
     graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph, type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
+    if "fxrep_constants" in new.meta:  # add_constant appends to these lists: the input's must not change
+        new.meta["fxrep_constants"] = {k: list(v) for k, v in new.meta["fxrep_constants"].items()}
     return new
 
 
@@ -110,6 +123,7 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
     for pattern in patterns:
         matches = []
         taken: set = set()
+        hazards = ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))
         for node in list(ctx.graph.nodes):
             if not _alive(node, ctx.graph):
                 continue
@@ -117,7 +131,10 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
             if isinstance(result, Skip):
                 skips.append(Skipped(pattern.name, result.reason, merge_origins(result.nodes)))
             elif isinstance(result, Match):
-                if taken.isdisjoint(result.nodes):
+                if not hazards.isdisjoint(result.nodes):
+                    skips.append(Skipped(pattern.name, "a value it rewrites is written in place (or read after "
+                                         "such a write): left as it is", merge_origins(result.nodes)))
+                elif taken.isdisjoint(result.nodes):
                     matches.append(result)
                     taken.update(result.nodes)
             elif result is not None:
@@ -138,15 +155,23 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
 
 
 def _cleanup(ctx: FuseContext) -> None:
-    _eliminate_dead_code(ctx.graph)
+    """Erase what the rewrites replaced (``ctx.replace_node``; an in-place or impure node a pattern replaced is
+    its responsibility, and dead-code elimination would keep it), then dead code."""
+    graph = ctx.graph
+    replaced = {n for n in ctx.replaced_since_cleanup() if n.graph is graph}
+    for node in reversed(graph.nodes):
+        if node in replaced and not node.users:
+            graph.erase_node(node)
+    _eliminate_dead_code(graph)
     ctx.invalidate()
 
 
 def _eliminate_dead_code(graph: fx.Graph) -> None:
-    """``Graph.eliminate_dead_code`` without its lint and with the purity check only for unused nodes:
-    the same result, in a fraction of the time on large graphs (run_patterns lints once per phase)."""
+    """``Graph.eliminate_dead_code`` without its lint and with the purity check only for unused nodes
+    (fast on large graphs; run_patterns lints once per phase). Also kept: guards, and in-place ops, whose
+    result nobody reads but whose write others do (fx's ``is_impure`` does not know ``x.mul_(2)``)."""
     for node in reversed(graph.nodes):
-        if not node.users and not node.is_impure() and not is_guard(node):
+        if not node.users and not node.is_impure() and not is_guard(node) and not is_inplace(node):
             graph.erase_node(node)
 
 
@@ -179,8 +204,15 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
                 ctx.graph.lint()  # a pattern that broke the graph is caught at the end of its phase
                 break
         else:
-            raise FxrepError(f"phase {phase!r} did not reach a fixed point in {MAX_SWEEPS} sweeps; "
-                             "a pattern keeps rewriting its own output (its match must return None once done)")
+            last = report.applied[-applied:]
+            culprits = ", ".join(f"'{a.pattern}' ({a.summary} at {', '.join(a.origins[:2])})"
+                                 for a in {a.pattern: a for a in last}.values())
+            raise InternalError(
+                f"phase {phase!r} did not reach a fixed point in {MAX_SWEEPS} sweeps: still rewriting in the last "
+                f"sweep: {culprits}. A pattern's match must return None once its rewrite is done (and its "
+                f"replace must remove or change what it matched); two patterns may be undoing each other. "
+                f"This is a bug in that pattern; fuse without it meanwhile: "
+                f"patterns=fxrep.default_registry().without('{last[0].pattern}').")
     done: dict = {}
     for a in report.applied:
         done.setdefault(a.pattern, set()).update(a.origins)

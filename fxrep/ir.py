@@ -50,6 +50,131 @@ def is_guard(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in GUARD_TARGETS
 
 
+# Ops that return a view of their first argument (or the argument itself): values unchanged, layout follows.
+VIEW_METHODS = {"reshape", "view", "permute", "transpose", "unbind", "unflatten", "flatten", "chunk", "split",
+                "contiguous", "swapaxes", "squeeze", "unsqueeze"}
+VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.unbind, torch.flatten, torch.chunk,
+                  torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze}
+# Readers whose result does not depend on the strides of their input (measured: a permuted input gives the
+# same values and a contiguous output; tests/test_ir.py).
+LAYOUT_RESETTING = LINEAR_TARGETS | LAYER_NORM_TARGETS
+_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "float", "double", "half", "to", "type_as"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul,
+                      operator.setitem}
+
+
+def is_view(node: fx.Node) -> bool:
+    """A view op (``reshape``, ``permute``, ``getitem``, ``contiguous``, ...): same values as its input, and
+    possibly the same memory."""
+    return (node.op == "call_method" and node.target in VIEW_METHODS) or \
+        (node.op == "call_function" and node.target in VIEW_FUNCTIONS)
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """Writes to one of its inputs: ``x.add_(y)``, ``x += y``, ``x[i] = y``, ``F.relu(x, inplace=True)``, an
+    ``nn.ReLU(inplace=True)`` module call. Such a node is never merged, folded or moved."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return (name.endswith("_") and not name.endswith("__")) or _inplace_positional(node)
+    if node.op == "call_module":
+        return getattr(fetch_attr(node.graph.owning_module, node.target), "inplace", False) is True
+    return False
+
+
+_INPLACE_POSITION = {F.relu: 1, F.silu: 1, F.hardswish: 1, F.mish: 1, F.leaky_relu: 2, F.elu: 2, F.dropout: 3}
+
+
+def _inplace_positional(node: fx.Node) -> bool:
+    i = _INPLACE_POSITION.get(node.target)
+    return i is not None and len(node.args) > i and node.args[i] is True
+
+
+def _is_elementwise(node: fx.Node) -> bool:
+    """Elementwise arithmetic and activations: the output takes its layout from the inputs."""
+    if node.op == "call_method":
+        return node.target in _ELEMENTWISE_METHODS or node.target in _ACTIVATION_METHODS
+    return node.op == "call_function" and (
+        node.target in ADD_TARGETS | SUB_TARGETS | MUL_TARGETS | DIV_TARGETS | NEG_TARGETS
+        or node.target in _ACTIVATION_FUNCTIONS)
+
+
+def layout_sensitive_reader(node: fx.Node) -> fx.Node | None:
+    """The first node that could see the difference if ``node``'s value had other strides, or None.
+
+    Readers are followed through views and elementwise ops (whose outputs inherit their input's layout)
+    until an op whose result does not depend on it (Linear, LayerNorm) or a shape read. Anything else counts
+    as sensitive: ``view`` (raises on some strides), in-place ops, the graph output (the caller may rely on
+    the layout) and every op not classified here."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_shape_read(user) or (is_call(user, LAYOUT_RESETTING) and not is_inplace(user)):
+                continue
+            if is_inplace(user) or user.op == "output" or (user.op == "call_method" and user.target == "view"):
+                return user
+            if is_view(user) or _is_elementwise(user):
+                todo.append(user)
+                continue
+            return user
+    return None
+
+
+def owns_its_memory(node) -> bool:
+    """True where ``node``'s value is a tensor no other value aliases: the output of a Linear, LayerNorm or
+    out-of-place arithmetic. Placeholders, parameters, views and ops that may return their input do not."""
+    if not isinstance(node, fx.Node) or is_inplace(node):
+        return False
+    if node.op == "call_function":
+        return node.target in LINEAR_TARGETS | LAYER_NORM_TARGETS | MATMUL_TARGETS | ADD_TARGETS | SUB_TARGETS \
+            | MUL_TARGETS | DIV_TARGETS
+    if node.op == "call_module":
+        return isinstance(fetch_attr(node.graph.owning_module, node.target), (torch.nn.Linear, torch.nn.LayerNorm))
+    return False
+
+
+def _fresh(node: fx.Node) -> bool:
+    """The op allocates its result: it can never return (a view of) one of its inputs."""
+    return owns_its_memory(node) or (activation_key(node) is not None and node.op == "call_function") or \
+        is_softmax(node) or is_call(node, SDPA_TARGETS) or node.target is multi_head_attention
+
+
+def _written(node: fx.Node) -> fx.Node | None:
+    """The value an in-place node writes to, or None where the write cannot be seen: its target owns its
+    memory and this node is its only reader (``nn.ReLU(inplace=True)`` after a Linear)."""
+    target = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if target is None or (owns_its_memory(target) and len(target.users) == 1):
+        return None
+    return target
+
+
+def mutation_hazards(graph: fx.Graph) -> set:
+    """Nodes that value-based rewrites (CSE, affine forms, merges) must leave alone: every value an in-place
+    op writes to, every alias of it (found through ops that may return their input or a view of it, up and
+    down the graph), the in-place ops themselves, and every reader of those values (a reader that runs after
+    the write sees the written value, so moving or merging it changes its result)."""
+    aliases: set = set()
+    todo = [n for n in graph.nodes if is_inplace(n) and _written(n) is not None]
+    todo += [_written(n) for n in todo]
+    while todo:
+        n = todo.pop()
+        if n in aliases:
+            continue
+        aliases.add(n)
+        if n.op in ("call_function", "call_method", "call_module") and not _fresh(n):
+            todo += [a for a in n.all_input_nodes if a.op != "get_attr" or is_inplace(n)]
+        todo += [u for u in n.users if u.op != "output" and not _fresh(u)]
+    return aliases | {u for n in aliases for u in n.users}
+
+
 def is_call(node: fx.Node, targets) -> bool:
     return node.op == "call_function" and node.target in targets
 
@@ -173,7 +298,7 @@ def as_layer_norm(node) -> LayerNormView | None:
 
 def activation_key(node) -> tuple | None:
     """A hashable key naming an elementwise activation and its variant, e.g. ('gelu', 'tanh'); else None."""
-    if not isinstance(node, fx.Node) or len(node.all_input_nodes) != 1:
+    if not isinstance(node, fx.Node) or len(node.all_input_nodes) != 1 or is_inplace(node):
         return None
     if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
         name = _ACTIVATION_FUNCTIONS[node.target]

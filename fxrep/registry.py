@@ -92,6 +92,7 @@ class FuseContext:
     _cache: dict = field(default_factory=dict)
     _replaced: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
+    _fresh_replaced: list = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -115,8 +116,14 @@ class FuseContext:
         """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve`` old."""
         old.replace_all_uses_with(new)
         self._replaced[old] = new
+        self._fresh_replaced.append(old)
         if "tensor_meta" in old.meta and "tensor_meta" not in new.meta:
             new.meta["tensor_meta"] = old.meta["tensor_meta"]  # same value, same shape
+
+    def replaced_since_cleanup(self) -> list:
+        """The nodes ``replace_node`` replaced since the last call (the engine erases them)."""
+        out, self._fresh_replaced = self._fresh_replaced, []
+        return out
 
     def resolve(self, node: fx.Node) -> fx.Node:
         while node in self._replaced:

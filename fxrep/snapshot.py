@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 _CONTAINERS = (dict, list, set)
 _MAX_DEPTH = 4
@@ -94,16 +94,32 @@ def _describe(picture) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def stale_proxies(model: nn.Module) -> list[str]:
+    """'module.attribute' of every dict entry in the model that holds a torch.fx Proxy: left there by an
+    earlier plain ``torch.fx`` trace of a model that caches values (timm's LeViT ``attention_bias_cache``)."""
+    found = []
+    for name, m in model.named_modules():
+        for k, v in vars(m).items():
+            if isinstance(v, dict) and any(isinstance(x, fx.Proxy) for x in v.values()):
+                found.append(f"{name}.{k}" if name else k)
+    return found
+
+
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
     """Put every module's attributes back as they were when the block ends: attributes added are removed,
     rebound ones restored, and dicts, lists and sets the module holds get their old contents back (in place,
-    so other references to them see the restored contents too)."""
+    so other references to them see the restored contents too). Inside the block, dict entries holding an
+    fx Proxy of an earlier trace are hidden, so a new trace cannot read a node of another graph."""
     saved = []
     for m in model.modules():
         attrs = dict(vars(m))
         contents = {k: _shallow_copy(v) for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
         saved.append((m, attrs, contents))
+        for v in attrs.values():
+            if isinstance(v, dict):
+                for k in [k for k, x in v.items() if isinstance(x, fx.Proxy)]:
+                    del v[k]
     try:
         yield
     finally:

@@ -9,9 +9,9 @@ import torch.nn as nn
 from torch import fx
 
 import fxrep
-from fxrep.tracing import portable_guards
 from fxrep.models.registry import _create
 from fxrep.testing import GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, make_inputs
+from fxrep.tracing import portable_guards
 
 
 def _block(**kw):

@@ -49,6 +49,7 @@ from ..ir import (
     emit_linear,
     fingerprint,
     merge_origins,
+    mutation_hazards,
     scalar_or_channel,
 )
 from ..registry import Match
@@ -291,8 +292,9 @@ class AffineAnalysis:
     downstream of the new nodes are recomputed, which keeps fusing large models close to linear in time.
     """
 
-    def __init__(self, graph: fx.Graph, memo: dict | None = None, seed_stops: bool = True):
+    def __init__(self, graph: fx.Graph, memo: dict | None = None, seed_stops: bool = True, hazards=None):
         self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.hazards = mutation_hazards(graph) if hazards is None else hazards
         self._memo = {} if memo is None else memo
         for n in [n for n in self._memo if n not in self.order]:
             del self._memo[n]  # erased nodes: their forms can never be asked for again
@@ -338,6 +340,8 @@ class AffineAnalysis:
             return scalar_or_channel(a, dtype)
 
         for n in graph.nodes:
+            if n in self.hazards:
+                continue  # written in place, or read after such a write: an opaque value
             key, keep_alive = _dependency_key(n, forms, stop)
             entry = self._memo.get(n)
             if entry is None or entry[0] != key:
@@ -612,7 +616,8 @@ class MergeAffine:
     phase = "fuse"
 
     def match(self, node, ctx):
-        analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(ctx.graph, ctx.memo("affine")))
+        analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(
+            ctx.graph, ctx.memo("affine"), hazards=ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))))
         region = analysis.region_at.get(node)
         return self._evaluate(region, analysis) if region is not None else None
 

@@ -42,6 +42,7 @@ from ..ir import (
     fetch_attr,
     is_shape_read,
     is_softmax,
+    is_view,
     merge_origins,
 )
 from ..ops import reference_attention
@@ -50,21 +51,12 @@ from ..registry import Match, Skip
 f64 = torch.float64
 PROBE_BATCH, PROBE_TOKENS = 2, 5
 
-_VIEW_METHODS = {"reshape", "view", "permute", "transpose", "unbind", "unflatten", "flatten", "chunk", "split",
-                 "contiguous", "swapaxes", "squeeze", "unsqueeze"}
-_VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.unbind, torch.flatten, torch.chunk,
-                   torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze}
 _AUX_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub,
                   operator.truediv}
 
 
 class NotAttention(Exception):
     """Raised while recognizing; its message becomes the reason of a Skip."""
-
-
-def _is_view(n: fx.Node) -> bool:
-    return (n.op == "call_method" and n.target in _VIEW_METHODS) or \
-        (n.op == "call_function" and n.target in _VIEW_FUNCTIONS)
 
 
 def _scalar(a) -> float | None:
@@ -114,7 +106,7 @@ class Chain:
                 n, f = scale
                 self.factor *= f
                 continue
-            if not _is_view(n) or not isinstance(n.args[0], fx.Node):
+            if not is_view(n) or not isinstance(n.args[0], fx.Node):
                 raise NotAttention(f"{_describe(end)} is not a view of a Linear output (found {_describe(n)})")
             self.nodes.append(n)
             n = n.args[0]
@@ -224,7 +216,7 @@ def _output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
     """Follow the attention output through views to the (batch, tokens, H*dv) tensor; return it and its
     column -> (head, feature) map."""
     nodes, n = [], anchor
-    while len(n.users) == 1 and _is_view(next(iter(n.users))):
+    while len(n.users) == 1 and is_view(next(iter(n.users))):
         n = next(iter(n.users))
         nodes.append(n)
     B, N = x_value.shape[0], x_value.shape[-2]

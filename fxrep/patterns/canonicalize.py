@@ -1,9 +1,12 @@
 """Canonicalize phase: make every supported op look one way, so the fuse patterns need one handler each.
 
-- ``drop_identity``: Identity, Dropout and DropPath modules, ``F.dropout(training=False)`` and
-  ``.contiguous()`` are the identity at inference; their uses read the input instead.
+- ``drop_identity``: Identity, Dropout and DropPath modules and ``F.dropout(training=False)`` are the identity
+  at inference; their uses read the input instead. ``.contiguous()`` is dropped only where no reader can
+  tell (``ir.layout_sensitive_reader``): before a ``view``, an in-place op or the output it stays.
 - ``functionalize_modules``: ``nn.Linear`` / ``nn.LayerNorm`` / activation modules become their functional
-  calls on ``get_attr`` parameters (``nn.LayerNorm`` and timm's ``F.layer_norm`` then look the same).
+  calls on ``get_attr`` parameters (``nn.LayerNorm`` and timm's ``F.layer_norm`` then look the same). An
+  in-place activation module (``nn.ReLU(inplace=True)``) becomes an out-of-place call only where nothing else
+  can see the write: its input owns its memory and has no other reader.
 - ``fold_constants``: an op whose inputs are all constants and whose result is a scalar or a per-channel
   vector (e.g. ``1 - lam`` on a buffer) is evaluated once. Larger constant tables (a position embedding cast
   to another dtype) are left as they are: the user's buffers keep their values and dtypes.
@@ -16,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from ..ir import add_constant, fetch_attr
+from ..ir import add_constant, fetch_attr, is_inplace, layout_sensitive_reader, owns_its_memory
 from ..registry import Match, Skip
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -43,7 +46,7 @@ class DropIdentity:
             return None
         if node.op == "call_module" and _is_identity_module(_module(node)):
             return Match([node], node.args[0], f"{type(_module(node)).__name__} is the identity at eval")
-        if node.op == "call_function" and node.target in (F.dropout, torch.dropout):
+        if node.op == "call_function" and node.target in (F.dropout, torch.dropout) and isinstance(node.args[0], fx.Node):
             args = dict(zip(("input", "p", "training", "inplace"), node.args))
             args.update(node.kwargs)
             training = args.get("training", node.target is F.dropout)
@@ -51,8 +54,9 @@ class DropIdentity:
                 return Match([node], node.args[0], "dropout with training=False")
             return Skip([node], "functional dropout is called with training=True: it is random even in "
                                 "eval mode; pass training=self.training")
-        if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1:
-            return Match([node], node.args[0], "contiguous() does not change values")
+        if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs \
+                and layout_sensitive_reader(node) is None:
+            return Match([node], node.args[0], "contiguous() whose readers do not depend on the layout")
         return None
 
     def replace(self, match, ctx):
@@ -71,10 +75,12 @@ class FunctionalizeModules:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return None
         m = _module(node)
-        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Softmax, nn.LeakyReLU, nn.ELU)) or \
-                type(m) in _ACTIVATION_MODULES:
-            return Match([node], m, f"{type(m).__name__} module -> functional call")
-        return None
+        if not (isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Softmax, nn.LeakyReLU, nn.ELU)) or
+                type(m) in _ACTIVATION_MODULES):
+            return None
+        if getattr(m, "inplace", False) and not (owns_its_memory(node.args[0]) and len(node.args[0].users) == 1):
+            return None  # the write to its input would be visible elsewhere: keep the module call
+        return Match([node], m, f"{type(m).__name__} module -> functional call")
 
     def replace(self, match, ctx):
         node, m = match.nodes[0], match.data
@@ -115,8 +121,8 @@ class FoldConstants:
         inputs = node.all_input_nodes
         if not inputs or any(i.op != "get_attr" for i in inputs):
             return None
-        if node.op == "call_method" and str(node.target).endswith("_"):
-            return None  # in-place method: it would write the user's tensor
+        if is_inplace(node):
+            return None  # it would write the user's tensor
         value = _evaluate(node, ctx.gm)
         if not isinstance(value, torch.Tensor) or sum(1 for s in value.shape if s > 1) > 1:
             return None  # only scalars and per-channel vectors: the constants patterns read; tables stay as is

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..ir import is_guard, is_inplace, mutation_hazards
 from ..registry import Match
 from .canonicalize import _RANDOM_TARGETS
 
@@ -33,11 +34,9 @@ def _key(value):
 def _pure(node: fx.Node) -> bool:
     if node.op == "get_attr":
         return True  # same target, same tensor
-    if node.op == "call_function":
-        return node.target not in _RANDOM_TARGETS and not getattr(node.target, "__name__", "").endswith("_")
-    if node.op == "call_method":
-        return not str(node.target).endswith("_")
-    return False
+    if node.op not in ("call_function", "call_method") or is_inplace(node) or is_guard(node):
+        return False
+    return node.op == "call_method" or node.target not in _RANDOM_TARGETS
 
 
 class EliminateCommonSubexpressions:
@@ -63,7 +62,8 @@ class EliminateCommonSubexpressions:
 
     def match(self, node, ctx):
         dup = ctx.cached("cse", lambda: self._first_occurrences(ctx.graph))
-        if node in dup:
+        hazards = ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))
+        if node in dup and dup[node] not in hazards and node not in hazards:
             return Match([node], dup[node], f"duplicate {node.target.__name__ if callable(node.target) else node.target} merged")
         return None
 

@@ -1,0 +1,190 @@
+"""Never break a model: layout-dependent readers, in-place ops, guards, fixed points, and the self-check."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import fx
+
+import fxrep
+from fxrep.ir import as_linear, emit_linear, fetch_attr, fingerprint
+from fxrep.testing import assert_fused_equivalent, fuzz_check, random_graphs
+
+
+class WindowShuffle(nn.Module):
+    """Swin's window partition / ShuffleNet's channel shuffle: permute -> contiguous -> view."""
+
+    def __init__(self, d, perm, then):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.perm, self.then = perm, then
+
+    def forward(self, x):  # x: (b, n, d)
+        h = self.lin(x).unflatten(-1, (2, -1)).permute(*self.perm).contiguous()
+        if self.then == "view":
+            return h.view(h.shape[0], -1)
+        if self.then == "as_strided":
+            return h.as_strided((h.numel(),), (1,))
+        if self.then == "inplace":
+            h.mul_(2.0)
+            return self.lin(x) + h.sum()
+        if self.then == "output":
+            return h
+        return self.lin(h.flatten(-2, -1).transpose(-1, -2).transpose(-1, -2)[..., : self.lin.in_features])
+
+
+@given(d=st.sampled_from([2, 4, 6, 8]), n=st.integers(1, 4), perm=st.permutations([0, 1, 2, 3]),
+       then=st.sampled_from(["view", "as_strided", "inplace", "output"]))
+def test_contiguous_before_a_layout_reader_is_kept(d, n, perm, then):
+    model = WindowShuffle(d, perm, then).eval()
+    x = torch.randn(2, n, d)
+    fused = assert_fused_equivalent(model, (x,))
+    assert any(node.target == "contiguous" for node in fused.graph.nodes)
+    out, want = fused(x), model(x)
+    assert out.is_contiguous() == want.is_contiguous()
+
+
+def test_contiguous_before_a_linear_is_dropped():
+    model = WindowShuffle(4, (0, 1, 2, 3), "linear").eval()
+    fused = assert_fused_equivalent(model, (torch.randn(2, 3, 4),))
+    assert not any(node.target == "contiguous" for node in fused.graph.nodes)
+
+
+class InplaceAct(nn.Module):
+    def __init__(self, d, act, reread):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.act, self.reread = act, reread
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = self.act(h)
+        return self.fc2(y) + (h if self.reread else 0.0)
+
+
+INPLACE_ACTS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU(inplace=True),
+                "hardswish": lambda: nn.Hardswish(inplace=True), "leaky": lambda: nn.LeakyReLU(0.1, inplace=True)}
+
+
+@given(act=st.sampled_from(sorted(INPLACE_ACTS)), reread=st.booleans(), d=st.integers(1, 8))
+def test_inplace_activation_modules_are_exact(act, reread, d):
+    model = InplaceAct(d, INPLACE_ACTS[act](), reread).eval()
+    fused = assert_fused_equivalent(model, (torch.randn(3, d),))
+    functional = not any(n.op == "call_module" for n in fused.graph.nodes)
+    assert functional == (not reread)  # the write is invisible only where nothing else reads h
+
+
+class InplaceOps(nn.Module):
+    """In-place writes that fxrep must never merge, fold, CSE or move."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h1, h2 = self.a(x), self.a(x)
+        h1 += self.b(x)
+        h2.add_(1.0)
+        g = F.relu(h1, inplace=True)
+        return h1 + h2 + g + F.gelu(self.b(x))
+
+
+def test_inplace_ops_are_left_alone():
+    assert_fused_equivalent(InplaceOps(4).eval(), (torch.randn(2, 4),))
+
+
+class RepeatedChecks(nn.Module):
+    """coat's blocks call ``torch._assert`` with the same condition more than once: CSE 'merged' the copies,
+    which had no users and were never removed, so the canonicalize phase never reached a fixed point."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(3):
+            torch._assert(x.shape[-1] == 4, "")
+            x = self.lin(x)
+        return x
+
+
+def test_repeated_asserts_reach_a_fixed_point_and_are_kept():
+    model = RepeatedChecks().eval()
+    fused = assert_fused_equivalent(model, (torch.randn(2, 4),))
+    assert sum(1 for n in fused.graph.nodes if n.target is torch._assert) == 3
+
+
+@given(random_graphs(max_steps=8))
+def test_no_two_builtin_patterns_undo_each_other(case):
+    """Every phase reaches its fixed point (else InternalError), and a fused graph is a fixed point of the
+    whole pipeline: fusing it again gives the same code (attention is lifted and lowered back as it was)."""
+    result = fuzz_check(case)
+    if result["error"] is not None:
+        return
+    fused = fxrep.fuse(case.model, example_inputs=case.inputs)
+    again = fxrep.fuse(fused, example_inputs=case.inputs)
+    assert _structure(again) == _structure(fused)
+    assert {a.pattern for a in again.meta["fxrep_report"].applied} <= {"lift_attention", "lower_attention"}
+
+
+def _structure(gm) -> list:
+    """A graph up to node names: ops, targets (constants by their bits) and arguments as node positions."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = []
+    for n in gm.graph.nodes:
+        target = fingerprint(fetch_attr(gm, n.target)) if n.op == "get_attr" else \
+            str(n.target) if n.op != "call_module" else type(fetch_attr(gm, n.target)).__name__
+        out.append((n.op, target, str(fx.node.map_arg((n.args, n.kwargs), lambda a: index[a]))))
+    return out
+
+
+class NeverDone:
+    """A broken pattern: matches every Linear and 'rewrites' it into itself forever."""
+
+    name, phase = "never_done", "fuse"
+
+    def match(self, node, ctx):
+        return fxrep.Match([node], None, "rewrites nothing") if as_linear(node) is not None else None
+
+    def replace(self, match, ctx):
+        return None
+
+
+def test_a_pattern_that_never_finishes_is_named():
+    registry = fxrep.default_registry()
+    registry.register(NeverDone())
+    with pytest.raises(fxrep.InternalError, match=r"fixed point.*'never_done'.*without\('never_done'\)"):
+        fxrep.fuse(nn.Sequential(nn.Linear(2, 2)).eval(), patterns=registry)
+
+
+class WrongShape:
+    """A broken pattern: replaces a Linear by one with the wrong output width."""
+
+    name, phase = "wrong_shape", "lower"
+
+    def match(self, node, ctx):
+        lin = as_linear(node)
+        if lin is None or lin.weight.shape[0] != 3:
+            return None
+        return fxrep.Match([node], lin, "drops an output feature")
+
+    def replace(self, match, ctx):
+        lin = match.data
+        with ctx.graph.inserting_before(lin.node):
+            new = emit_linear(ctx.graph, lin.input, lin.weight[:2], None, lin.weight.dtype, "broken")
+        ctx.replace_node(lin.node, new)
+
+
+def test_a_graph_that_does_not_run_is_never_returned_and_the_advice_works():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = torch.randn(5, 4)
+    fxrep.register_pattern(WrongShape())
+    try:
+        with pytest.raises(fxrep.InternalError, match=r"raises RuntimeError.*'wrong_shape'.*drops an output"):
+            fxrep.fuse(model, example_inputs=(x,))
+        fused = fxrep.fuse(model, patterns=fxrep.default_registry().without("wrong_shape"), example_inputs=(x,))
+        torch.testing.assert_close(fused(x), model(x))
+    finally:
+        fxrep.unregister_pattern("wrong_shape")
