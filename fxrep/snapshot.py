@@ -90,8 +90,27 @@ class ModelSnapshot:
 
 
 def _describe(picture) -> str:
-    text = repr(picture)
-    return text if len(text) <= 120 else text[:117] + "..."
+    text = _render(picture)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _render(p) -> str:
+    """A picture from ``_value`` as a person would write the value: {'cpu': tensor[6, 49, 49]}."""
+    if isinstance(p, _TensorLeaf):
+        return repr(p)
+    kind = p[0]
+    if kind == "dict":
+        return "{" + ", ".join(f"{_render(k)}: {_render(v)}" for k, v in p[2]) + "}"
+    if kind in ("list", "tuple"):
+        inner = ", ".join(_render(x) for x in p[2])
+        return f"[{inner}]" if kind == "list" else f"({inner})"
+    if kind in ("set", "frozenset"):
+        return "{" + ", ".join(p[2]) + "}"
+    if kind == "object":
+        return f"<{p[1]} object>"
+    if kind == "module":
+        return "<module>"
+    return repr(p[1])
 
 
 def stale_proxies(model: nn.Module) -> list[str]:

@@ -394,7 +394,23 @@ def branched_attention_blocks(draw, **kwargs) -> Case:
 # ----------------------------------------------------------------------------------------------------------
 
 FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
-            "scale_param", "mlp", "attention", "masked_attention", "reshape")
+            "scale_param", "mlp", "attention", "masked_attention", "reshape", "shuffle_view", "as_strided",
+            "inplace", "inplace_act", "cached")
+
+
+class CachedShift(nn.Module):
+    """Adds a bias it caches per device on first use, as timm's LeViT attention does in eval mode."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(d))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2.0
+        return x + self.cache[key]
 
 
 @dataclass
@@ -444,6 +460,12 @@ class RandomGraphModel(nn.Module):
             elif op == "scale_param":
                 self.params.append(nn.Parameter(torch.empty(d)))
                 idx = len(self.params) - 1
+            elif op == "inplace_act":
+                self.mods.append(nn.Sequential(nn.Linear(d, d), (nn.ReLU, nn.SiLU, nn.Hardswish)[opt % 3](inplace=True)))
+                idx = len(self.mods) - 1
+            elif op == "cached":
+                self.mods.append(CachedShift(d))
+                idx = len(self.mods) - 1
             self.index.append(idx)
         self.register_buffer("mask", torch.randn(1, 1, 1, 1))
         _randomize(self, torch.Generator().manual_seed(spec.seed))
@@ -475,6 +497,23 @@ class RandomGraphModel(nn.Module):
                 q, k, v = attn.qkv(a).reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
                 w = ((q * attn.scale) @ k.transpose(-2, -1) + self.mask).softmax(dim=-1)
                 y = attn.proj((w @ v).transpose(1, 2).reshape(B_, N, C))
+            elif op == "shuffle_view":  # ShuffleNet's channel shuffle / Swin's windows: a view after contiguous
+                t = a.unflatten(-1, (2, -1)).transpose(-1, -2).contiguous()
+                y = t.view(a.shape) if opt % 2 else t.reshape(a.shape)
+            elif op == "as_strided":  # reads the memory layout of a contiguous copy
+                t = a.transpose(-1, -2).contiguous()
+                y = t.as_strided(a.shape, (a.shape[1] * a.shape[2], a.shape[2], 1))
+            elif op == "inplace":  # a value read before and after a write into it (or into a view of it)
+                before = a * 1.0 if opt % 2 else a + 0.0
+                target = before.transpose(-1, -2) if opt % 3 == 0 else before
+                target.mul_(0.5 + opt % 2) if opt % 4 < 2 else target.add_(b.transpose(-1, -2) if opt % 3 == 0 else b)
+                y = before + a
+            elif op == "inplace_act":  # nn.ReLU(inplace=True) after a Linear whose output is read again
+                lin, act = self.mods[idx]
+                h = lin(a)
+                y = act(h) + h if opt % 2 else act(h)
+            elif op == "cached":
+                y = self.mods[idx](a)
             else:  # reshape round trip
                 y = a.reshape(a.shape[0], -1).reshape(a.shape)
             values.append(y)
@@ -486,7 +525,9 @@ class RandomGraphModel(nn.Module):
 def random_graphs(draw, max_steps: int = 10, dtypes=(torch.float32, torch.float64, torch.bfloat16)) -> Case:
     """A ``Case`` with a RandomGraphModel: DAGs of Linear (some shared), LayerNorm (module and functional,
     mixed eps), activations, adds, constant and parameter scales, MLPs, timm attention (SDPA or explicit),
-    masked attention and reshapes; values with several users; float32/float64/bfloat16."""
+    masked attention and reshapes; layout readers after contiguous (view, as_strided), in-place writes into
+    values read elsewhere, in-place activation modules and a module that caches values while it runs; values
+    with several users; float32/float64/bfloat16."""
     n = draw(st.integers(1, max_steps))
     steps = []
     for i in range(n):

@@ -1,0 +1,32 @@
+"""A CI-sized slice of the model zoo (benchmarks/zoo.py runs all of it): every model that once came back
+broken, changed or stuck, and a few that always passed. Random weights, default input size, batch 1, both
+flows (fxrep.fuse(model) and fxrep.fuse(torch.fx.symbolic_trace(model))). Each must fuse exactly and leave
+the model as it was, every attribute included."""
+
+import pytest
+import torch
+
+from fxrep.zoo import build, try_fuse
+
+SLICE = [
+    # fused graphs that raised (contiguous() dropped before a view)
+    ("timm", "swin_tiny_patch4_window7_224"), ("timm", "swinv2_tiny_window16_256"), ("timm", "swinv2_cr_tiny_224"),
+    ("timm", "davit_tiny"), ("timm", "gcvit_xtiny"), ("timm", "sam2_hiera_tiny"), ("timm", "tresnet_m"),
+    ("torchvision", "shufflenet_v2_x0_5"),
+    # the user's model was changed (a Proxy left in attention_bias_cache)
+    ("timm", "levit_128s"), ("timm", "efficientformer_l1"), ("timm", "efficientformerv2_s0"),
+    # a phase that never reached its fixed point
+    ("timm", "coat_tiny"),
+    # always passed
+    ("timm", "deit_tiny_patch16_224"), ("torchvision", "resnet18"),
+]
+
+
+@pytest.mark.parametrize("source,name", SLICE, ids=[n for _, n in SLICE])
+def test_zoo_model_fuses_exactly_in_both_flows(source, name):
+    torch.manual_seed(0)
+    model, x = build(source, name)
+    for flow in ("module", "traced"):
+        result = try_fuse(model, x, flow)
+        allowed = ("exact", "untraceable") if flow == "traced" else ("exact",)
+        assert result.outcome in allowed, f"{name} ({flow}): {result.outcome}: {result.detail}"
