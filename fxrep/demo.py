@@ -16,7 +16,7 @@ import torch
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.benchmarking import markdown_table, measure_latency
-from fxrep.testing import relative_error
+from fxrep.equivalence import relative_error
 from fxrep.training import TrainConfig, synthetic_shapes, train
 
 IMAGE = dict(img_size=32, patch_size=8, in_chans=1, num_classes=4)

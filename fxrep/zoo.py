@@ -63,14 +63,15 @@ def _size_rank(name: str) -> tuple:
     return (min(ranks) if ranks else len(_SIZE_WORDS), sum(numbers), len(name), name)
 
 
-def count_params_meta(build) -> int:
-    """Parameter count of ``build()`` built on the meta device (no memory, no init), or -1 if that fails."""
+def count_params(build) -> int:
+    """Parameter count of ``build()``: built on the meta device (no memory, no init) where the constructor
+    allows it, else on the CPU (torchvision's RegNets compute their widths from real tensors)."""
     try:
         with torch.device("meta"):
             m = build()
-        return sum(p.numel() for p in m.parameters())
-    except Exception:  # noqa: BLE001 - some constructors touch real data; rank them last
-        return -1
+    except Exception:  # noqa: BLE001 - a constructor that touches data: build it for real
+        m = build()
+    return sum(p.numel() for p in m.parameters())
 
 
 def timm_zoo(max_params: float = 60e6, candidates: int = 4) -> list[tuple[str, str, int]]:
@@ -81,11 +82,9 @@ def timm_zoo(max_params: float = 60e6, candidates: int = 4) -> list[tuple[str, s
     out = []
     for module in timm.list_modules():
         names = sorted(timm.list_models(module=module), key=_size_rank)[:candidates]
-        sized = [(count_params_meta(lambda n=n: timm.create_model(n, pretrained=False)), n) for n in names]
-        sized = [(p, n) for p, n in sized if p >= 0] or [(0, names[0])] if names else []
-        if not sized:
+        if not names:
             continue
-        params, name = min(sized)
+        params, name = min((count_params(lambda n=n: timm.create_model(n, pretrained=False)), n) for n in names)
         out.append((module, name, params))
     return [t for t in out if t[2] <= max_params]
 
@@ -96,8 +95,8 @@ def torchvision_zoo(max_params: float = 60e6) -> list[tuple[str, str, int]]:
 
     out = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        params = count_params_meta(lambda n=name: torchvision.models.get_model(n, weights=None))
-        if 0 <= params <= max_params:
+        params = count_params(lambda n=name: torchvision.models.get_model(n, weights=None))
+        if params <= max_params:
             out.append((re.sub(r"[\d_].*$", "", name), name, params))
     return out
 

@@ -1,0 +1,155 @@
+"""Random, mostly non-conforming graph programs for differential fuzzing: ``fuse`` must raise a documented
+FxrepError or return a model that computes the same function, and must leave the input model unchanged.
+``fxrep.strategies.random_graphs`` draws them; ``benchmarks/fuzz.py`` runs thousands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .assertions import assert_fused_equivalent
+from .errors import EquivalenceError, FxrepError
+from .generated import ACTIVATIONS, Case, _randomize
+
+FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
+            "scale_param", "mlp", "attention", "masked_attention", "reshape", "shuffle_view", "as_strided",
+            "inplace", "inplace_act", "cached")
+
+
+class CachedShift(nn.Module):
+    """Adds a bias it caches per device on first use, as timm's LeViT attention does in eval mode."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(d))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2.0
+        return x + self.cache[key]
+
+
+@dataclass
+class GraphSpec:
+    """A random program over values of shape (batch, tokens, dim): each step applies one of FUZZ_OPS to
+    earlier values; the model returns the sum of some values (or a tuple of them)."""
+
+    dim: int = 8
+    steps: list = field(default_factory=list)   # (op, input indices, option)
+    outputs: list = field(default_factory=list)
+    tuple_output: bool = False
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+class RandomGraphModel(nn.Module):
+    def __init__(self, spec: GraphSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.dim
+        self.mods = nn.ModuleList()
+        self.params = nn.ParameterList()
+        self.index = []   # per step: index into mods/params, or -1
+        last_linear = None
+        for op, _, opt in spec.steps:
+            idx = -1
+            if op == "linear" or (op == "shared_linear" and last_linear is None):
+                self.mods.append(nn.Linear(d, d, bias=opt % 2 == 0))
+                idx = last_linear = len(self.mods) - 1
+            elif op == "shared_linear":
+                idx = last_linear
+            elif op in ("layer_norm", "functional_norm"):
+                self.mods.append(nn.LayerNorm(d, eps=(1e-5, 1e-6)[opt % 2]))
+                idx = len(self.mods) - 1
+            elif op == "mlp":
+                h = 2 + opt % 7
+                self.mods.append(nn.Sequential(nn.Linear(d, h), ACTIVATIONS[sorted(ACTIVATIONS)[opt % 4]](),
+                                               nn.Linear(h, d)))
+                idx = len(self.mods) - 1
+            elif op in ("attention", "masked_attention"):
+                from timm.layers import Attention
+
+                heads = (1, 2)[opt % 2] if d % 2 == 0 else 1
+                self.mods.append(Attention(d, heads, qkv_bias=opt % 3 != 0))
+                self.mods[-1].fused_attn = opt % 4 < 2
+                idx = len(self.mods) - 1
+            elif op == "scale_param":
+                self.params.append(nn.Parameter(torch.empty(d)))
+                idx = len(self.params) - 1
+            elif op == "inplace_act":
+                self.mods.append(nn.Sequential(nn.Linear(d, d), (nn.ReLU, nn.SiLU, nn.Hardswish)[opt % 3](inplace=True)))
+                idx = len(self.mods) - 1
+            elif op == "cached":
+                self.mods.append(CachedShift(d))
+                idx = len(self.mods) - 1
+            self.index.append(idx)
+        self.register_buffer("mask", torch.randn(1, 1, 1, 1))
+        _randomize(self, torch.Generator().manual_seed(spec.seed))
+        self.to(spec.dtype).eval()
+
+    def forward(self, x):
+        values = [x]
+        for (op, inputs, opt), idx in zip(self.spec.steps, self.index):
+            a = values[inputs[0] % len(values)]
+            b = values[inputs[1] % len(values)]
+            if op in ("linear", "shared_linear", "layer_norm", "mlp"):
+                y = self.mods[idx](a)
+            elif op == "functional_norm":
+                m = self.mods[idx]
+                y = F.layer_norm(a, m.normalized_shape, m.weight, m.bias, m.eps)
+            elif op == "activation":
+                y = (F.gelu, F.relu, torch.tanh, F.silu)[opt % 4](a)
+            elif op == "add":
+                y = a + b
+            elif op == "scale_const":
+                y = a * (0.5 + opt % 3) if opt % 2 else a / (1.0 + opt % 3)
+            elif op == "scale_param":
+                y = a * self.params[idx]
+            elif op == "attention":
+                y = self.mods[idx](a)
+            elif op == "masked_attention":
+                attn = self.mods[idx]
+                B_, N, C = a.shape
+                q, k, v = attn.qkv(a).reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+                w = ((q * attn.scale) @ k.transpose(-2, -1) + self.mask).softmax(dim=-1)
+                y = attn.proj((w @ v).transpose(1, 2).reshape(B_, N, C))
+            elif op == "shuffle_view":  # ShuffleNet's channel shuffle / Swin's windows: a view after contiguous
+                t = a.unflatten(-1, (2, -1)).transpose(-1, -2).contiguous()
+                y = t.view(a.shape) if opt % 2 else t.reshape(a.shape)
+            elif op == "as_strided":  # reads the memory layout of a contiguous copy
+                t = a.transpose(-1, -2).contiguous()
+                y = t.as_strided(a.shape, (a.shape[1] * a.shape[2], a.shape[2], 1))
+            elif op == "inplace":  # a value read before and after a write into it (or into a view of it)
+                before = a * 1.0 if opt % 2 else a + 0.0
+                target = before.transpose(-1, -2) if opt % 3 == 0 else before
+                target.mul_(0.5 + opt % 2) if opt % 4 < 2 else target.add_(b.transpose(-1, -2) if opt % 3 == 0 else b)
+                y = before + a
+            elif op == "inplace_act":  # nn.ReLU(inplace=True) after a Linear whose output is read again
+                lin, act = self.mods[idx]
+                h = lin(a)
+                y = act(h) + h if opt % 2 else act(h)
+            elif op == "cached":
+                y = self.mods[idx](a)
+            else:  # reshape round trip
+                y = a.reshape(a.shape[0], -1).reshape(a.shape)
+            values.append(y)
+        outs = [values[i % len(values)] for i in self.spec.outputs] or [values[-1]]
+        return tuple(outs) if self.spec.tuple_output else sum(outs)
+
+
+def fuzz_check(case: Case) -> dict:
+    """Fuse ``case.model``: either a documented FxrepError, or the same outputs and an unchanged input model.
+    Returns {'applied': number of rewrites, 'error': str | None}; raises EquivalenceError on a wrong result."""
+    try:
+        fused = assert_fused_equivalent(case.model, case.inputs,
+                                        rtol=5e-2 if case.info["spec"].dtype == torch.bfloat16 else None)
+    except EquivalenceError:
+        raise
+    except FxrepError as e:
+        return {"applied": 0, "error": f"{type(e).__name__}: {e}"}
+    return {"applied": len(fused.meta["fxrep_report"].applied), "error": None}
