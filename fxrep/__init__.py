@@ -4,7 +4,7 @@
 applying only the exact identities of docs/reparam-math.md whose preconditions it has checked.
 """
 
-from .engine import fuse, trace
+from .engine import fuse
 from .errors import (
                      EquivalenceError,
                      FxrepError,
@@ -28,6 +28,7 @@ from .registry import (
 )
 from .report import FuseReport
 from .stats import count_flops, count_params
+from .tracing import trace
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default
 from .report import Applied, FuseReport, Skipped
 from .snapshot import stale_proxies
 from .stats import graph_stats, run_counting_flops
-from .tracing import portable_guards, trace
+from .tracing import portable_guards, trace_graph
 
 MAX_SWEEPS = 50
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -270,9 +270,9 @@ def _prepare(model, example_inputs, concrete_args) -> tuple:
     ``example_inputs``: (graph module, output signature or None, FLOPs or None)."""
     if isinstance(model, fx.GraphModule):
         gm = _copy_graph_module(model)
-        portable_guards(gm)
+        portable_guards(gm, recompile=False)
     else:
-        gm = trace(model, example_inputs, concrete_args)
+        gm = trace_graph(model, example_inputs, concrete_args)
     gm.eval()
     if example_inputs is None:
         return gm, None, None

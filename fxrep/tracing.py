@@ -135,6 +135,14 @@ def trace(model: nn.Module, example_inputs=None, concrete_args: dict | None = No
     ``concrete_args`` replaces the default choice (``default_concrete_args``): exactly the arguments named
     there are fixed, as in ``torch.fx.symbolic_trace``. Raises TraceError naming the module that failed.
     """
+    gm = trace_graph(model, example_inputs, concrete_args)
+    gm.recompile()
+    return gm
+
+
+def trace_graph(model: nn.Module, example_inputs=None, concrete_args: dict | None = None) -> fx.GraphModule:
+    """``trace`` without the final ``recompile``: the graph is right, ``gm.code`` may not be yet. For
+    ``fuse``, which runs the graph through the fx Interpreter and recompiles once it is done."""
     concrete = default_concrete_args(model, example_inputs) if concrete_args is None else dict(concrete_args)
     tracer = _NamingTracer()
     with preserved(model):
@@ -150,7 +158,7 @@ def trace(model: nn.Module, example_inputs=None, concrete_args: dict | None = No
                 "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch with "
                 "torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
             ) from e
-    portable_guards(gm, concrete)
+    portable_guards(gm, concrete, recompile=False)
     gm.meta["fxrep_specialized"] = dict(concrete)
     return gm
 
@@ -179,7 +187,7 @@ class FixedArgument(nn.Module):
         return f"{self.name}={self.value!r}"
 
 
-def portable_guards(gm: fx.GraphModule, concrete: dict | None = None) -> None:
+def portable_guards(gm: fx.GraphModule, concrete: dict | None = None, recompile: bool = True) -> None:
     """Replace fx's guards of fixed arguments (``_assert_is_none(x, msg)``, ``torch._assert(x == v, msg)`` on
     a placeholder) by ``FixedArgument`` module calls, in place. The guards of arguments in ``concrete`` (the
     ones fxrep fixed) get a message that names the fix; others keep fx's."""
@@ -205,7 +213,8 @@ def portable_guards(gm: fx.GraphModule, concrete: dict | None = None) -> None:
         graph.erase_node(node)
         if condition is not placeholder and not condition.users:
             graph.erase_node(condition)
-    gm.recompile()
+    if recompile:
+        gm.recompile()
 
 
 def _fixed_argument(node: fx.Node):
