@@ -147,23 +147,25 @@ def _fresh(node: fx.Node) -> bool:
         is_softmax(node) or is_call(node, SDPA_TARGETS) or node.target is multi_head_attention
 
 
-def _written(node: fx.Node) -> fx.Node | None:
-    """The value an in-place node writes to, or None where the write cannot be seen: its target owns its
-    memory and this node is its only reader (``nn.ReLU(inplace=True)`` after a Linear)."""
+def write_is_invisible(node: fx.Node) -> bool:
+    """An in-place op whose write nobody else can see: its target owns its memory and this op is its only
+    reader (``nn.ReLU(inplace=True)`` right after a Linear). Such an op may become out-of-place."""
     target = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if target is None or (owns_its_memory(target) and len(target.users) == 1):
-        return None
-    return target
+    return target is not None and owns_its_memory(target) and len(target.users) == 1
 
 
 def mutation_hazards(graph: fx.Graph) -> set:
     """Nodes that value-based rewrites (CSE, affine forms, merges) must leave alone: every value an in-place
     op writes to, every alias of it (found through ops that may return their input or a view of it, up and
     down the graph), the in-place ops themselves, and every reader of those values (a reader that runs after
-    the write sees the written value, so moving or merging it changes its result)."""
+    the write sees the written value, so moving or merging it changes its result).
+
+    The written value is a hazard even where the write is invisible today: a rewrite that replaced it (say,
+    by a CSE'd equal value) would redirect the write into a value others read. Only the in-place op itself is
+    left out where its write is invisible, so that ``functionalize_modules`` can make it out-of-place."""
+    inplace = [n for n in graph.nodes if is_inplace(n)]
     aliases: set = set()
-    todo = [n for n in graph.nodes if is_inplace(n) and _written(n) is not None]
-    todo += [_written(n) for n in todo]
+    todo = inplace + [n.args[0] for n in inplace if n.args and isinstance(n.args[0], fx.Node)]
     while todo:
         n = todo.pop()
         if n in aliases:
@@ -172,7 +174,8 @@ def mutation_hazards(graph: fx.Graph) -> set:
         if n.op in ("call_function", "call_method", "call_module") and not _fresh(n):
             todo += [a for a in n.all_input_nodes if a.op != "get_attr" or is_inplace(n)]
         todo += [u for u in n.users if u.op != "output" and not _fresh(u)]
-    return aliases | {u for n in aliases for u in n.users}
+    hazards = aliases | {u for n in aliases for u in n.users}
+    return hazards - {n for n in inplace if write_is_invisible(n)}
 
 
 def is_call(node: fx.Node, targets) -> bool:

@@ -25,3 +25,11 @@ def test_shared_linear_read_by_two_branches():
 def test_masked_attention_beside_plain_attention():
     case = _case([("attention", (0, 0), 0), ("masked_attention", (0, 0), 1), ("add", (1, 2), 0)])
     assert fuzz_check(case)["error"] is None
+
+
+def test_a_write_into_a_value_whose_other_reader_is_dead():
+    """Found by benchmarks/fuzz.py: once DCE removed the other reader of ``before = a * 1.0``, the write into
+    it looked invisible; affine analysis and CSE then made ``before`` the model's output, and ``mul_`` wrote
+    into that."""
+    case = _case([("linear", (0, 0), 0), ("inplace", (1, 0), 1)], outputs=[1], dim=2)
+    assert fuzz_check(case)["error"] is None

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from ..ir import add_constant, fetch_attr, is_inplace, layout_sensitive_reader, owns_its_memory
+from ..ir import add_constant, fetch_attr, is_inplace, layout_sensitive_reader, write_is_invisible
 from ..registry import Match, Skip
 
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -78,7 +78,7 @@ class FunctionalizeModules:
         if not (isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Softmax, nn.LeakyReLU, nn.ELU)) or
                 type(m) in _ACTIVATION_MODULES):
             return None
-        if getattr(m, "inplace", False) and not (owns_its_memory(node.args[0]) and len(node.args[0].users) == 1):
+        if getattr(m, "inplace", False) and not write_is_invisible(node):
             return None  # the write to its input would be visible elsewhere: keep the module call
         return Match([node], m, f"{type(m).__name__} module -> functional call")
 
