@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -48,7 +48,6 @@ class ZooResult:
     params: int = 0
     seconds: float = 0.0
     rewrites: int = 0
-    extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         return {"source": self.source, "model": self.model, "flow": self.flow, "outcome": self.outcome,
