@@ -16,7 +16,7 @@ from .errors import (
     TrainingModeError,
     UnsupportedModelError,
 )
-from .ir import is_guard, is_inplace, merge_origins, mutation_hazards
+from .ir import is_guard, is_inplace, merge_origins
 from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default_registry
 from .report import Applied, FuseReport, Skipped
 from .snapshot import stale_proxies
@@ -123,7 +123,7 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
     for pattern in patterns:
         matches = []
         taken: set = set()
-        hazards = ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))
+        hazards = ctx.mutation_hazards()
         for node in list(ctx.graph.nodes):
             if not _alive(node, ctx.graph):
                 continue
@@ -286,8 +286,8 @@ def _run_fused(gm, example_inputs, reference, locate) -> int:
     InternalError naming the pattern that broke the graph (``locate()`` replays the rewrites to find it)."""
     try:
         out, flops = run_counting_flops(gm, example_inputs)
-        problem = None if signature(out) == reference else \
-            f"its outputs are {signature(out)}, the original's {reference}"
+        got = signature(out)
+        problem = None if got == reference else f"its outputs are {got}, the original's {reference}"
     except Exception as e:  # noqa: BLE001 - whatever the fused graph raises is reported as fxrep's bug
         problem = f"it raises {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if problem is None:

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import fx
 
 from .errors import PatternError
+from .ir import mutation_hazards
 
 PHASES = ("canonicalize", "lift", "fuse", "lower")
 
@@ -124,6 +125,11 @@ class FuseContext:
         """The nodes ``replace_node`` replaced since the last call (the engine erases them)."""
         out, self._fresh_replaced = self._fresh_replaced, []
         return out
+
+    def mutation_hazards(self) -> set:
+        """``ir.mutation_hazards`` of the current graph (values written in place, their aliases and readers),
+        computed once per graph state: what value-based rewrites must leave alone."""
+        return self.cached("mutation_hazards", lambda: mutation_hazards(self.graph))
 
     def resolve(self, node: fx.Node) -> fx.Node:
         while node in self._replaced:

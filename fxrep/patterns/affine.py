@@ -284,6 +284,11 @@ def _term_cost(t: torch.Tensor, out: int) -> int:
     return 0 if float(t) == 1.0 else out
 
 
+def affine_analysis(ctx) -> AffineAnalysis:
+    """The AffineAnalysis of the current graph state, shared by the patterns of one sweep."""
+    return ctx.cached("affine", lambda: AffineAnalysis(ctx.graph, ctx.memo("affine"), hazards=ctx.mutation_hazards()))
+
+
 class AffineAnalysis:
     """Forms, stop nodes and regions of one graph state.
 
@@ -616,8 +621,7 @@ class MergeAffine:
     phase = "fuse"
 
     def match(self, node, ctx):
-        analysis: AffineAnalysis = ctx.cached("affine", lambda: AffineAnalysis(
-            ctx.graph, ctx.memo("affine"), hazards=ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))))
+        analysis = affine_analysis(ctx)
         region = analysis.region_at.get(node)
         return self._evaluate(region, analysis) if region is not None else None
 

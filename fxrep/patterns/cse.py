@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir import is_guard, is_inplace, mutation_hazards
+from ..ir import is_guard, is_inplace
 from ..registry import Match
 from .canonicalize import _RANDOM_TARGETS
 
@@ -62,7 +62,7 @@ class EliminateCommonSubexpressions:
 
     def match(self, node, ctx):
         dup = ctx.cached("cse", lambda: self._first_occurrences(ctx.graph))
-        hazards = ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))
+        hazards = ctx.mutation_hazards()
         if node in dup and dup[node] not in hazards and node not in hazards:
             return Match([node], dup[node], f"duplicate {node.target.__name__ if callable(node.target) else node.target} merged")
         return None

@@ -27,10 +27,9 @@ from ..ir import (
     emit_attention,
     emit_linear,
     merge_origins,
-    mutation_hazards,
 )
 from ..registry import Match, Skip
-from .affine import AffineAnalysis
+from .affine import AffineAnalysis, affine_analysis
 
 
 def _owner(node: fx.Node, analysis: AffineAnalysis):
@@ -58,8 +57,7 @@ def _describe_inputs(xs) -> str:
 def sibling_groups(ctx, kind: str):
     """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged, and skipped near misses."""
     def compute():
-        analysis = ctx.cached("affine", lambda: AffineAnalysis(
-            ctx.graph, ctx.memo("affine"), hazards=ctx.cached("mutation_hazards", lambda: mutation_hazards(ctx.graph))))
+        analysis = affine_analysis(ctx)
         groups: dict = {}
         for n in ctx.graph.nodes:
             if kind == "mlp":
