@@ -15,17 +15,8 @@ from .errors import (
                      TrainingModeError,
                      UnsupportedModelError,
 )
-from .registry import (
-                     FunctionPattern,
-                     FuseContext,
-                     Match,
-                     Pattern,
-                     PatternRegistry,
-                     Skip,
-                     default_registry,
-                     register_pattern,
-                     unregister_pattern,
-)
+from .pattern import FunctionPattern, FuseContext, Match, Pattern, Skip
+from .registry import PatternRegistry, default_registry, register_pattern, unregister_pattern
 from .report import FuseReport
 from .stats import count_flops, count_params
 from .tracing import trace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -13,11 +14,13 @@ from .errors import (
     FxrepError,
     InputError,
     InternalError,
+    PatternError,
     TrainingModeError,
     UnsupportedModelError,
 )
 from .ir import is_guard, is_inplace, merge_origins
-from .registry import PHASES, FuseContext, Match, PatternRegistry, Skip, default_registry
+from .pattern import PHASES, FuseContext, Match, Skip
+from .registry import PatternRegistry, default_registry
 from .report import Applied, FuseReport, Skipped
 from .snapshot import stale_proxies
 from .stats import graph_stats, run_counting_flops
@@ -111,8 +114,22 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _alive(node: fx.Node, graph: fx.Graph) -> bool:
-    return node.graph is graph and not getattr(node, "_erased", False)
+@contextlib.contextmanager
+def _erasure_refused(graph: fx.Graph, pattern):
+    """While ``pattern.replace`` runs, ``graph.erase_node`` raises: the engine owns erasure (what
+    ``ctx.replace_node`` replaced is erased after the pattern's rewrites, then dead code), so a rewrite can
+    never leave a later match of the same sweep holding an erased node."""
+    def refuse(node):
+        raise PatternError(
+            f"pattern {pattern.name!r} erased node '{node.name}' in replace(). Patterns must not erase nodes: "
+            "call ctx.replace_node(old, new) and fxrep erases old (and any node left without users) after the "
+            "pattern's rewrites.")
+
+    graph.erase_node = refuse
+    try:
+        yield
+    finally:
+        del graph.erase_node
 
 
 def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -> tuple[int, list]:
@@ -124,9 +141,7 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
         matches = []
         taken: set = set()
         hazards = ctx.mutation_hazards()
-        for node in list(ctx.graph.nodes):
-            if not _alive(node, ctx.graph):
-                continue
+        for node in list(ctx.graph.nodes):  # match() never mutates: the list stays valid
             result = pattern.match(node, ctx)
             if isinstance(result, Skip):
                 skips.append(Skipped(pattern.name, result.reason, merge_origins(result.nodes)))
@@ -141,10 +156,9 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
                 raise FxrepError(f"pattern {pattern.name!r}: match() returned {type(result).__name__}; "
                                  "return a fxrep.Match, a fxrep.Skip or None")
         for m in matches:
-            if not all(_alive(n, ctx.graph) for n in m.nodes):
-                continue
             origins = tuple(m.origins) or merge_origins(m.nodes)
-            details = pattern.replace(m, ctx) or {}
+            with _erasure_refused(ctx.graph, pattern):
+                details = pattern.replace(m, ctx) or {}
             report.applied.append(Applied(pattern.name, m.summary, origins, dict(details)))
             applied += 1
         if matches:
@@ -183,13 +197,12 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, options=None,
-                 after_pattern=None) -> None:
+def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, after_pattern=None) -> None:
     """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy).
 
     Skips are collected from every sweep; one is dropped when the same pattern later rewrote the same
     nodes (a candidate that became mergeable after another rewrite is not a near miss)."""
-    ctx = FuseContext(gm, dict(options or {}))
+    ctx = FuseContext(gm)
     skips: dict = {}
     for phase in PHASES:
         patterns = registry.in_phase(phase)

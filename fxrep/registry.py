@@ -1,9 +1,5 @@
-"""The pattern API: built-in passes and user passes are written and registered the same way.
-
-A pattern is an object with a ``name``, a ``phase`` and two methods::
-
-    match(node, ctx)   -> Match | Skip | None     # never mutates the graph
-    replace(match, ctx) -> dict | None            # rewrites the graph; may return numbers for the report
+"""Pattern registries: built-in passes and user passes are registered the same way (the pattern API itself,
+``Match``, ``Skip`` and ``FuseContext``, is in ``fxrep.pattern``).
 
 ``fuse`` runs the phases in order (``canonicalize``, ``lift``, ``fuse``, ``lower``; a pattern may name a tuple of
 phases to run in several); inside a phase it sweeps
@@ -17,124 +13,14 @@ list that ``default_registry()`` copies, for users who want their pattern in eve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
-
-from torch import fx
+from collections.abc import Iterable, Sequence
 
 from .errors import PatternError
-from .ir import mutation_hazards
+from .pattern import PHASES, FunctionPattern, FuseContext, Match, Pattern, Skip
+from .patterns import builtin_patterns
 
-PHASES = ("canonicalize", "lift", "fuse", "lower")
-
-
-@dataclass
-class Match:
-    """What ``match`` found. ``nodes`` are the graph nodes the rewrite consumes (used to keep matches of one
-    sweep disjoint); ``data`` is anything ``replace`` needs; ``summary`` is one line for the report."""
-
-    nodes: Sequence[fx.Node]
-    data: Any = None
-    summary: str = ""
-    origins: tuple = ()
-
-    def __bool__(self) -> bool:
-        return True
-
-
-@dataclass
-class Skip:
-    """A candidate that was looked at and left alone, with the reason. Falsy, like Inductor's FailedMatch."""
-
-    nodes: Sequence[fx.Node]
-    reason: str
-
-    def __bool__(self) -> bool:
-        return False
-
-
-@runtime_checkable
-class Pattern(Protocol):
-    name: str
-    phase: str
-
-    def match(self, node: fx.Node, ctx: FuseContext) -> Match | Skip | None: ...
-
-    def replace(self, match: Match, ctx: FuseContext) -> dict | None: ...
-
-
-class FunctionPattern:
-    """A pattern made of two plain functions, for users who prefer them to a class."""
-
-    def __init__(self, name: str, match: Callable, replace: Callable, phase: str = "fuse",
-                 description: str = ""):
-        self.name, self.phase, self._match, self._replace = name, phase, match, replace
-        self.description = description
-
-    def match(self, node, ctx):
-        return self._match(node, ctx)
-
-    def replace(self, match, ctx):
-        return self._replace(match, ctx)
-
-    def __repr__(self) -> str:
-        return f"FunctionPattern({self.name!r}, phase={self.phase!r})"
-
-
-@dataclass
-class FuseContext:
-    """What a pattern sees: the GraphModule being rewritten, a cache for analyses shared by the patterns of
-    one sweep (dropped whenever the graph changes), a memo that outlives graph changes, and the options of
-    the ``fuse`` call."""
-
-    gm: fx.GraphModule
-    options: dict = field(default_factory=dict)
-    _cache: dict = field(default_factory=dict)
-    _replaced: dict = field(default_factory=dict)
-    _memo: dict = field(default_factory=dict)
-    _fresh_replaced: list = field(default_factory=list)
-
-    @property
-    def graph(self) -> fx.Graph:
-        return self.gm.graph
-
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Compute an analysis once per graph state."""
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
-
-    def invalidate(self) -> None:
-        self._cache.clear()
-
-    def memo(self, key: str) -> dict:
-        """A dict that lives for the whole ``fuse`` call and survives graph changes, for analyses that reuse
-        per-node results across sweeps. Entries must be keyed by everything they were computed from."""
-        return self._memo.setdefault(key, {})
-
-    def replace_node(self, old: fx.Node, new: fx.Node) -> None:
-        """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve`` old."""
-        old.replace_all_uses_with(new)
-        self._replaced[old] = new
-        self._fresh_replaced.append(old)
-        if "tensor_meta" in old.meta and "tensor_meta" not in new.meta:
-            new.meta["tensor_meta"] = old.meta["tensor_meta"]  # same value, same shape
-
-    def replaced_since_cleanup(self) -> list:
-        """The nodes ``replace_node`` replaced since the last call (the engine erases them)."""
-        out, self._fresh_replaced = self._fresh_replaced, []
-        return out
-
-    def mutation_hazards(self) -> set:
-        """``ir.mutation_hazards`` of the current graph (values written in place, their aliases and readers),
-        computed once per graph state: what value-based rewrites must leave alone."""
-        return self.cached("mutation_hazards", lambda: mutation_hazards(self.graph))
-
-    def resolve(self, node: fx.Node) -> fx.Node:
-        while node in self._replaced:
-            node = self._replaced[node]
-        return node
+__all__ = ["PHASES", "FunctionPattern", "FuseContext", "Match", "Pattern", "Skip", "PatternRegistry",
+           "register_pattern", "unregister_pattern", "default_registry"]
 
 
 def _check_pattern(p) -> None:
@@ -235,8 +121,6 @@ def unregister_pattern(name: str) -> None:
 
 def default_registry() -> PatternRegistry:
     """A fresh registry with the built-in patterns (and those added with ``register_pattern``)."""
-    from .patterns import builtin_patterns
-
     registry = PatternRegistry(builtin_patterns())
     for p, before, after in _user_defaults:
         registry.register(p, before=before, after=after)

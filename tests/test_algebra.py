@@ -108,7 +108,7 @@ def test_place_columns_puts_each_column_where_asked(out, total, data):
 def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, seed):
     """merge_affine scales a weight in its own dtype only when that is the float64 result: the factor must be
     representable in the dtype (0.1 and 1/3 are not, so those stay float64)."""
-    from fxrep.patterns.affine import _scale_term
+    from fxrep.affine.forms import _scale_term
 
     t = _rand(6, 5, seed=seed).to(dtype)
     factor = torch.full((6,), c, dtype=f64) * torch.linspace(1, 2, 6, dtype=f64) if per_row else torch.tensor(c, dtype=f64)
@@ -126,7 +126,7 @@ def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, 
 def test_lazy_matrix_sums_have_the_bits_of_pairwise_float64_sums(n, dtype, rows, cols, seed):
     """merge_affine sums chains of matrices in place into one buffer: the bits of ((W1 + W2) + W3) + ...
     in float64, also when a chain is extended by a sum that was made first (then added as one value)."""
-    from fxrep.patterns.affine import _add_terms, _dense
+    from fxrep.affine.forms import _add_terms, dense as _dense
 
     ws = [(_rand(rows, cols, seed=seed + i) * 10 ** (i - 2)).to(dtype) for i in range(n)]
     acc, want = ws[0], ws[0].double()

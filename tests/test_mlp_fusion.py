@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import fxrep
 from fxrep.engine import run_patterns
-from fxrep.patterns.affine import AffineAnalysis, _FormKey
+from fxrep.affine import AffineAnalysis, FormKey
 from fxrep.registry import PatternRegistry, default_registry
 from fxrep.report import FuseReport
 from fxrep.testing import (
@@ -89,8 +89,8 @@ def test_fuse_does_not_touch_the_input_model():
 
 
 def _analysis_summary(analysis):
-    regions = [(tuple(r["stops"]), tuple(sorted((f, tuple(sorted(c, key=analysis.order.get)))
-                                                for f, c in r["cones"].items())))
+    regions = [(tuple(r.stops), tuple(sorted((f, tuple(sorted(c, key=analysis.order.get)))
+                                             for f, c in r.cones.items())))
                for r in analysis.regions]
     return analysis.stop, regions
 
@@ -107,4 +107,4 @@ def test_seeded_stop_nodes_reach_the_same_fixed_point(case):
     seeded, plain = AffineAnalysis(gm.graph, seed_stops=True), AffineAnalysis(gm.graph, seed_stops=False)
     assert _analysis_summary(seeded) == _analysis_summary(plain)
     for f in seeded.stop:
-        assert _FormKey(seeded.forms[f], seeded.order) == _FormKey(plain.forms[f], plain.order)
+        assert FormKey(seeded.forms[f], seeded.order) == FormKey(plain.forms[f], plain.order)

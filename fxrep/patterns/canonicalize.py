@@ -19,18 +19,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from ..ir import add_constant, fetch_attr, is_inplace, layout_sensitive_reader, write_is_invisible
-from ..registry import Match, Skip
-
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+from ..ir import (
+    add_constant,
+    bind,
+    dropout_is_identity,
+    evaluate,
+    fetch_attr,
+    is_inplace,
+    layout_sensitive_reader,
+    load_attribute,
+    write_is_invisible,
+)
+from ..ir.targets import ACTIVATION_MODULES, IDENTITY_MODULES, RANDOM_TARGETS
+from ..pattern import Match, Skip
 
 
 def _is_identity_module(m) -> bool:
     # timm's DropPath is traced through at eval, but may be a leaf under custom tracers; matched by name so
     # that fuse does not import timm
-    return isinstance(m, _IDENTITY_MODULES) or (type(m).__name__ == "DropPath" and not m.training)
-_RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.bernoulli,
-                   torch.normal, torch.multinomial, F.dropout, torch.dropout, torch.randperm}
+    return isinstance(m, IDENTITY_MODULES) or (type(m).__name__ == "DropPath" and not m.training)
 
 
 def _module(node: fx.Node):
@@ -46,12 +53,10 @@ class DropIdentity:
             return None
         if node.op == "call_module" and _is_identity_module(_module(node)):
             return Match([node], node.args[0], f"{type(_module(node)).__name__} is the identity at eval")
-        if node.op == "call_function" and node.target in (F.dropout, torch.dropout) and isinstance(node.args[0], fx.Node):
-            args = dict(zip(("input", "p", "training", "inplace"), node.args))
-            args.update(node.kwargs)
-            training = args.get("training", node.target is F.dropout)
-            if training is False or args.get("p", 0.5) == 0:
-                return Match([node], node.args[0], "dropout with training=False")
+        identity = dropout_is_identity(node)
+        if identity is True:
+            return Match([node], node.args[0], "dropout with training=False")
+        if identity is False:
             return Skip([node], "functional dropout is called with training=True: it is random even in "
                                 "eval mode; pass training=self.training")
         if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs \
@@ -63,10 +68,6 @@ class DropIdentity:
         ctx.replace_node(match.nodes[0], match.data)
 
 
-_ACTIVATION_MODULES = {nn.ReLU: F.relu, nn.SiLU: F.silu, nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh,
-                       nn.Hardswish: F.hardswish, nn.Mish: F.mish}
-
-
 class FunctionalizeModules:
     name = "functionalize_modules"
     phase = "canonicalize"
@@ -76,7 +77,7 @@ class FunctionalizeModules:
             return None
         m = _module(node)
         if not (isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Softmax, nn.LeakyReLU, nn.ELU)) or
-                type(m) in _ACTIVATION_MODULES):
+                type(m) in ACTIVATION_MODULES):
             return None
         if getattr(m, "inplace", False) and not write_is_invisible(node):
             return None  # the write to its input would be visible elsewhere: keep the module call
@@ -106,7 +107,7 @@ class FunctionalizeModules:
             elif isinstance(m, nn.ELU):
                 new = g.call_function(F.elu, (x,), {"alpha": m.alpha})
             else:
-                new = g.call_function(_ACTIVATION_MODULES[type(m)], (x,))
+                new = g.call_function(ACTIVATION_MODULES[type(m)], (x,))
         new.meta["fxrep_origin"] = (path,)
         ctx.replace_node(node, new)
 
@@ -116,14 +117,14 @@ class FoldConstants:
     phase = "canonicalize"
 
     def match(self, node, ctx):
-        if node.op not in ("call_function", "call_method") or node.target in _RANDOM_TARGETS:
+        if node.op not in ("call_function", "call_method") or node.target in RANDOM_TARGETS:
             return None
         inputs = node.all_input_nodes
         if not inputs or any(i.op != "get_attr" for i in inputs):
             return None
         if is_inplace(node):
             return None  # it would write the user's tensor
-        value = _evaluate(node, ctx.gm)
+        value = evaluate(node, load_attribute)
         if not isinstance(value, torch.Tensor) or sum(1 for s in value.shape if s > 1) > 1:
             return None  # only scalars and per-channel vectors: the constants patterns read; tables stay as is
         return Match([node], value, f"constant {node.name} evaluated once")
@@ -134,20 +135,6 @@ class FoldConstants:
         with ctx.graph.inserting_before(node):
             new = ctx.graph.get_attr(name)
         ctx.replace_node(node, new)
-
-
-def _evaluate(node: fx.Node, gm: fx.GraphModule):
-    def load(a):
-        if isinstance(a, fx.Node):
-            return fetch_attr(gm, a.target)
-        return a
-
-    args = fx.node.map_aggregate(node.args, load)
-    kwargs = fx.node.map_aggregate(node.kwargs, load)
-    with torch.no_grad():
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
 
 
 def _timm_function(node: fx.Node, name: str) -> bool:
@@ -165,11 +152,10 @@ class DropEmptyAttentionMask:
     def match(self, node, ctx):
         if not _timm_function(node, "maybe_add_mask") or len(node.args) < 1:
             return None
-        mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("attn_mask")
+        mask = (bind(node) or {}).get("attn_mask", node.args[1] if len(node.args) > 1 else None)
         if isinstance(mask, fx.Node) and _timm_function(mask, "resolve_self_attn_mask"):
-            args = dict(zip(("seq_len", "attn", "attn_mask", "is_causal"), mask.args))
-            args.update(mask.kwargs)
-            if args.get("attn_mask") is None and args.get("is_causal", False) is False:
+            args = bind(mask) or {}
+            if "attn_mask" in args and args["attn_mask"] is None and args.get("is_causal") is False:
                 mask = None
         if mask is None:
             return Match([node], node.args[0], "no attention mask: maybe_add_mask is the identity")

@@ -11,8 +11,8 @@ import torch
 from torch import fx
 
 from ..ir import is_guard, is_inplace
-from ..registry import Match
-from .canonicalize import _RANDOM_TARGETS
+from ..ir.targets import RANDOM_TARGETS
+from ..pattern import Match
 
 
 def _key(value):
@@ -36,7 +36,7 @@ def _pure(node: fx.Node) -> bool:
         return True  # same target, same tensor
     if node.op not in ("call_function", "call_method") or is_inplace(node) or is_guard(node):
         return False
-    return node.op == "call_method" or node.target not in _RANDOM_TARGETS
+    return node.op == "call_method" or node.target not in RANDOM_TARGETS
 
 
 class EliminateCommonSubexpressions:

@@ -25,7 +25,7 @@ from ..ir import (
     is_shape_read,
     merge_origins,
 )
-from ..registry import Match, Skip
+from ..pattern import Match, Skip
 
 
 def _consumer_kind(user, ln_node):
@@ -34,7 +34,7 @@ def _consumer_kind(user, ln_node):
             ln_node not in user.kwargs.values():
         return "linear"
     att = attention_view(user)
-    if att is not None and att["input"] is ln_node and user.args.count(ln_node) == 1:
+    if att is not None and att.input is ln_node and user.args.count(ln_node) == 1:
         return "attention"
     return None
 
@@ -82,9 +82,9 @@ class ExtractLayerNormAffine:
                     att = attention_view(user)
                     params = {}
                     for p in "qkv":
-                        w, b = algebra.fold_norm_affine(att[f"{p}_weight"], att[f"{p}_bias"], ln.weight, ln.bias)
+                        w, b = algebra.fold_norm_affine(att.weight(p), att.bias(p), ln.weight, ln.bias)
                         params[f"{p}_weight"], params[f"{p}_bias"] = w, b
-                    new = emit_attention(g, bare, params, att["num_heads"], att["q_weight"].dtype, user.name,
+                    new = emit_attention(g, bare, params, att.num_heads, att.dtype, user.name,
                                          merge_origins([user, node]), owned=set(params))
             ctx.replace_node(user, new)
         return {"params_before": params_before}

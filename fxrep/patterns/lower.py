@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import algebra
 from ..ir import attention_view, emit_linear, emit_split_heads
-from ..registry import Match
+from ..pattern import Match
 
 
 class LowerAttention:
@@ -23,16 +23,16 @@ class LowerAttention:
         att = attention_view(node)
         if att is None:
             return None
-        return Match([node], att, f"attention with {att['num_heads']} heads -> linear + SDPA")
+        return Match([node], att, f"attention with {att.num_heads} heads -> linear + SDPA")
 
     def replace(self, match, ctx):
         node, att = match.nodes[0], match.data
-        H = att["num_heads"]
-        widths = [att[f"{p}_weight"].shape[0] for p in "qkv"]
-        w, b = algebra.concat_rows([att[f"{p}_weight"] for p in "qkv"], [att[f"{p}_bias"] for p in "qkv"])
+        H = att.num_heads
+        widths = [att.weight(p).shape[0] for p in "qkv"]
+        w, b = algebra.concat_rows([att.weight(p) for p in "qkv"], [att.bias(p) for p in "qkv"])
         g = ctx.graph
         with g.inserting_before(node):
-            qkv = emit_linear(g, att["input"], w, b, att["q_weight"].dtype, node.name + "_qkv",
+            qkv = emit_linear(g, att.input, w, b, att.dtype, node.name + "_qkv",
                               node.meta.get("fxrep_origin", ()), owned=True)
             parts = g.call_method("split", (qkv, widths), {"dim": -1})
             heads = []

@@ -21,6 +21,7 @@ from torch import fx
 
 from .. import algebra
 from ..ir import (
+    AttentionView,
     as_layer_norm,
     as_linear,
     attention_view,
@@ -29,9 +30,9 @@ from ..ir import (
     emit_split_heads,
     merge_origins,
 )
-from ..registry import Match, Skip
+from ..pattern import Match, Skip
 
-f64 = torch.float64
+f64 = algebra.f64
 
 
 def _tokens(x: fx.Node) -> int | None:
@@ -45,11 +46,10 @@ def _tokens(x: fx.Node) -> int | None:
     return None
 
 
-def costs(att: dict, d_out: int, tokens: int | None) -> tuple[int, int]:
+def costs(att: AttentionView, d_out: int, tokens: int | None) -> tuple[int, int]:
     """(per-head form, rank-aware form) multiply-adds per token."""
-    H = att["num_heads"]
-    d = att["q_weight"].shape[1]
-    dq, dv = att["q_weight"].shape[0] // H, att["v_weight"].shape[0] // H
+    H, dq, dv = att.head_widths()
+    d = att.q_weight.shape[1]
     n = tokens or 0
     heads = d * H * (2 * dq + dv) + H * dv * d_out + n * H * (dq + dv)
     rank = d * H * d + d * H * d_out + n * H * (d + d_out) + H * d_out
@@ -68,7 +68,7 @@ class RankAwareAttention:
         lin = as_linear(readers[0]) if len(readers) == 1 else None
         if lin is None or lin.input is not node:
             return Skip([node], "kept the per-head form: the attention output is not read by exactly one Linear")
-        tokens = _tokens(att["input"])
+        tokens = _tokens(att.input)
         heads, rank = costs(att, lin.out_features, tokens)
         basis = f"{tokens} tokens" if tokens else "projections only (pass example_inputs to count the attention matmuls)"
         if rank >= heads:
@@ -78,10 +78,10 @@ class RankAwareAttention:
     def replace(self, match, ctx):
         att, lin = match.data
         node, reader = match.nodes
-        H = att["num_heads"]
-        wq, bq = algebra.head_rows(att["q_weight"], att["q_bias"], H)
-        wk, bk = algebra.head_rows(att["k_weight"], att["k_bias"], H)
-        wv, bv = algebra.head_rows(att["v_weight"], att["v_bias"], H)
+        H = att.num_heads
+        wq, bq = algebra.head_rows(att.q_weight, att.q_bias, H)
+        wk, bk = algebra.head_rows(att.k_weight, att.k_bias, H)
+        wv, bv = algebra.head_rows(att.v_weight, att.v_bias, H)
         wo = algebra.as64(lin.weight)                      # (d_out, H * dv)
         dv = wv.shape[1]
         q_rows, q_bias, v_rows = [], [], []
@@ -94,8 +94,8 @@ class RankAwareAttention:
             if bv is not None:
                 out_bias = out_bias + wo_h @ bv[h]
         g = ctx.graph
-        dtype = att["q_weight"].dtype
-        x = att["input"]
+        dtype = att.dtype
+        x = att.input
         origins = merge_origins([node, reader])
         with g.inserting_before(reader):
             q = emit_linear(g, x, torch.cat(q_rows), torch.cat(q_bias) if bq is not None else None, dtype,

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from .. import algebra
+from ..affine import AffineAnalysis, affine_analysis
 from ..ir import (
     activation_key,
     as_layer_norm,
@@ -28,8 +29,7 @@ from ..ir import (
     emit_linear,
     merge_origins,
 )
-from ..registry import Match, Skip
-from .affine import AffineAnalysis, affine_analysis
+from ..pattern import Match, Skip
 
 
 def _owner(node: fx.Node, analysis: AffineAnalysis):
@@ -70,7 +70,7 @@ def sibling_groups(ctx, kind: str):
                 att = attention_view(n)
                 if att is None:
                     continue
-                key, x, dtype = "attention", att["input"], att["q_weight"].dtype
+                key, x, dtype = "attention", att.input, att.dtype
             owner = _owner(n, analysis)
             if owner is None:
                 continue
@@ -146,18 +146,13 @@ class WidenMLP:
         return {"hidden": f"{' + '.join(map(str, width))} -> {sum(width)}"}
 
 
-def _heads(att):
-    h = att["num_heads"]
-    return h, att["q_weight"].shape[0] // h, att["v_weight"].shape[0] // h
-
-
 def _head_blocks(att, p: str, width: int | None = None):
     """(heads, rows, d) weight and (heads, rows) bias of projection ``p`` ('q', 'k' or 'v'), each head's rows
     zero-padded to ``width``; the bias is None when the op has none."""
-    H = att["num_heads"]
-    w = att[f"{p}_weight"].detach()
+    H = att.num_heads
+    w = att.weight(p).detach()
     w = w.reshape(H, -1, w.shape[-1])
-    b = att[f"{p}_bias"]
+    b = att.bias(p)
     b = b.detach().reshape(H, -1) if b is not None else None
     pad = 0 if width is None else width - w.shape[1]
     if pad:
@@ -183,32 +178,32 @@ def _merge_heads(atts, mode: str):
     collapse: the ops share q/k (joined logits); each head's values are the concatenation of theirs.
     widen: the heads of all ops side by side, q/k and v head widths zero-padded to the largest."""
     if mode == "collapse":
-        H = atts[0]["num_heads"]
-        dv = [_heads(a)[2] for a in atts]
+        H = atts[0].num_heads
+        dv = [a.head_widths()[2] for a in atts]
         offsets = [sum(dv[:i]) for i in range(len(atts))]
         columns = [torch.cat([torch.arange(h * sum(dv) + off, h * sum(dv) + off + dvi) for h in range(H)])
                    for off, dvi in zip(offsets, dv)]
         v_weight, v_bias = _concat_heads([_head_blocks(a, "v") for a in atts], 1)
-        params = {key: atts[0][key] for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
+        params = {key: getattr(atts[0], key) for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
         params.update(v_weight=v_weight, v_bias=v_bias)
         return params, H, columns, H * sum(dv)
-    dqk = max(_heads(a)[1] for a in atts)
-    dv = max(_heads(a)[2] for a in atts)
+    dqk = max(a.head_widths()[1] for a in atts)
+    dv = max(a.head_widths()[2] for a in atts)
     params, columns, heads = {}, [], 0
     for p, width in (("q", dqk), ("k", dqk), ("v", dv)):
         params[f"{p}_weight"], params[f"{p}_bias"] = _concat_heads([_head_blocks(a, p, width) for a in atts], 0)
     for a in atts:
-        H, _, dvi = _heads(a)
+        H, _, dvi = a.head_widths()
         columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
         heads += H
     return params, heads, columns, heads * dv
 
 
 def _same_logits(a, b) -> bool:
-    if a["num_heads"] != b["num_heads"]:
+    if a.num_heads != b.num_heads:
         return False
     for key in ("q_weight", "q_bias", "k_weight", "k_bias"):
-        x, y = a[key], b[key]
+        x, y = getattr(a, key), getattr(b, key)
         if x is y:  # joined branches read the very same q/k constants after lift_attention and CSE
             continue
         if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
@@ -241,7 +236,7 @@ class _MergeAttention:
         mergeable, skipped = ctx.cached(self.name, lambda: tuple(map(_by_first, self.groups(ctx))))
         if node in mergeable:
             nodes = mergeable[node]
-            heads = sum(attention_view(n)["num_heads"] for n in nodes)
+            heads = sum(attention_view(n).num_heads for n in nodes)
             what = (f"{len(nodes)} attention branches with joined logits -> one attention"
                     if self.mode == "collapse" else
                     f"{len(nodes)} parallel attention branches -> one attention with {heads} heads")
@@ -256,9 +251,9 @@ class _MergeAttention:
         graph = ctx.graph
         readers = [u for n in match.nodes for u in n.users]
         with graph.inserting_before(_first(readers, ctx)):
-            merged = emit_attention(graph, atts[0]["input"], params, heads, atts[0]["q_weight"].dtype,
+            merged = emit_attention(graph, atts[0].input, params, heads, atts[0].dtype,
                                     match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes),
-                                    owned={k for k, t in params.items() if t is not atts[0][k]})  # built here
+                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)})  # built here
         _repoint_readers(ctx, match.nodes, merged, columns, total)
         return {"heads": heads}
 

@@ -1,0 +1,160 @@
+"""Lifting one recognized attention to fxrep's ``multi_head_attention`` op: decode every chain's head layout,
+fold scales and joining coefficients into the q weights, gather q/k/v rows in the merged output's head
+order, and verify the result numerically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..ir import as_linear, merge_origins
+from .probe import Probe, decode_heads, output_chain, verify
+from .recognize import Candidate, Chain, NotAttention
+
+f64 = torch.float64
+PROBE_BATCH, PROBE_TOKENS = 2, 5
+
+
+@dataclass
+class LiftCache:
+    """What the lifts of one analysis share: float64 constants, decoded head layouts, verification values,
+    the q/k params of joined branches, and the constants registered for them."""
+
+    constants: dict = field(default_factory=dict)
+    heads: dict = field(default_factory=dict)
+    verified: dict = field(default_factory=dict)
+    qk: dict = field(default_factory=dict)
+    emitted: dict = field(default_factory=dict)
+
+
+@dataclass
+class LiftedTerm:
+    """One ``coef * q @ k^T`` term with its decoded (heads, width) row maps into the q and k Linears."""
+
+    product: fx.Node
+    coef: float
+    q: Chain
+    qmap: torch.Tensor
+    k: Chain
+    kmap: torch.Tensor
+
+
+@dataclass
+class Lift:
+    """A verified lift: ``z`` (the merged-back attention output) becomes ``multi_head_attention(x, params)``."""
+
+    x: fx.Node
+    z: fx.Node
+    params: dict
+    heads: int
+    dtype: torch.dtype
+    nodes: set
+    terms: list
+    emitted: dict
+    qk_width: int
+    origins: tuple
+    summary: str
+
+
+def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> Lift:
+    x = cand.value.linear.input
+    for t in cand.logits.terms.values():
+        if t.q.linear.input is not x or t.k.linear.input is not x:
+            raise NotAttention("q, k and v are computed from different tensors (cross-attention)")
+    x_meta = x.meta.get("tensor_meta")
+    d = cand.value.linear.weight.shape[1]
+    shape = tuple(x_meta.shape) if x_meta is not None and len(x_meta.shape) == 3 else (PROBE_BATCH, PROBE_TOKENS, d)
+    x_probe = torch.zeros(shape, dtype=f64)
+    probe = Probe(x, x_probe, order, cache.constants)
+
+    def decode(chain, transposed):  # joined branches read each other's q/k: decode each chain once
+        key = (chain.end, transposed, x, shape)
+        if key not in cache.heads:
+            cache.heads[key] = decode_heads(chain, probe, x_probe, transposed)
+        return cache.heads[key]
+
+    vmap = decode(cand.value, False)
+    H, dv = vmap.shape
+    terms = _lifted_terms(cand, decode, H, order)
+    scale = terms[-1].qmap.shape[1] ** -0.5 if cand.scale is None else float(cand.scale)
+    z, out_nodes, col_head, col_feat = output_chain(cand.anchor, probe, x_probe, H, dv)
+    head_order, feats = _output_heads(col_head, col_feat, H, dv)
+    heads = torch.tensor(head_order)
+    qk = _qk_params(terms, head_order, heads, scale, probe, cache)
+    vw, vb = _gather(probe, cand.value.linear, torch.stack([vmap[h][feats[hp]] for hp, h in enumerate(head_order)]),
+                     cand.value.factor)
+    params = dict(qk, v_weight=vw.flatten(0, 1), v_bias=vb.flatten(0, 1) if vb is not None else None)
+    nodes = cand.nodes() | set(out_nodes)
+    verify(probe, x, nodes, z, params, H, shape, cache.verified)
+    width = sum(t.qmap.shape[1] for t in terms)
+    kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
+    linears = sorted({n for n in nodes if as_linear(n) is not None}, key=order.__getitem__)
+    return Lift(x, z, params, H, cand.value.linear.weight.dtype, nodes, terms, cache.emitted, width,
+                merge_origins(linears),
+                f"{kind} attention, {H} heads (q/k width {width}, v width {dv}) -> multi_head_attention")
+
+
+def _lifted_terms(cand: Candidate, decode, H: int, order: dict) -> list:
+    """The nonzero logit terms in graph order (a canonical order, so joined branches with equal logits get
+    bitwise-equal q/k weights), each with its decoded q and k head maps."""
+    terms = []
+    for product, t in sorted(cand.logits.terms.items(), key=lambda kv: order[kv[0]]):
+        if t.coef == 0.0:
+            continue  # a joined branch's own logits at lam == 1 (finite logits: 0 * S == 0 exactly)
+        qmap = decode(t.q, False)
+        kmap = decode(t.k, t.k_transposed)
+        if qmap.shape[0] != H or kmap.shape != qmap.shape:
+            raise NotAttention("q, k and v have different head counts or q/k widths")
+        terms.append(LiftedTerm(product, t.coef * t.q.factor * t.k.factor, t.q, qmap, t.k, kmap))
+    if not terms:
+        raise NotAttention("softmax input has no nonzero q @ k^T term")
+    return terms
+
+
+def _output_heads(col_head, col_feat, H: int, dv: int) -> tuple[list, list]:
+    """The source head of each block of ``dv`` output columns, and the features it takes from that head."""
+    head_order, feats = [], []
+    for hp in range(H):
+        heads = col_head[hp * dv:(hp + 1) * dv]
+        if not (heads == heads[0]).all():
+            raise NotAttention("merged output interleaves features of different heads")
+        head_order.append(int(heads[0]))
+        feats.append(col_feat[hp * dv:(hp + 1) * dv])
+    return head_order, feats
+
+
+def _gather(probe: Probe, lin, index, factor=1.0):
+    """Rows ``index`` (heads, d) of the Linear's weight and bias, in float64, times ``factor``. Reads the
+    float64 copies the verification probe evaluates the Linear with (converted once per analysis)."""
+    w = probe.load(lin.param_node("weight"))[index]
+    b = probe.load(lin.param_node("bias"))[index] if lin.bias is not None else None
+    if factor != 1.0:  # x * 1.0 == x bitwise: skip the copy
+        w, b = w * factor, (b * factor if b is not None else None)
+    return w, b
+
+
+def _qk_params(terms, head_order, heads, scale: float, probe: Probe, cache: LiftCache) -> dict:
+    """q/k weights and biases: per head, the terms' rows side by side (q rows scaled by coef * scale). Joined
+    branches share their logits, so their q/k params are built once (the same tensors for all of them)."""
+    key = (tuple(head_order), scale) + tuple((t.product, t.coef, t.q.linear.node, t.k.linear.node,
+                                              t.qmap.numpy().tobytes(), t.kmap.numpy().tobytes()) for t in terms)
+    if key not in cache.qk:
+        qw, qb, kw, kb = [], [], [], []
+        for t in terms:
+            for lin, index, factor, ws, bs in ((t.q.linear, t.qmap[heads], t.coef * scale, qw, qb),
+                                               (t.k.linear, t.kmap[heads], 1.0, kw, kb)):
+                w, b = _gather(probe, lin, index, factor)
+                ws.append(w)
+                bs.append(b if b is not None else torch.zeros(w.shape[:2], dtype=f64))
+        has_qb = any(t.q.linear.bias is not None for t in terms)
+        has_kb = any(t.k.linear.bias is not None for t in terms)
+        cache.qk[key] = {"q_weight": _stack(qw), "q_bias": _stack(qb) if has_qb else None,
+                         "k_weight": _stack(kw), "k_bias": _stack(kb) if has_kb else None}
+    return cache.qk[key]
+
+
+def _stack(parts):
+    """(H, d_t, ...) per term -> head-major rows: head, then term, then feature."""
+    return torch.cat(parts, dim=1).flatten(0, 1)

@@ -1,0 +1,152 @@
+"""Reading an attention's head layout by running its view chains on coded tensors.
+
+A probe tensor's values encode (batch, token, feature), so after the view chain runs, the head/feature
+layout is read off the result instead of being inferred from reshape literals; shape arithmetic
+(``x.shape``, ``size()``) is evaluated on a tensor of the input's shape. ``verify`` evaluates the original
+subgraph and the lifted op in float64 on one random input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..ir import as_layer_norm, evaluate, is_view, load_attribute, scale_op
+from ..ir.targets import SHAPE_ARITHMETIC, SHAPE_METHODS
+from ..ops import reference_attention
+from .recognize import Chain, NotAttention, describe
+
+f64 = torch.float64
+
+
+class Probe:
+    """Evaluates small parts of the graph on probe tensors (shape arithmetic included)."""
+
+    def __init__(self, x: fx.Node, x_value: torch.Tensor, order: dict, constants: dict):
+        self.env, self.order = {}, order
+        self.constants = constants  # get_attr node -> float64 value, shared by the probes of one analysis
+        # tensors whose *shape* equals x's: x and the inputs of LayerNorms that produced it
+        self.shape_sources = {}
+        n = x
+        while n is not None:
+            self.shape_sources[n] = x_value
+            ln = as_layer_norm(n)
+            n = ln.input if ln is not None else None
+
+    def load(self, a: fx.Node):
+        """The value of a ``get_attr`` node, float64 for floating tensors (shared by the probes of one analysis)."""
+        return self._load(a, {})
+
+    def _load(self, a, env):
+        if a in env:
+            return env[a]
+        if a.op == "get_attr":
+            if a not in self.constants:
+                t = load_attribute(a)
+                self.constants[a] = t.detach().to(f64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            return self.constants[a]
+        if a in self.shape_sources:
+            return self.shape_sources[a]
+        if (a.op == "call_function" and a.target in SHAPE_ARITHMETIC) or \
+                (a.op == "call_method" and a.target in SHAPE_METHODS):
+            value = evaluate(a, lambda b: self._load(b, env))
+            if isinstance(value, torch.Tensor):
+                raise NotAttention(f"{describe(a)} reads a tensor outside the attention")
+            return value
+        raise NotAttention(f"{describe(a)} is needed to evaluate the attention but is not part of it")
+
+    def run(self, nodes, env, passthrough=()):
+        """Evaluate ``nodes`` (any order) given ``env``; nodes in ``passthrough`` copy their data input."""
+        env = dict(env)
+        for n in sorted(nodes, key=self.order.__getitem__):
+            if n in env:
+                continue
+            if n in passthrough:
+                env[n] = env[scale_op(n)[0]]
+                continue
+            try:
+                env[n] = evaluate(n, lambda a: self._load(a, env))
+            except NotAttention:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure means the layout is not what we expect
+                raise NotAttention(f"evaluating {describe(n)} on a probe failed ({type(e).__name__}: {e})") from e
+        return env
+
+
+def _coded(shape) -> torch.Tensor:
+    return torch.arange(int(torch.tensor(shape).prod()), dtype=f64).reshape(shape)
+
+
+def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch.Tensor:
+    """Run the chain on a coded Linear output; return the (H, d) map of head rows into the Linear's rows."""
+    lin = chain.linear
+    B, N = x_value.shape[0], x_value.shape[-2]
+    F_ = lin.out_features
+    y = _coded((B, N, F_))
+    env = probe.run(chain.nodes, {lin.node: y, lin.input: x_value}, passthrough=chain.scale_nodes)
+    t = env[chain.end] if chain.nodes else y
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        raise NotAttention(f"{describe(chain.end)} is not a 4-d (batch, heads, tokens, dim) tensor")
+    t = t.long()
+    b, n, f = t // (F_ * N), (t // F_) % N, t % F_
+    if transposed:
+        b, n, f = b.transpose(-2, -1), n.transpose(-2, -1), f.transpose(-2, -1)
+    Bt, H, Nt, d = t.shape if not transposed else t.transpose(-2, -1).shape
+    if Bt != B or Nt != N:
+        raise NotAttention(f"{describe(chain.end)} does not keep batch and token axes apart")
+    ok = (b == torch.arange(B).view(B, 1, 1, 1)).all() and (n == torch.arange(N).view(1, 1, N, 1)).all() \
+        and (f == f[:1, :, :1, :]).all()
+    if not ok:
+        raise NotAttention(f"{describe(chain.end)} mixes tokens or batch elements into heads")
+    head_map = f[0, :, 0, :]
+    if head_map.unique().numel() != head_map.numel():
+        raise NotAttention(f"{describe(chain.end)} repeats features across heads")
+    return head_map
+
+
+def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
+    """Follow the attention output through views to the (batch, tokens, H*dv) tensor; return it, the view
+    nodes and its column -> (head, feature) maps."""
+    nodes, n = [], anchor
+    while len(n.users) == 1 and is_view(next(iter(n.users))):
+        n = next(iter(n.users))
+        nodes.append(n)
+    B, N = x_value.shape[0], x_value.shape[-2]
+    o = _coded((B, H, N, dv))
+    env = probe.run(nodes, {anchor: o})
+    z = env[n]
+    if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[:2] != (B, N) or z.shape[2] != H * dv:
+        raise NotAttention(f"the attention output {describe(n)} is not merged back to (batch, tokens, heads*dim)")
+    z = z.long()
+    j, tok, h, b = z % dv, (z // dv) % N, (z // (dv * N)) % H, z // (dv * N * H)
+    if not ((b == torch.arange(B).view(B, 1, 1)).all() and (tok == torch.arange(N).view(1, N, 1)).all()
+            and (h == h[:1, :1]).all() and (j == j[:1, :1]).all()):
+        raise NotAttention(f"{describe(n)} mixes tokens or batch elements")
+    return n, nodes, h[0, 0], j[0, 0]
+
+
+def verify(probe, x, nodes, z, params, H, shape, verified: dict) -> None:
+    """Evaluate the original subgraph and the lifted op in float64 on one random input; they must agree.
+    ``verified`` keeps the values computed on that input per (x, shape), so branches that share nodes (the
+    joined logits read every branch's q/k) evaluate them once."""
+    key = (x, shape)
+    if key not in verified:
+        gen = torch.Generator().manual_seed(1234)
+        x_value = torch.randn(shape, dtype=f64, generator=gen)
+        verified[key] = {x: x_value}
+    env = verified[key]
+    x_value = env[x]
+    probe.shape_sources = {k: x_value for k in probe.shape_sources}
+    env.update(probe.run(nodes - env.keys(), env))
+    expected = env[z]
+    projections = verified.setdefault(("projections",) + key, {})
+
+    def project(x, w, b):  # joined branches share q/k weights: project x with them once
+        if (id(w), id(b)) not in projections:
+            projections[id(w), id(b)] = (w, b, torch.nn.functional.linear(x, w, b))
+        return projections[id(w), id(b)][2]
+
+    actual = reference_attention(x_value, params, H, project)
+    err = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1e-30)
+    if not err <= 1e-9:
+        raise NotAttention(f"recognized attention did not verify numerically (rel. error {err:.2g})")

@@ -1,0 +1,175 @@
+"""Reading one attention out of a traced graph: the softmax (or SDPA) anchor, its logits as a sum of scaled
+``q @ k^T`` terms, and the q/k/v tensors traced back through views and scalar scales to their Linears.
+Structure only: the head layout is read by ``fxrep.attention.probe``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from ..ir import (
+    arith_kind,
+    as_linear,
+    as_sdpa,
+    as_softmax,
+    einsum_kind,
+    is_matmul,
+    is_softmax,
+    is_view,
+    scalar_constant,
+    scale_op,
+)
+
+
+class NotAttention(Exception):
+    """Raised while recognizing; its message becomes the reason of a Skip."""
+
+
+def describe(n: fx.Node) -> str:
+    t = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"'{n.name}' ({t})"
+
+
+class Chain:
+    """A q/k/v tensor traced back through views (and scalar scales) to the Linear that produced it."""
+
+    def __init__(self, end: fx.Node):
+        self.end, self.nodes, self.factor, self.scale_nodes = end, [], 1.0, set()
+        n = end
+        while True:
+            lin = as_linear(n)
+            if lin is not None:
+                self.linear = lin
+                break
+            scale = scale_op(n)
+            if scale is not None:
+                self.nodes.append(n)
+                self.scale_nodes.add(n)
+                n, f = scale
+                self.factor *= f
+                continue
+            if not is_view(n) or not isinstance(n.args[0], fx.Node):
+                raise NotAttention(f"{describe(end)} is not a view of a Linear output (found {describe(n)})")
+            self.nodes.append(n)
+            n = n.args[0]
+        self.nodes.reverse()
+
+
+@dataclass
+class LogitTerm:
+    """``coef * (q @ k^T)``; ``k_transposed``: the key chain ends in k^T (matmul) rather than k (einsum, SDPA)."""
+
+    coef: float
+    q: Chain
+    k: Chain
+    k_transposed: bool
+
+
+@dataclass
+class Logits:
+    """A softmax input as ``sum_t coef_t * (q_t @ k_t^T)``: terms keyed by their matmul node."""
+
+    terms: dict = field(default_factory=dict)   # matmul node -> LogitTerm
+    nodes: set = field(default_factory=set)
+
+    def add(self, product: fx.Node, q: fx.Node, k: fx.Node, k_transposed: bool, coef: float) -> None:
+        if product not in self.terms:
+            self.terms[product] = LogitTerm(0.0, Chain(q), Chain(k), k_transposed)
+        self.terms[product].coef += coef
+
+
+def parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
+    """Add ``coef * n`` to ``out`` as q @ k^T terms (through scalar scales, sums, differences, negation)."""
+    if depth > 64:
+        raise NotAttention("softmax input expression is too deep")
+    out.nodes.add(n)
+    if is_matmul(n):
+        out.add(n, n.args[0], n.args[1], True, coef)
+        return
+    if einsum_kind(n) == "logits":
+        out.add(n, n.args[1], n.args[2], False, coef)
+        return
+    scale = scale_op(n)
+    if scale is not None:
+        parse_logits(scale[0], coef * scale[1], out, depth + 1)
+        return
+    kind = arith_kind(n)
+    if kind in ("add", "sub") and len(n.args) == 2 and not n.kwargs:
+        for a, c in zip(n.args, (coef, -coef if kind == "sub" else coef)):
+            if isinstance(a, fx.Node) and scalar_constant(a) is None:
+                parse_logits(a, c, out, depth + 1)
+            elif scalar_constant(a) is None:
+                raise NotAttention(f"softmax input {describe(n)} adds a non-constant")
+            # a scalar constant shifts every logit of a row equally: softmax does not see it
+        return
+    if kind == "neg":
+        parse_logits(n.args[0], -coef, out, depth + 1)
+        return
+    raise NotAttention(f"softmax input {describe(n)} is not a sum of scaled q @ k^T products "
+                       "(an attention mask or bias?)")
+
+
+def softmax_input(p: fx.Node) -> fx.Node:
+    """The input of a softmax over the key axis, without a dtype argument."""
+    view = as_softmax(p)
+    if view is None:
+        raise NotAttention(f"{describe(p)} is not a softmax")
+    if view.dtype is not None:
+        raise NotAttention("softmax with a dtype argument")
+    if view.dim not in (-1, 3):
+        raise NotAttention(f"softmax over dim {view.dim}, not the key axis")
+    return view.input
+
+
+def is_anchor(n: fx.Node) -> bool:
+    """Where an attention ends: an SDPA call, or ``softmax(...) @ v`` (matmul or einsum)."""
+    if as_sdpa(n) is not None:
+        return True
+    if is_matmul(n) and is_softmax(n.args[0]):
+        return True
+    return einsum_kind(n) == "pv" and is_softmax(n.args[1])
+
+
+class Candidate:
+    """One recognized attention: logit terms, value chain, output node; or the reason it is not one."""
+
+    def __init__(self, anchor: fx.Node):
+        self.anchor = anchor
+        self.logits = Logits()
+        sdpa = as_sdpa(anchor)
+        if sdpa is not None:
+            self._read_sdpa(sdpa)
+        else:
+            p, v = anchor.args[1:3] if einsum_kind(anchor) == "pv" else anchor.args[:2]
+            self.softmax = p
+            parse_logits(softmax_input(p), 1.0, self.logits)
+            self.value = Chain(v)
+            self.scale = 1.0
+
+    def _read_sdpa(self, sdpa) -> None:
+        mask = sdpa.attn_mask
+        if mask is not None:
+            hint = f" (a graph input: trace with concrete_args={{'{mask.name}': None}})" \
+                if isinstance(mask, fx.Node) and mask.op == "placeholder" else ""
+            raise NotAttention("attention with a mask" + hint)
+        if sdpa.is_causal is not False:
+            raise NotAttention("causal attention (is_causal is not False)")
+        if sdpa.dropout_p != 0.0:
+            raise NotAttention(f"attention dropout is active (dropout_p={sdpa.dropout_p})")
+        if sdpa.enable_gqa:
+            raise NotAttention("grouped-query attention")
+        self.scale = sdpa.scale
+        if self.scale is not None and not isinstance(self.scale, (int, float)):
+            raise NotAttention("SDPA scale is not a constant")
+        self.logits.terms[self.anchor] = LogitTerm(1.0, Chain(sdpa.query), Chain(sdpa.key), False)
+        self.value = Chain(sdpa.value)
+        self.softmax = None
+
+    def nodes(self) -> set:
+        out = {self.anchor} | set(self.value.nodes) | {self.value.linear.node}
+        if self.softmax is not None:
+            out |= {self.softmax} | self.logits.nodes
+        for t in self.logits.terms.values():
+            out |= set(t.q.nodes) | set(t.k.nodes) | {t.q.linear.node, t.k.linear.node}
+        return out

@@ -1,0 +1,87 @@
+"""fxrep's recognition layer: every question a pattern asks about a node, and every node a pattern builds.
+
+- ``targets``: the spelling tables (which callables, methods and modules are which op);
+- ``binding``: one argument binder (``bind``), on torch's own signatures;
+- ``readers``: typed views of ops (``as_linear``, ``as_layer_norm``, ``activation_key``, ``as_softmax``,
+  ``as_sdpa``, ``attention_view``, ``arith_kind``, ``scale_op``, ...);
+- ``effects``: views, aliasing, in-place writes, layout dependence, guards (``mutation_hazards``);
+- ``evaluate``: one constant evaluator;
+- ``build``: new constants and nodes (``emit_linear``, ``emit_attention``, ``add_constant``).
+
+Patterns import from ``fxrep.ir`` only; docs/architecture.md says where a new spelling goes.
+"""
+
+from .binding import bind
+from .build import (
+    add_constant,
+    bitwise_equal,
+    const_node,
+    emit_attention,
+    emit_linear,
+    emit_split_heads,
+    fingerprint,
+)
+from .effects import (
+    is_guard,
+    is_inplace,
+    is_view,
+    layout_sensitive_reader,
+    mutation_hazards,
+    owns_its_memory,
+    write_is_invisible,
+)
+from .evaluate import evaluate, load_attribute
+from .readers import (
+    AttentionView,
+    LayerNormView,
+    LinearView,
+    SdpaView,
+    SoftmaxView,
+    activation_key,
+    arith_kind,
+    as_layer_norm,
+    as_linear,
+    as_sdpa,
+    as_softmax,
+    attention_view,
+    constant_tensor,
+    dropout_is_identity,
+    einsum_kind,
+    fetch_attr,
+    is_call,
+    is_matmul,
+    is_shape_read,
+    is_softmax,
+    merge_origins,
+    origin,
+    scalar_constant,
+    scalar_or_channel,
+    scale_op,
+)
+from .targets import (
+    ADD_TARGETS,
+    DIV_TARGETS,
+    GUARD_TARGETS,
+    LAYER_NORM_TARGETS,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    MUL_TARGETS,
+    NEG_TARGETS,
+    SDPA_TARGETS,
+    SOFTMAX_TARGETS,
+    SUB_TARGETS,
+    VIEW_FUNCTIONS,
+    VIEW_METHODS,
+)
+
+__all__ = [
+    "bind", "add_constant", "bitwise_equal", "const_node", "emit_attention", "emit_linear", "emit_split_heads",
+    "fingerprint", "is_guard", "is_inplace", "is_view", "layout_sensitive_reader", "mutation_hazards",
+    "owns_its_memory", "write_is_invisible", "evaluate", "load_attribute", "AttentionView", "LayerNormView",
+    "LinearView", "SdpaView", "SoftmaxView", "activation_key", "arith_kind", "as_layer_norm", "as_linear",
+    "as_sdpa", "as_softmax", "attention_view", "constant_tensor", "dropout_is_identity", "einsum_kind",
+    "fetch_attr", "is_call", "is_matmul", "is_shape_read", "is_softmax", "merge_origins", "origin",
+    "scalar_constant", "scalar_or_channel", "scale_op", "ADD_TARGETS", "DIV_TARGETS", "GUARD_TARGETS",
+    "LAYER_NORM_TARGETS", "LINEAR_TARGETS", "MATMUL_TARGETS", "MUL_TARGETS", "NEG_TARGETS", "SDPA_TARGETS",
+    "SOFTMAX_TARGETS", "SUB_TARGETS", "VIEW_FUNCTIONS", "VIEW_METHODS",
+]

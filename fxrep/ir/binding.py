@@ -1,0 +1,99 @@
+"""One argument binder for every op: ``bind(node)`` maps a call's positional and keyword arguments to the
+parameter names of the callee, defaults filled in.
+
+Parameter names come from torch: ``inspect.signature`` for Python functions (``F.layer_norm``, ``F.softmax``)
+and ``torch.fx.operator_schemas.get_signature_for_torch_op`` (the TorchScript schemas behind
+``Node.normalized_arguments``) for builtins (``F.linear``, ``F.scaled_dot_product_attention``, ``torch.add``).
+A method call ``x.softmax(-1)`` binds like ``torch.softmax(x, -1)``. Unlike ``normalize_function``, binding
+needs no argument types: an op whose overloads differ only in types (``torch.add``) binds by the names they
+share, and the parameter lists are looked up once per callee and argument layout, so it is cheap enough
+to call from every reader.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch import fx
+from torch.fx.operator_schemas import get_signature_for_torch_op
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@functools.cache
+def _signatures(target) -> tuple:
+    try:
+        return (inspect.signature(target),)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return tuple(get_signature_for_torch_op(target) or ())
+    except Exception:  # noqa: BLE001 - torch raises various errors for callables it has no schema for
+        return ()
+
+
+def _layout(sig: inspect.Signature, n_args: int, kwarg_names: frozenset):
+    """(positional names, name taking the rest of the positionals or None, defaults) if ``sig`` accepts this
+    call shape, else None."""
+    params = list(sig.parameters.values())
+    positional = [p.name for p in params if p.kind in _POSITIONAL]
+    rest = next((p.name for p in params if p.kind == inspect.Parameter.VAR_POSITIONAL), None)
+    if n_args > len(positional) and rest is None:
+        return None
+    names = {p.name for p in params if p.kind != inspect.Parameter.VAR_POSITIONAL}
+    if not kwarg_names <= names and not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    taken = set(positional[:n_args]) | kwarg_names
+    if any(p.default is inspect.Parameter.empty and p.name not in taken for p in params
+           if p.kind in _POSITIONAL or p.kind == inspect.Parameter.KEYWORD_ONLY):
+        return None
+    defaults = tuple((p.name, p.default) for p in params if p.default is not inspect.Parameter.empty)
+    return tuple(positional[:n_args]), (rest if n_args > len(positional) else None), defaults
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(target, n_args: int, kwarg_names: frozenset):
+    """The layout shared by every overload of ``target`` that accepts this call shape (names of the positions
+    used, and only the defaults all of them agree on), or None when there is none or they disagree."""
+    layouts = [lay for sig in _signatures(target) if (lay := _layout(sig, n_args, kwarg_names)) is not None]
+    if not layouts or any(lay[:2] != layouts[0][:2] for lay in layouts):
+        return None
+    common = set(layouts[0][2])
+    for lay in layouts[1:]:
+        common &= set(_hashable(lay[2]))
+    return layouts[0][0], layouts[0][1], tuple(d for d in layouts[0][2] if d in common)
+
+
+def _hashable(defaults):
+    return [(k, v) for k, v in defaults]
+
+
+def _callee(node: fx.Node):
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_method":
+        return getattr(torch, node.target, None) or getattr(torch.Tensor, node.target, None)
+    return None
+
+
+def bind(node: fx.Node) -> dict | None:
+    """``{parameter name: argument}`` of a ``call_function``/``call_method`` node, defaults included, or None
+    when the callee has no signature torch can name (or its overloads disagree about this call's names)."""
+    callee = _callee(node)
+    if callee is None:
+        return None
+    try:
+        plan = _plan(callee, len(node.args), frozenset(node.kwargs))
+    except TypeError:  # an unhashable callee
+        return None
+    if plan is None:
+        return None
+    names, rest, defaults = plan
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    if rest is not None:
+        bound[rest] = tuple(node.args[len(names):])
+    bound.update(node.kwargs)
+    return bound

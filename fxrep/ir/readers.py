@@ -1,0 +1,372 @@
+"""Readers of canonical ops: one function per kind of op, returning a typed view or None. Patterns read
+nodes only through these, never by indexing ``node.args``.
+
+After the canonicalize phase every Linear is ``F.linear(x, weight, bias)`` with ``get_attr`` weights, every
+LayerNorm is ``F.layer_norm(x, shape, weight, bias, eps)`` and every activation module is its functional form;
+the readers also accept the other spellings listed in ``ir.targets``. Arguments are bound by ``ir.binding``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..ops import multi_head_attention
+from .binding import bind
+from .targets import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_VARIANT_ARG,
+    ARITHMETIC,
+    DROPOUT_TARGETS,
+    LAYER_NORM_TARGETS,
+    LINEAR_TARGETS,
+    MATMUL_TARGETS,
+    SDPA_TARGETS,
+    SOFTMAX_TARGETS,
+)
+
+
+def is_call(node: fx.Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def fetch_attr(module: torch.nn.Module, target: str):
+    obj = module
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def constant_tensor(node) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, or None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = fetch_attr(node.graph.owning_module, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def scalar_constant(a) -> float | None:
+    """A Python number or a 0-d floating ``get_attr`` tensor as a float, else None (bools are not numbers)."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return float(a)
+    t = constant_tensor(a)
+    if t is not None and t.dim() == 0 and t.is_floating_point():
+        return float(t)
+    return None
+
+
+def scalar_or_channel(value, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A constant that acts on the last dim only, as a float64 0-d (scalar) or 1-d (per channel) tensor.
+
+    Accepts Python numbers and ``get_attr`` tensors of shape (), (k,) or (1, ..., 1, k). Anything that would
+    broadcast over other dims, or change the result dtype by type promotion, gives None.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float64)
+    t = constant_tensor(value)
+    if t is None or not t.is_floating_point():
+        return None
+    if t.dim() > 0 and dtype is not None and t.dtype != dtype:
+        return None
+    if t.numel() == 1 and all(s == 1 for s in t.shape):
+        if t.dim() > 0:
+            return None  # shape (1,)/(1,1) would broadcast the rank; keep it simple and exact
+        return t.detach().to(torch.float64).reshape(())
+    if t.dim() >= 1 and all(s == 1 for s in t.shape[:-1]):
+        return t.detach().to(torch.float64).reshape(-1)
+    return None
+
+
+# -- arithmetic -------------------------------------------------------------------------------------------
+
+def arith_kind(node: fx.Node) -> str | None:
+    """'add', 'sub', 'mul', 'div' (true division only) or 'neg' for elementwise arithmetic in any spelling
+    (operator, ``torch.*``, method), else None."""
+    for kind, functions, method in ARITHMETIC:
+        if (node.op == "call_function" and node.target in functions) or \
+                (node.op == "call_method" and node.target == method):
+            if kind == "div" and node.kwargs.get("rounding_mode") is not None:
+                return None
+            return kind
+    return None
+
+
+def scale_op(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(data input, factor) if ``node`` multiplies or divides one tensor by a scalar constant, else None."""
+    kind = arith_kind(node)
+    if kind not in ("mul", "div") or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    sa, sb = scalar_constant(a), scalar_constant(b)
+    if kind == "mul" and isinstance(a, fx.Node) and sb is not None and sa is None:
+        return a, sb
+    if kind == "mul" and isinstance(b, fx.Node) and sa is not None:
+        return b, sa
+    if kind == "div" and isinstance(a, fx.Node) and sb not in (None, 0.0):
+        return a, 1.0 / sb
+    return None
+
+
+def is_matmul(node: fx.Node) -> bool:
+    return is_call(node, MATMUL_TARGETS) or (node.op == "call_method" and node.target == "matmul")
+
+
+def einsum_kind(node: fx.Node) -> str | None:
+    """'logits' for ``einsum('bhqd,bhkd->bhqk', q, k)``, 'pv' for ``einsum('bhqk,bhkd->bhqd', p, v)`` (any
+    letters), else None."""
+    if not (node.op == "call_function" and node.target is torch.einsum and len(node.args) == 3
+            and isinstance(node.args[0], str)):
+        return None
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    ops = lhs.split(",")
+    if len(ops) != 2 or not all(len(t) == 4 for t in (*ops, out)):
+        return None
+    (a, b), o = ops, out
+    if len(set(a)) != 4 or len(set(b)) != 4 or a[:2] != b[:2] or o[:2] != a[:2]:
+        return None
+    if a[3] == b[3] and a[2] != b[2] and o[2:] == a[2] + b[2]:
+        return "logits"
+    if a[3] == b[2] and o[2:] == a[2] + b[3] and a[3] not in o:
+        return "pv"
+    return None
+
+
+def is_shape_read(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.ndim`` / ``x.size()`` / ``x.dim()``: reads metadata only, never values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))) \
+        or (node.op == "call_method" and node.target in ("size", "dim"))
+
+
+# -- Linear, LayerNorm, activations, softmax, SDPA, dropout -------------------------------------------------
+
+@dataclass
+class LinearView:
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    weight_node: fx.Node
+    bias_node: fx.Node | None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def param_node(self, name: str) -> fx.Node | None:
+        """The ``get_attr`` node of the ``weight`` or ``bias``."""
+        return self.weight_node if name == "weight" else self.bias_node
+
+
+def as_linear(node) -> LinearView | None:
+    """``F.linear(x, W, b)`` with constant W (and b) as a LinearView, else None."""
+    if not (isinstance(node, fx.Node) and is_call(node, LINEAR_TARGETS)):
+        return None
+    args = bind(node)
+    if args is None:
+        return None
+    x, w, b = args.get("input"), args.get("weight"), args.get("bias")
+    wt = constant_tensor(w)
+    if not isinstance(x, fx.Node) or wt is None or wt.dim() != 2:
+        return None
+    bt = None
+    if b is not None:
+        bt = constant_tensor(b)
+        if bt is None:
+            return None
+    return LinearView(node, x, wt, bt, w, b)
+
+
+@dataclass
+class LayerNormView:
+    node: fx.Node
+    input: fx.Node
+    normalized_shape: tuple
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+def as_layer_norm(node) -> LayerNormView | None:
+    """``F.layer_norm``/``torch.layer_norm`` with a literal shape and constant (or no) affine, else None."""
+    if not (isinstance(node, fx.Node) and is_call(node, LAYER_NORM_TARGETS)):
+        return None
+    args = bind(node)
+    if args is None:
+        return None
+    x, shape = args.get("input"), args.get("normalized_shape")
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(x, fx.Node) or not isinstance(shape, (tuple, list, torch.Size)):
+        return None
+    if any(not isinstance(s, int) for s in shape):
+        return None
+    w, b = args.get("weight"), args.get("bias")
+    wt = constant_tensor(w) if w is not None else None
+    bt = constant_tensor(b) if b is not None else None
+    if (w is not None and wt is None) or (b is not None and bt is None):
+        return None
+    eps = args.get("eps", 1e-5)
+    if not isinstance(eps, (int, float)):
+        return None
+    return LayerNormView(node, x, tuple(shape), wt, bt, float(eps))
+
+
+def activation_key(node) -> tuple | None:
+    """A hashable key naming an elementwise activation and its variant, e.g. ('gelu', 'tanh'); else None.
+    In-place calls are not activations here: they write their input."""
+    if not isinstance(node, fx.Node) or len(node.all_input_nodes) != 1:
+        return None
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+        name = ACTIVATION_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in ACTIVATION_METHODS:
+        name = ACTIVATION_METHODS[node.target]
+    else:
+        return None
+    args = bind(node)
+    if args is None or not isinstance(node.args[0], fx.Node) or args.get("inplace") is True:
+        return None
+    variant_arg, default = ACTIVATION_VARIANT_ARG.get(name, (None, None))
+    variant = args.get(variant_arg, default) if variant_arg else None
+    if isinstance(variant, fx.Node):
+        return None
+    return (name, variant)
+
+
+def is_softmax(node) -> bool:
+    """``F.softmax`` / ``torch.softmax`` / ``x.softmax(...)`` (nn.Softmax is functionalized to the first)."""
+    return isinstance(node, fx.Node) and (is_call(node, SOFTMAX_TARGETS) or
+                                          (node.op == "call_method" and node.target == "softmax"))
+
+
+@dataclass
+class SoftmaxView:
+    node: fx.Node
+    input: fx.Node
+    dim: object
+    dtype: object
+
+
+def as_softmax(node) -> SoftmaxView | None:
+    if not is_softmax(node):
+        return None
+    args = bind(node)
+    if args is None or not isinstance(args.get("input"), fx.Node):
+        return None
+    return SoftmaxView(node, args["input"], args.get("dim"), args.get("dtype"))
+
+
+@dataclass
+class SdpaView:
+    node: fx.Node
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    attn_mask: object
+    dropout_p: object
+    is_causal: object
+    scale: object
+    enable_gqa: object
+
+
+def as_sdpa(node) -> SdpaView | None:
+    """``F.scaled_dot_product_attention`` with its arguments bound (defaults filled in), else None."""
+    if not (isinstance(node, fx.Node) and is_call(node, SDPA_TARGETS)):
+        return None
+    args = bind(node)
+    if args is None:
+        return None
+    return SdpaView(node, args["query"], args["key"], args["value"], args.get("attn_mask"),
+                    args.get("dropout_p", 0.0), args.get("is_causal", False), args.get("scale"),
+                    args.get("enable_gqa", False))
+
+
+def dropout_is_identity(node) -> bool | None:
+    """For a functional dropout: True when it is the identity (``training=False`` or ``p == 0``), False when
+    it is random; None for any other node."""
+    if not (isinstance(node, fx.Node) and is_call(node, DROPOUT_TARGETS)):
+        return None
+    args = bind(node) or {}
+    training = args.get("training", args.get("train", True))  # F.dropout: training; torch.dropout: train
+    return training is False or args.get("p", 0.5) == 0
+
+
+# -- fxrep's attention op ---------------------------------------------------------------------------------
+
+_PROJECTIONS = ("q", "k", "v")
+
+
+@dataclass
+class AttentionView:
+    """The arguments of an fxrep ``multi_head_attention`` node: its input, the q/k/v weights and biases
+    (head-major rows) and the head count."""
+
+    node: fx.Node
+    input: fx.Node
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor | None
+    v_weight: torch.Tensor
+    v_bias: torch.Tensor | None
+    num_heads: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q_weight.dtype
+
+    def weight(self, p: str) -> torch.Tensor:
+        return getattr(self, f"{p}_weight")
+
+    def bias(self, p: str) -> torch.Tensor | None:
+        return getattr(self, f"{p}_bias")
+
+    def params(self) -> dict:
+        """``{'q_weight': ..., 'q_bias': ..., ...}``, as ``emit_attention`` takes them."""
+        return {f"{p}_{kind}": getattr(self, f"{p}_{kind}") for p in _PROJECTIONS for kind in ("weight", "bias")}
+
+    def head_widths(self) -> tuple[int, int, int]:
+        """(heads, q/k width per head, v width per head)."""
+        H = self.num_heads
+        return H, self.q_weight.shape[0] // H, self.v_weight.shape[0] // H
+
+
+def attention_view(node) -> AttentionView | None:
+    """An fxrep ``multi_head_attention`` node with constant q/k/v weights as an AttentionView, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is multi_head_attention):
+        return None
+    x, *params = node.args[:7]
+    tensors = [constant_tensor(v) if v is not None else None for v in params]
+    if tensors[0] is None or tensors[2] is None or tensors[4] is None:
+        return None
+    return AttentionView(node, x, *tensors, num_heads=node.kwargs["num_heads"])
+
+
+# -- where nodes came from --------------------------------------------------------------------------------
+
+def origin(node: fx.Node) -> tuple[str, ...]:
+    """Where a node came from in the user's model: module qualnames (from fxrep's own bookkeeping or the
+    tracer's ``nn_module_stack``), else the node name."""
+    if "fxrep_origin" in node.meta:
+        return tuple(node.meta["fxrep_origin"])
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return (str(path),)
+    return (node.name,)
+
+
+def merge_origins(nodes) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for n in nodes:
+        for o in origin(n):
+            seen.setdefault(o, None)
+    return tuple(seen)
