@@ -6,8 +6,19 @@ import argparse
 import sys
 
 
-def _train(args) -> int:
+def build_model(args, in_chans: int, num_classes: int, img_size: int):
+    """The model ``fxrep train`` trains. ``--init-values`` overrides the model's own LayerScale default (1/B
+    for fxrep's branched models) only when given."""
     import timm
+
+    import fxrep.models  # noqa: F401
+
+    layerscale = {} if args.init_values is None else {"init_values": args.init_values}
+    return timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                             patch_size=args.patch_size, **layerscale)
+
+
+def _train(args) -> int:
     import torch
 
     import fxrep.models  # noqa: F401
@@ -27,8 +38,7 @@ def _train(args) -> int:
         train_set = image_folder(f"{args.data}/train", img)
         eval_set = image_folder(f"{args.data}/val", img)
         chans, classes = 3, len(train_set.classes)
-    model = timm.create_model(args.model, num_classes=classes, in_chans=chans, img_size=args.img_size or img,
-                              patch_size=args.patch_size, init_values=args.init_values)
+    model = build_model(args, chans, classes, args.img_size or img)
     teacher = torch.load(args.teacher, weights_only=False) if args.teacher else None
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out_dir=args.out,
                       kd_alpha=args.kd_alpha if teacher is not None else 0.0, checkpoint_every=args.checkpoint_every,
@@ -58,7 +68,7 @@ def _fuse(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fxrep", description="exact reparameterization of branched ViTs")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train, join, fuse and compare a small branched DeiT (a few minutes on CPU)")
@@ -71,7 +81,8 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--img-size", type=int, default=None)
     t.add_argument("--patch-size", type=int, default=8)
-    t.add_argument("--init-values", type=float, default=0.1, help="LayerScale init (0: no LayerScale)")
+    t.add_argument("--init-values", type=float, default=None,
+                   help="LayerScale init (default: the model's, 1/B for fxrep's branched models; 0: no LayerScale)")
     t.add_argument("--join-shape", choices=["cosine", "linear"], default="cosine")
     t.add_argument("--synthetic-size", type=int, default=4096)
     t.add_argument("--teacher", default=None, help="a torch.save'd teacher model for distillation")
@@ -84,14 +95,16 @@ def main(argv=None) -> int:
     f.add_argument("model")
     f.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
     f.add_argument("--out", default="fused.pt")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "demo":
         from fxrep.demo import main as demo
 
         return demo([])
     if args.command == "train":
-        if args.init_values == 0:
-            args.init_values = None
         return _train(args)
     return _fuse(args)
 

@@ -108,10 +108,20 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
             "(fxrep's tracer ignores and restores such caches), or trace a model that was never traced before.") from e
     graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph, type(gm).__name__)
-    new.meta = dict(getattr(gm, "meta", {}))
-    if "fxrep_constants" in new.meta:  # add_constant appends to these lists: the input's must not change
-        new.meta["fxrep_constants"] = {k: list(v) for k, v in new.meta["fxrep_constants"].items()}
+    new.meta = _copy_meta(getattr(gm, "meta", {}))
     return new
+
+
+def _copy_meta(meta: dict) -> dict:
+    """A copy of a GraphModule's meta that fusing can never change the input's through: deep where possible
+    (fxrep's own entries always are), shared only for values that cannot be deep-copied."""
+    out = {}
+    for key, value in meta.items():
+        try:
+            out[key] = copy.deepcopy(value)
+        except Exception:  # noqa: BLE001 - an opaque object: fxrep neither reads nor writes it
+            out[key] = value
+    return out
 
 
 @contextlib.contextmanager

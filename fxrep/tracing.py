@@ -36,11 +36,26 @@ def _unpack_counts(code) -> dict:
     return {i.offset: i.argval for i in dis.get_instructions(code) if i.opname == "UNPACK_SEQUENCE"}
 
 
+def _fx_is_as_written() -> bool:
+    """True when the fx methods the fast paths below stand in for have the signatures they were written
+    against (``Tracer.getattr`` is marked not backward compatible). Otherwise fxrep traces with fx's own."""
+    def params(f):
+        return list(inspect.signature(f).parameters)
+
+    return (params(fx.Tracer.getattr) == ["self", "attr", "attr_val", "parameter_proxy_cache"]
+            and params(fx.Tracer.create_arg) == ["self", "a"] and hasattr(fx.Tracer, "get_fresh_qualname")
+            and params(fx.Proxy.__iter__) == ["self"] and hasattr(fx.Tracer, "iter"))
+
+
+FAST_PATHS = _fx_is_as_written()
+
+
 class _UnpackingProxy(fx.Proxy):
     """``fx.Proxy`` whose tuple unpacking (``q, k, v = qkv.unbind(0)``, ``B, N, C = x.shape``) looks the
     calling instruction up in a per-code-object table. fx disassembles the caller's whole code object on every
-    unpack, which was a third of the trace time of a 12-block branched ViT. Same decision as fx's
-    ``Proxy.__iter__`` (an ``UNPACK_SEQUENCE`` unpacks by index, anything else goes to ``tracer.iter``)."""
+    unpack, which was a third of the trace time of a 12-block branched ViT. Where the calling instruction is
+    not an ``UNPACK_SEQUENCE`` it does what fx's ``Proxy.__iter__`` does there: ``tracer.iter`` (which raises
+    fx's TraceError unless a tracer overrides it). ``tests/test_engine.py`` checks it against fx's."""
 
     def __iter__(self):
         frame = inspect.currentframe().f_back  # f_lasti: byte offset of the instruction being run
@@ -50,25 +65,14 @@ class _UnpackingProxy(fx.Proxy):
         return self.tracer.iter(self)
 
 
-class _NamingTracer(fx.Tracer):
-    """A Tracer that remembers which module it was inside, so a trace failure can name it."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack: list[str] = []
+class _FastLookups:
+    """Parameter and buffer names from a map built once per trace (fx scans every parameter of the model on
+    each lookup, which is quadratic in model size). Anything the map does not name goes to fx's own path."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _UnpackingProxy(node, self)
 
-    def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m) or type(m).__name__)
-        out = super().call_module(m, forward, args, kwargs)
-        self.stack.pop()
-        return out
-
     def _name_of(self, kind: str, t: torch.Tensor) -> str | None:
-        """Qualified name of a parameter or buffer of the traced model, from a map built once per trace
-        (fx scans every parameter of the model on each lookup, which is quadratic in model size)."""
         if getattr(self, "_names_of", (None, None))[0] is not self.root:
             names: dict = {}
             for name, p in self.root.named_parameters():
@@ -103,6 +107,20 @@ class _NamingTracer(fx.Tracer):
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
+
+
+class _NamingTracer(*((_FastLookups,) if FAST_PATHS else ()), fx.Tracer):
+    """A Tracer that remembers which module it was inside, so a trace failure can name it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[str] = []
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
 
 
 def default_concrete_args(model: nn.Module, example_inputs=None) -> dict:

@@ -126,7 +126,8 @@ def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, 
 def test_lazy_matrix_sums_have_the_bits_of_pairwise_float64_sums(n, dtype, rows, cols, seed):
     """merge_affine sums chains of matrices in place into one buffer: the bits of ((W1 + W2) + W3) + ...
     in float64, also when a chain is extended by a sum that was made first (then added as one value)."""
-    from fxrep.affine.forms import _add_terms, dense as _dense
+    from fxrep.affine.forms import _add_terms
+    from fxrep.affine.forms import dense as _dense
 
     ws = [(_rand(rows, cols, seed=seed + i) * 10 ** (i - 2)).to(dtype) for i in range(n)]
     acc, want = ws[0], ws[0].double()

@@ -10,6 +10,7 @@ from torch import fx
 
 import fxrep
 from fxrep.models.registry import _create
+from fxrep.snapshot import ModelSnapshot
 from fxrep.testing import GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, make_inputs
 from fxrep.tracing import portable_guards
 
@@ -209,3 +210,28 @@ def test_tracing_unpacks_like_fx():
 
     with pytest.raises(fxrep.TraceError, match="Loops"):
         fxrep.trace(Loops())
+
+
+def test_fusing_a_fused_graph_module_leaves_the_input_unchanged():
+    """The input GraphModule's meta (fxrep's constant table and report included), parameters and code stay
+    exactly as they were when it is fused again."""
+    x = make_inputs(8, torch.float32)
+    once = fxrep.fuse(_block(lam=0.5), example_inputs=x)
+    meta_before = copy.deepcopy(once.meta)
+    report = once.meta["fxrep_report"]
+    snapshot, code = ModelSnapshot(once), once.code
+    fxrep.fuse(once, example_inputs=x)
+    assert once.meta.keys() == meta_before.keys()
+    assert once.meta["fxrep_constants"] == meta_before["fxrep_constants"]
+    assert once.meta["fxrep_report"] is report and str(report) == str(meta_before["fxrep_report"])
+    assert snapshot.diff(once) == "" and once.code == code
+
+
+def test_a_pattern_that_erases_nodes_is_told_to_use_replace_node():
+    def replace(match, ctx):
+        ctx.graph.erase_node(match.nodes[0])
+
+    eraser = fxrep.FunctionPattern("eraser", lambda n, c: fxrep.Match([n]) if n.op == "call_module" else None,
+                                   replace)
+    with pytest.raises(fxrep.PatternError, match="must not erase nodes: call ctx.replace_node"):
+        fxrep.fuse(_block(lam=0.5), patterns=[eraser])

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxrep
-from fxrep.engine import run_patterns
 from fxrep.affine import AffineAnalysis, FormKey
+from fxrep.engine import run_patterns
 from fxrep.registry import PatternRegistry, default_registry
 from fxrep.report import FuseReport
 from fxrep.testing import (

@@ -117,3 +117,17 @@ def test_image_folder_dataset(tmp_path):
     assert x.shape == (3, 16, 16) and ds.classes == ["a", "b"]
     with pytest.raises(InputError, match="does not exist"):
         image_folder(tmp_path / "missing", 16)
+
+
+@pytest.mark.parametrize("flag, gamma", [([], 0.25), (["--init-values", "0.5"], 0.5), (["--init-values", "0"], None)])
+def test_cli_layerscale_default_is_the_models(flag, gamma):
+    """``fxrep train`` keeps the documented 1/B LayerScale of a B-branch model unless --init-values is given."""
+    from fxrep.cli import build_model, parser
+
+    args = parser().parse_args(["train", "--model", "fxrep_deit_tiny_d3b4", *flag])
+    model = build_model(args, 1, 4, 16)
+    ls = model.blocks[0].ls1[0]
+    if gamma is None:
+        assert isinstance(ls, torch.nn.Identity)
+    else:
+        assert torch.all(ls.gamma == gamma)

@@ -111,6 +111,21 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
+@dataclass
+class _Run:
+    """Everything one training run sets up before its first step."""
+
+    device: torch.device
+    schedule: JoinSchedule
+    optimizer: torch.optim.Optimizer
+    net: torch.nn.Module
+    loader: DataLoader
+    sampler: DistributedSampler | None
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    out: Path | None
+
+
 def train(model, train_data, eval_data=None, config: TrainConfig | None = None, teacher=None,
           resume: bool = False) -> TrainResult:
     """Train a branched model with progressive joining (``lam`` from 0 to 1) and return the result; with
@@ -118,6 +133,32 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None, 
     cfg = config or TrainConfig()
     rank, world = _distributed()
     seed_everything(cfg.seed + rank)
+    run = _set_up(model, train_data, cfg, rank, world)
+    step, history = 0, []
+    if resume and run.out is not None and (run.out / "checkpoint" / "model.safetensors").is_file():
+        step, history = load_checkpoint(run.out / "checkpoint", model, run.optimizer)
+    if world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(model)
+    if teacher is not None:
+        teacher.to(run.device).eval()
+    step, loss_value = _loop(model, run, cfg, teacher, eval_data, rank, step, history)
+    set_join(model, run.schedule(cfg.steps))
+    result = TrainResult(step, loss_value, None, history)
+    if rank == 0:
+        if run.out is not None:
+            save_checkpoint(run.out / "checkpoint", model, run.optimizer, step, history)
+            (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        preds = None
+        if eval_data is not None:
+            result.eval_accuracy, preds = evaluate(model, eval_data, device=run.device)
+        if cfg.fuse_at_end:
+            _fuse_and_save(model, eval_data, train_data, result, run.out, run.device, preds)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _set_up(model, train_data, cfg: TrainConfig, rank: int, world: int) -> _Run:
     device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) if torch.cuda.is_available() \
         else torch.device("cpu")
     model.to(device)
@@ -129,19 +170,20 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None, 
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    step, history = 0, []
-    if resume and out is not None and (out / "checkpoint" / "model.safetensors").is_file():
-        step, history = load_checkpoint(out / "checkpoint", model, optimizer)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(train_data, world, rank, seed=cfg.seed) if world > 1 else None
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=len(train_data) >= cfg.batch_size, generator=gen)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    if teacher is not None:
-        teacher.to(device).eval()
-    metrics_file = open(out / "metrics.jsonl", "a") if out is not None and rank == 0 else None  # noqa: SIM115
+    return _Run(device, schedule, optimizer, model, loader, sampler, scaler, use_amp, out)
+
+
+def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, step: int,
+          history: list) -> tuple[int, float]:
+    """Train from ``step`` to ``cfg.steps``, appending one record per step to ``history`` (and to
+    metrics.jsonl); returns the step reached and the last loss."""
+    metrics_file = open(run.out / "metrics.jsonl", "a") if run.out is not None and rank == 0 else None  # noqa: SIM115
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -151,39 +193,18 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None, 
     loss_value = float("nan")
     try:
         while step < cfg.steps:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            for x, y in loader:
+            if run.sampler is not None:
+                run.sampler.set_epoch(epoch)
+            for x, y in run.loader:
                 if step >= cfg.steps:
                     break
-                net.train()
-                lam = schedule(step)
-                set_join(model, lam)
-                for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(step, cfg)
-                x, y = x.to(device), y.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits, y)
-                    if teacher is not None and cfg.kd_alpha > 0:
-                        with torch.no_grad():
-                            t_logits = teacher(x)
-                        kd = F.kl_div(F.log_softmax(logits / cfg.kd_tau, -1), F.softmax(t_logits / cfg.kd_tau, -1),
-                                      reduction="batchmean") * cfg.kd_tau ** 2
-                        loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
+                lam = run.schedule(step)
+                loss_value = _step(model, run, cfg, teacher, x, y, lam, step)
                 step += 1
-                loss_value = loss.item()
-                record = {"step": step, "loss": loss_value, "lam": lam, "lr": optimizer.param_groups[0]["lr"],
+                record = {"step": step, "loss": loss_value, "lam": lam, "lr": run.optimizer.param_groups[0]["lr"],
                           "time": time.time()}
                 if cfg.eval_every and eval_data is not None and step % cfg.eval_every == 0 and rank == 0:
-                    record["eval_accuracy"] = evaluate(model, eval_data, device=device)[0]
+                    record["eval_accuracy"] = evaluate(model, eval_data, device=run.device)[0]
                 history.append(record)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -191,27 +212,41 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None, 
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.2f}")
-                if out is not None and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    save_checkpoint(out / "checkpoint", model, optimizer, step, history)
+                if run.out is not None and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save_checkpoint(run.out / "checkpoint", model, run.optimizer, step, history)
             epoch += 1
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
-    set_join(model, schedule(cfg.steps))
-    result = TrainResult(step, loss_value, None, history)
-    if rank == 0:
-        if out is not None:
-            save_checkpoint(out / "checkpoint", model, optimizer, step, history)
-            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        if eval_data is not None:
-            result.eval_accuracy, preds = evaluate(model, eval_data, device=device)
-        if cfg.fuse_at_end:
-            _fuse_and_save(model, eval_data, train_data, result, out, device, preds if eval_data is not None else None)
-    if world > 1:
-        dist.barrier()
-    return result
+    return step, loss_value
+
+
+def _step(model, run: _Run, cfg: TrainConfig, teacher, x, y, lam: float, step: int) -> float:
+    """One optimizer step at join coefficient ``lam``: cross-entropy (plus distillation from ``teacher``)."""
+    run.net.train()
+    set_join(model, lam)
+    for group in run.optimizer.param_groups:
+        group["lr"] = _lr_at(step, cfg)
+    x, y = x.to(run.device), y.to(run.device)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+        logits = run.net(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None and cfg.kd_alpha > 0:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            kd = F.kl_div(F.log_softmax(logits / cfg.kd_tau, -1), F.softmax(t_logits / cfg.kd_tau, -1),
+                          reduction="batchmean") * cfg.kd_tau ** 2
+            loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss.item()
 
 
 def _fuse_and_save(model, eval_data, train_data, result, out, device, preds) -> None:
