@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .errors import InputError, TraceError
-from .ir import is_guard
+from .ir import fresh_attribute_name, is_guard
 from .snapshot import preserved
 
 _SPECIALIZED = "has been specialized to have value"
@@ -222,7 +222,7 @@ def portable_guards(gm: fx.GraphModule, concrete: dict | None = None, recompile:
             message = (f"fxrep.fuse traced this model with argument '{name}' fixed to {value!r}, so the fused "
                        f"model cannot take another value for it. To keep '{name}' an input, fuse again with "
                        f"fxrep.fuse(model, concrete_args={rest!r}) or pass it in example_inputs.")
-        target = _fresh_name(gm, f"fixed_{name}")
+        target = fresh_attribute_name(gm, f"fixed_{name}")
         gm.add_submodule(target, FixedArgument(name, value, message))
         with graph.inserting_before(node):
             guard = graph.call_module(target, (placeholder,))
@@ -248,10 +248,3 @@ def _fixed_argument(node: fx.Node):
         return condition.args[0], condition.args[1], message  # torch._assert(x == value, msg)
     return None
 
-
-def _fresh_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name

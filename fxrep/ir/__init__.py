@@ -20,6 +20,7 @@ from .build import (
     emit_linear,
     emit_split_heads,
     fingerprint,
+    fresh_attribute_name,
 )
 from .effects import (
     is_guard,
@@ -76,7 +77,7 @@ from .targets import (
 
 __all__ = [
     "bind", "add_constant", "bitwise_equal", "const_node", "emit_attention", "emit_linear", "emit_split_heads",
-    "fingerprint", "is_guard", "is_inplace", "is_view", "layout_sensitive_reader", "mutation_hazards",
+    "fingerprint", "fresh_attribute_name", "is_guard", "is_inplace", "is_view", "layout_sensitive_reader", "mutation_hazards",
     "owns_its_memory", "write_is_invisible", "evaluate", "load_attribute", "AttentionView", "LayerNormView",
     "LinearView", "SdpaView", "SoftmaxView", "activation_key", "arith_kind", "as_layer_norm", "as_linear",
     "as_sdpa", "as_softmax", "attention_view", "constant_tensor", "dropout_is_identity", "einsum_kind",

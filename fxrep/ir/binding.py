@@ -29,9 +29,13 @@ def _signatures(target) -> tuple:
     except (TypeError, ValueError):
         pass
     try:
-        return tuple(get_signature_for_torch_op(target) or ())
+        sigs = tuple(get_signature_for_torch_op(target) or ())
     except Exception:  # noqa: BLE001 - torch raises various errors for callables it has no schema for
         return ()
+    # graph nodes are tensors: the scalar overloads of math ops (``tanh(a: float)``) name their argument
+    # otherwise and would make every call ambiguous
+    tensor_sigs = tuple(s for s in sigs if any(p.annotation is torch.Tensor for p in s.parameters.values()))
+    return tensor_sigs or sigs
 
 
 def _layout(sig: inspect.Signature, n_args: int, kwarg_names: frozenset):

@@ -38,6 +38,15 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).contiguous().view(bits), b.reshape(-1).contiguous().view(bits))
 
 
+def fresh_attribute_name(module: torch.nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name ``module`` has no attribute of."""
+    name, i = base, 0
+    while hasattr(module, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, owned: bool = False) -> str:
     """Register ``tensor`` on ``gm`` under a fresh, readable attribute name and return that name.
 
@@ -51,11 +60,7 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, owned: boo
     for name in cache.get(key, ()):
         if hasattr(gm, name) and bitwise_equal(fetch_attr(gm, name), value):
             return name
-    base = "fx_" + _NAME_RE.sub("_", hint).strip("_")[:60] or "fx_const"
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
+    name = fresh_attribute_name(gm, "fx_" + _NAME_RE.sub("_", hint).strip("_")[:60] or "fx_const")
     if not owned or not value.is_contiguous():
         value = value.clone(memory_format=torch.contiguous_format)  # also densifies expanded (stride-0) tensors
     if value.is_floating_point():

@@ -33,6 +33,13 @@ def is_call(node: fx.Node, targets) -> bool:
     return node.op == "call_function" and node.target in targets
 
 
+def _bound_call(node, targets) -> dict | None:
+    """The bound arguments of a ``call_function`` node whose target is one of ``targets``, else None."""
+    if not (isinstance(node, fx.Node) and is_call(node, targets)):
+        return None
+    return bind(node)
+
+
 def fetch_attr(module: torch.nn.Module, target: str):
     obj = module
     for atom in target.split("."):
@@ -168,9 +175,7 @@ class LinearView:
 
 def as_linear(node) -> LinearView | None:
     """``F.linear(x, W, b)`` with constant W (and b) as a LinearView, else None."""
-    if not (isinstance(node, fx.Node) and is_call(node, LINEAR_TARGETS)):
-        return None
-    args = bind(node)
+    args = _bound_call(node, LINEAR_TARGETS)
     if args is None:
         return None
     x, w, b = args.get("input"), args.get("weight"), args.get("bias")
@@ -197,9 +202,7 @@ class LayerNormView:
 
 def as_layer_norm(node) -> LayerNormView | None:
     """``F.layer_norm``/``torch.layer_norm`` with a literal shape and constant (or no) affine, else None."""
-    if not (isinstance(node, fx.Node) and is_call(node, LAYER_NORM_TARGETS)):
-        return None
-    args = bind(node)
+    args = _bound_call(node, LAYER_NORM_TARGETS)
     if args is None:
         return None
     x, shape = args.get("input"), args.get("normalized_shape")
@@ -279,9 +282,7 @@ class SdpaView:
 
 def as_sdpa(node) -> SdpaView | None:
     """``F.scaled_dot_product_attention`` with its arguments bound (defaults filled in), else None."""
-    if not (isinstance(node, fx.Node) and is_call(node, SDPA_TARGETS)):
-        return None
-    args = bind(node)
+    args = _bound_call(node, SDPA_TARGETS)
     if args is None:
         return None
     return SdpaView(node, args["query"], args["key"], args["value"], args.get("attn_mask"),

@@ -54,13 +54,13 @@ RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch
                   torch.normal, torch.multinomial, F.dropout, torch.dropout, torch.randperm}
 
 # Ops that return a view of their first argument (or the argument itself): values unchanged, layout follows.
-VIEW_METHODS = {"reshape", "view", "permute", "transpose", "unbind", "unflatten", "flatten", "chunk", "split",
+VIEW_METHODS = {"reshape", "view", "permute", "transpose", "t", "unbind", "unflatten", "flatten", "chunk", "split",
                 "contiguous", "swapaxes", "squeeze", "unsqueeze"}
-VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.unbind, torch.flatten, torch.chunk,
+VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.t, torch.unbind, torch.flatten, torch.chunk,
                   torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze}
 
 # Readers whose result does not depend on the strides of their input (measured: a permuted input gives the
-# same values and a contiguous output; tests/test_ir.py).
+# same values, up to the GEMM's summation order, and a contiguous output; tests/test_ir.py).
 LAYOUT_RESETTING = LINEAR_TARGETS | LAYER_NORM_TARGETS
 ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "float", "double", "half", "to", "type_as"}
 

@@ -112,19 +112,24 @@ def _by_first(groups):
     return {(g[0] if isinstance(g, list) else g[0][0]): g for g in groups}
 
 
+def _match_group(node, ctx, cache_key: str, groups, summary):
+    """Match a group of siblings at its first node (``summary(nodes)`` describes it), or the Skip of a near
+    miss; ``groups()`` gives (mergeable groups, skipped (nodes, reason)) once per graph state."""
+    mergeable, skipped = ctx.cached(cache_key, lambda: tuple(map(_by_first, groups())))
+    if node in mergeable:
+        return Match(mergeable[node], None, summary(mergeable[node]))
+    if node in skipped:
+        return Skip(*skipped[node])
+    return None
+
+
 class WidenMLP:
     name = "widen_mlp"
     phase = "fuse"
 
     def match(self, node, ctx):
-        mergeable, skipped = ctx.cached("widen_mlp", lambda: tuple(map(_by_first, sibling_groups(ctx, "mlp"))))
-        if node in mergeable:
-            nodes = mergeable[node]
-            act = activation_key(node)[0]
-            return Match(nodes, None, f"{len(nodes)} parallel {act} MLP branches -> one wider MLP")
-        if node in skipped:
-            return Skip(*skipped[node])
-        return None
+        return _match_group(node, ctx, self.name, lambda: sibling_groups(ctx, "mlp"), lambda nodes: (
+            f"{len(nodes)} parallel {activation_key(nodes[0])[0]} MLP branches -> one wider MLP"))
 
     def replace(self, match, ctx):
         acts = list(match.nodes)
@@ -233,17 +238,13 @@ class _MergeAttention:
         return out, []
 
     def match(self, node, ctx):
-        mergeable, skipped = ctx.cached(self.name, lambda: tuple(map(_by_first, self.groups(ctx))))
-        if node in mergeable:
-            nodes = mergeable[node]
-            heads = sum(attention_view(n).num_heads for n in nodes)
-            what = (f"{len(nodes)} attention branches with joined logits -> one attention"
-                    if self.mode == "collapse" else
-                    f"{len(nodes)} parallel attention branches -> one attention with {heads} heads")
-            return Match(nodes, None, what)
-        if node in skipped:
-            return Skip(*skipped[node])
-        return None
+        return _match_group(node, ctx, self.name, lambda: self.groups(ctx), self._summary)
+
+    def _summary(self, nodes) -> str:
+        if self.mode == "collapse":
+            return f"{len(nodes)} attention branches with joined logits -> one attention"
+        heads = sum(attention_view(n).num_heads for n in nodes)
+        return f"{len(nodes)} parallel attention branches -> one attention with {heads} heads"
 
     def replace(self, match, ctx):
         atts = [attention_view(n) for n in match.nodes]

@@ -1,0 +1,116 @@
+"""The shape of the code, checked: no module over 400 lines, no function over ~60, and no import cycles among
+fxrep's modules (imports inside functions count). See docs/architecture.md, "Where code lives"."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fxrep"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def modules() -> dict:
+    """Dotted module name -> path, for every module of the fxrep package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set) -> set:
+    """The fxrep modules ``name`` imports anywhere in its file (relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in known else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in known and m != name}
+
+
+def test_no_module_is_over_400_lines():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split these modules: {long}"
+
+
+def test_no_function_is_over_60_lines():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert not long, f"split these functions into named steps: {long}"
+
+
+def _cycle(graph: dict):
+    """One import cycle of ``graph`` as a list of modules, or None (package __init__ re-exports of their own
+    submodules are not cycles: a package imports what it contains)."""
+    state: dict = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if n.startswith(m + "."):
+                continue  # a package importing its own submodule
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n, stack)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m, [])
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"p": {"p.x"}, "p.x": {"q"}, "q": set()}) is None
+
+
+def test_no_import_cycles():
+    mods = modules()
+    graph = {name: imports(name, path, set(mods)) for name, path in mods.items()}
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("leaf", ["fxrep.equivalence", "fxrep.snapshot", "fxrep.pattern", "fxrep.errors"])
+def test_leaf_modules_stay_leaves(leaf):
+    """fuse(check=True) must not import hypothesis or the generators; the pattern API imports only ir."""
+    mods = modules()
+    deps = imports(leaf, mods[leaf], set(mods))
+    allowed = {"fxrep.pattern": {"fxrep.ir"}, "fxrep.equivalence": {"fxrep.errors", "fxrep.snapshot"},
+               "fxrep.snapshot": set(), "fxrep.errors": set()}[leaf]
+    assert deps <= allowed
+    source = mods[leaf].read_text()
+    assert "import hypothesis" not in source and "from hypothesis" not in source
+
+
+def test_patterns_do_not_reach_into_each_other():
+    """A pattern module imports the recognition layer and the analyses, never another pattern module."""
+    mods = modules()
+    for name, path in mods.items():
+        if name.startswith("fxrep.patterns."):
+            others = {m for m in imports(name, path, set(mods)) if m.startswith("fxrep.patterns")}
+            assert not others, f"{name} imports {others}"
