@@ -12,7 +12,7 @@ from torch import nn
 
 from .assertions import assert_fused_equivalent
 from .errors import EquivalenceError, FxrepError
-from .generated import ACTIVATIONS, Case, _randomize
+from .generated import ACTIVATIONS, Case, explicit_timm_attention, randomize
 
 FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
             "scale_param", "mlp", "attention", "masked_attention", "reshape", "shuffle_view", "as_strided",
@@ -89,7 +89,7 @@ class RandomGraphModel(nn.Module):
                 idx = len(self.mods) - 1
             self.index.append(idx)
         self.register_buffer("mask", torch.randn(1, 1, 1, 1))
-        _randomize(self, torch.Generator().manual_seed(spec.seed))
+        randomize(self, torch.Generator().manual_seed(spec.seed))
         self.to(spec.dtype).eval()
 
     def forward(self, x):
@@ -113,11 +113,7 @@ class RandomGraphModel(nn.Module):
             elif op == "attention":
                 y = self.mods[idx](a)
             elif op == "masked_attention":
-                attn = self.mods[idx]
-                B_, N, C = a.shape
-                q, k, v = attn.qkv(a).reshape(B_, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-                w = ((q * attn.scale) @ k.transpose(-2, -1) + self.mask).softmax(dim=-1)
-                y = attn.proj((w @ v).transpose(1, 2).reshape(B_, N, C))
+                y = self.mods[idx].proj(explicit_timm_attention(self.mods[idx], a, self.mask))
             elif op == "shuffle_view":  # ShuffleNet's channel shuffle / Swin's windows: a view after contiguous
                 t = a.unflatten(-1, (2, -1)).transpose(-1, -2).contiguous()
                 y = t.view(a.shape) if opt % 2 else t.reshape(a.shape)

@@ -94,7 +94,7 @@ class GeneratedMlpBlock(nn.Module):
         self.acts = nn.ModuleList(acts)
         self.gammas = nn.ParameterList(nn.Parameter(torch.empty(d)) for _ in range(B if spec.layerscale else 0))
         self.register_buffer("lam", torch.tensor(spec.lam if spec.lam is not None else 0.0))
-        _randomize(self, g)
+        randomize(self, g)
         self.to(spec.dtype).eval()
 
     def _norm(self, x, i):
@@ -127,7 +127,7 @@ class GeneratedMlpBlock(nn.Module):
         return x + total
 
 
-def _randomize(module: nn.Module, g: torch.Generator) -> None:
+def randomize(module: nn.Module, g: torch.Generator) -> None:
     """Random weights of O(1/sqrt(fan_in)), LayerNorm affines and LayerScales far from 1/0 (so folding them is
     actually tested: default-initialized norms fold trivially)."""
     with torch.no_grad():
@@ -202,8 +202,7 @@ class _Branch(nn.Module):
         B_, N, _ = x.shape
         s = self.spec
         if s.form.startswith("timm"):
-            qkv = self.attn.qkv(x).reshape(B_, N, 3, s.heads, s.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            q, k, v = timm_qkv(self.attn, x)
             return self.attn.q_norm(q), self.attn.k_norm(k), v
         return tuple(lin(x).view(B_, -1, s.heads, s.head_dim).permute(0, 2, 1, 3) for lin in (self.q, self.k, self.v))
 
@@ -229,7 +228,7 @@ class _Branch(nn.Module):
         s = self.spec
         if s.form.startswith("timm"):
             if s.near_miss == "mask":
-                return self.project(_explicit_timm(self.attn, x, mask))
+                return self.project(explicit_timm_attention(self.attn, x, mask))
             out = self.attn(x, is_causal=s.near_miss == "causal") if s.near_miss == "causal" else self.attn(x)
             return out * self.gamma if self.gamma is not None else out
         q, k, v = self.qkv(x)
@@ -244,11 +243,17 @@ class _Branch(nn.Module):
         return self.finish(probs, v, x)
 
 
-def _explicit_timm(attn, x, mask):
+def timm_qkv(attn, x):
+    """q, k, v of a timm ``Attention`` as timm computes them: one qkv Linear, reshape, permute, unbind."""
     B_, N, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(B_, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.qkv(x).reshape(B_, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def explicit_timm_attention(attn, x, mask):
+    """timm's attention with an explicit softmax and an additive ``mask``, before the output projection."""
+    q, k, v = timm_qkv(attn, x)
     a = ((q * attn.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)
-    return (a @ v).transpose(1, 2).reshape(B_, N, -1)
+    return (a @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
 
 
 class GeneratedAttentionBlock(nn.Module):
@@ -263,7 +268,7 @@ class GeneratedAttentionBlock(nn.Module):
         self.branches = nn.ModuleList(_Branch(spec) for _ in range(spec.branches))
         self.register_buffer("lam", torch.tensor(spec.lam if spec.lam is not None else 0.0))
         self.register_buffer("mask", torch.randn(1, 1, 1, 5, generator=g))
-        _randomize(self, g)
+        randomize(self, g)
         self.to(spec.dtype).eval()
 
     def forward(self, x):

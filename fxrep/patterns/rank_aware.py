@@ -73,11 +73,11 @@ class RankAwareAttention:
         basis = f"{tokens} tokens" if tokens else "projections only (pass example_inputs to count the attention matmuls)"
         if rank >= heads:
             return Skip([node], f"kept the per-head form: {heads:,} MACs/token vs {rank:,} rank-aware ({basis})")
-        return Match([node, lin.node], (att, lin), f"rank-aware form: {heads:,} -> {rank:,} MACs/token ({basis})")
+        return Match([node, lin.node], lin, f"rank-aware form: {heads:,} -> {rank:,} MACs/token ({basis})")
 
     def replace(self, match, ctx):
-        att, lin = match.data
         node, reader = match.nodes
+        att, lin = attention_view(node), match.data
         H = att.num_heads
         wq, bq = algebra.head_rows(att.q_weight, att.q_bias, H)
         wk, bk = algebra.head_rows(att.k_weight, att.k_bias, H)

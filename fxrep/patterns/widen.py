@@ -55,7 +55,8 @@ def _describe_inputs(xs) -> str:
 
 
 def sibling_groups(ctx, kind: str):
-    """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged, and skipped near misses."""
+    """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged (lists of nodes), and the
+    Skips of near misses."""
     def compute():
         analysis = affine_analysis(ctx)
         groups: dict = {}
@@ -83,7 +84,7 @@ def sibling_groups(ctx, kind: str):
             if len(by_input) > 1:  # report the branches left out of the largest group
                 largest = max(by_input.values(), key=len)
                 odd = [n for ns in by_input.values() if ns is not largest for n in ns]
-                skipped.append((odd, _describe_inputs(list(by_input))))
+                skipped.append(Skip(odd, _describe_inputs(list(by_input))))
         return mergeable, skipped
     return ctx.cached(f"siblings:{kind}", compute)
 
@@ -108,18 +109,18 @@ def _first(nodes, ctx):
 
 
 def _by_first(groups):
-    """{first node: entry} for lists of node groups or (nodes, reason) pairs."""
-    return {(g[0] if isinstance(g, list) else g[0][0]): g for g in groups}
+    """{first node: entry} for node groups (lists) or Skips."""
+    return {(g.nodes[0] if isinstance(g, Skip) else g[0]): g for g in groups}
 
 
 def _match_group(node, ctx, cache_key: str, groups, summary):
     """Match a group of siblings at its first node (``summary(nodes)`` describes it), or the Skip of a near
-    miss; ``groups()`` gives (mergeable groups, skipped (nodes, reason)) once per graph state."""
+    miss; ``groups()`` gives (mergeable groups, Skips) once per graph state."""
     mergeable, skipped = ctx.cached(cache_key, lambda: tuple(map(_by_first, groups())))
     if node in mergeable:
         return Match(mergeable[node], None, summary(mergeable[node]))
     if node in skipped:
-        return Skip(*skipped[node])
+        return skipped[node]
     return None
 
 
