@@ -4,6 +4,8 @@ FxrepError or return a model that computes the same function, and must leave the
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +18,7 @@ from .generated import ACTIVATIONS, Case, explicit_timm_attention, randomize
 
 FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
             "scale_param", "mlp", "attention", "masked_attention", "reshape", "shuffle_view", "as_strided",
-            "inplace", "inplace_act", "cached")
+            "inplace", "inplace_act", "cached", "stack_sum", "computed_norm", "reduce_add")
 
 
 class CachedShift(nn.Module):
@@ -32,6 +34,16 @@ class CachedShift(nn.Module):
         if key not in self.cache:
             self.cache[key] = self.bias * 2.0
         return x + self.cache[key]
+
+
+def _stacked_sum(a, b, how: int):
+    if how == 0:
+        return torch.stack([a, b]).sum(0)
+    if how == 1:
+        return torch.stack([a, b, a], -1).sum(-1)
+    if how == 2:
+        return torch.sum(torch.stack([a, b]), dim=0)
+    return torch.stack([a, b], 1).mean(1)
 
 
 @dataclass
@@ -63,7 +75,7 @@ class RandomGraphModel(nn.Module):
                 idx = last_linear = len(self.mods) - 1
             elif op == "shared_linear":
                 idx = last_linear
-            elif op in ("layer_norm", "functional_norm"):
+            elif op in ("layer_norm", "functional_norm", "computed_norm"):
                 self.mods.append(nn.LayerNorm(d, eps=(1e-5, 1e-6)[opt % 2]))
                 idx = len(self.mods) - 1
             elif op == "mlp":
@@ -102,6 +114,13 @@ class RandomGraphModel(nn.Module):
             elif op == "functional_norm":
                 m = self.mods[idx]
                 y = F.layer_norm(a, m.normalized_shape, m.weight, m.bias, m.eps)
+            elif op == "computed_norm":  # the shape read off the input (Hugging Face style)
+                m = self.mods[idx]
+                y = F.layer_norm(a, a.shape[-1:], m.weight, m.bias, m.eps)
+            elif op == "stack_sum":  # timm's ParallelThingsBlock joins branches this way
+                y = _stacked_sum(a, b, opt % 4)
+            elif op == "reduce_add":
+                y = functools.reduce(operator.add, [a, b, a][: 2 + opt % 2])
             elif op == "activation":
                 y = (F.gelu, F.relu, torch.tanh, F.silu)[opt % 4](a)
             elif op == "add":

@@ -111,14 +111,18 @@ def test_as_linear_refuses(fn):
     (lambda m, x: F.layer_norm(x, (4,)), False, 1e-5),
     (lambda m, x: F.layer_norm(x, [4], weight=m.g, bias=m.beta, eps=1e-3), True, 1e-3),
     (lambda m, x: torch.layer_norm(x, (4,), m.g, m.beta, 1e-4), True, 1e-4),
+    (lambda m, x: F.layer_norm(x, x.shape[-1:], m.g, m.beta, 1e-4), True, 1e-4),    # computed shape
+    (lambda m, x: F.layer_norm(x, (x.size(-1),), None, m.beta), True, 1e-5),         # implied by the bias
+    (lambda m, x: F.layer_norm(x, m.g.shape, m.g), True, 1e-5),                      # implied by the weight
 ])
 def test_as_layer_norm_accepts(fn, affine, eps):
     ln = ir.as_layer_norm(last_call(fn))
-    assert ln is not None and ln.normalized_shape == (4,) and (ln.weight is not None) == affine and ln.eps == eps
+    assert ln is not None and ln.normalized_shape == (4,) and ln.eps == eps
+    assert (ln.weight is not None or ln.bias is not None) == affine
 
 
 @pytest.mark.parametrize("fn", [
-    lambda m, x: F.layer_norm(x, x.shape[-1:], m.g, m.beta),   # shape computed from the input (#13)
+    lambda m, x: F.layer_norm(x, x.shape[-1:]),                # computed shape, no affine to fix it
     lambda m, x: F.layer_norm(x, (4,), m.g * 2, m.beta),       # weight computed
 ])
 def test_as_layer_norm_refuses(fn):

@@ -4,6 +4,7 @@
 - ``binding``: one argument binder (``bind``), on torch's own signatures;
 - ``readers``: typed views of ops (``as_linear``, ``as_layer_norm``, ``activation_key``, ``as_softmax``,
   ``as_sdpa``, ``attention_view``, ``arith_kind``, ``scale_op``, ...);
+- ``reductions``: stacks and the sums/means over a stacked axis;
 - ``effects``: views, aliasing, in-place writes, layout dependence, guards (``mutation_hazards``);
 - ``evaluate``: one constant evaluator;
 - ``build``: new constants and nodes (``emit_linear``, ``emit_attention``, ``add_constant``).
@@ -59,6 +60,7 @@ from .readers import (
     scalar_or_channel,
     scale_op,
 )
+from .reductions import ReductionView, StackView, as_reduction, as_stack
 from .targets import (
     ADD_TARGETS,
     DIV_TARGETS,
@@ -82,7 +84,7 @@ __all__ = [
     "LinearView", "SdpaView", "SoftmaxView", "activation_key", "arith_kind", "as_layer_norm", "as_linear",
     "as_sdpa", "as_softmax", "attention_view", "constant_tensor", "dropout_is_identity", "einsum_kind",
     "fetch_attr", "is_call", "is_matmul", "is_shape_read", "is_softmax", "merge_origins", "origin",
-    "scalar_constant", "scalar_or_channel", "scale_op", "ADD_TARGETS", "DIV_TARGETS", "GUARD_TARGETS",
+    "scalar_constant", "scalar_or_channel", "scale_op", "ReductionView", "StackView", "as_reduction", "as_stack", "ADD_TARGETS", "DIV_TARGETS", "GUARD_TARGETS",
     "LAYER_NORM_TARGETS", "LINEAR_TARGETS", "MATMUL_TARGETS", "MUL_TARGETS", "NEG_TARGETS", "SDPA_TARGETS",
     "SOFTMAX_TARGETS", "SUB_TARGETS", "VIEW_FUNCTIONS", "VIEW_METHODS",
 ]

@@ -34,7 +34,7 @@ def _signatures(target) -> tuple:
         return ()
     # graph nodes are tensors: the scalar overloads of math ops (``tanh(a: float)``) name their argument
     # otherwise and would make every call ambiguous
-    tensor_sigs = tuple(s for s in sigs if any(p.annotation is torch.Tensor for p in s.parameters.values()))
+    tensor_sigs = tuple(s for s in sigs if any("Tensor" in str(p.annotation) for p in s.parameters.values()))
     return tensor_sigs or sigs
 
 

@@ -201,21 +201,27 @@ class LayerNormView:
 
 
 def as_layer_norm(node) -> LayerNormView | None:
-    """``F.layer_norm``/``torch.layer_norm`` with a literal shape and constant (or no) affine, else None."""
+    """``F.layer_norm``/``torch.layer_norm`` with constant (or no) affine and a literal shape, or a computed one
+    (``x.shape[-1:]``) where the affine's shape fixes it; else None."""
     args = _bound_call(node, LAYER_NORM_TARGETS)
     if args is None:
         return None
     x, shape = args.get("input"), args.get("normalized_shape")
+    w, b = args.get("weight"), args.get("bias")
+    wt = constant_tensor(w) if w is not None else None
+    bt = constant_tensor(b) if b is not None else None
+    if (w is not None and wt is None) or (b is not None and bt is None):
+        return None
+    computed = isinstance(shape, fx.Node) or \
+        (isinstance(shape, (tuple, list)) and any(isinstance(s, fx.Node) for s in shape))
+    if computed and (wt is not None or bt is not None):
+        # computed (``x.shape[-1:]``): F.layer_norm requires it to equal the affine's shape
+        shape = tuple((wt if wt is not None else bt).shape)
     if isinstance(shape, int):
         shape = (shape,)
     if not isinstance(x, fx.Node) or not isinstance(shape, (tuple, list, torch.Size)):
         return None
     if any(not isinstance(s, int) for s in shape):
-        return None
-    w, b = args.get("weight"), args.get("bias")
-    wt = constant_tensor(w) if w is not None else None
-    bt = constant_tensor(b) if b is not None else None
-    if (w is not None and wt is None) or (b is not None and bt is None):
         return None
     eps = args.get("eps", 1e-5)
     if not isinstance(eps, (int, float)):

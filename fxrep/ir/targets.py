@@ -72,3 +72,7 @@ INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itrue
 SHAPE_ARITHMETIC = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub,
                     operator.truediv}
 SHAPE_METHODS = {"size", "dim"}
+
+# Stacking and the reductions over a stacked axis (``torch.stack(xs).sum(0)``: a sum in another spelling).
+STACK_TARGETS = {torch.stack}
+REDUCTIONS = {torch.sum: "sum", torch.mean: "mean"}   # and the methods of the same names

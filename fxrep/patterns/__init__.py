@@ -7,13 +7,14 @@ from .cse import EliminateCommonSubexpressions
 from .layernorm import ExtractLayerNormAffine
 from .lower import LowerAttention
 from .rank_aware import RankAwareAttention
+from .sums import ExpandStackedSums
 from .widen import CollapseAttention, WidenAttention, WidenMLP
 
 
 def builtin_patterns() -> list:
     """New instances of the built-in patterns (a list the caller owns)."""
     return [
-        DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(),
+        DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(), ExpandStackedSums(),
         EliminateCommonSubexpressions(), ExtractLayerNormAffine(),
         LiftAttention(),
         MergeAffine(),
@@ -23,5 +24,5 @@ def builtin_patterns() -> list:
 
 
 __all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask", "FoldConstants",
-           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention", "RankAwareAttention",
+           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention", "RankAwareAttention", "ExpandStackedSums",
            "CollapseAttention", "WidenAttention", "WidenMLP"]

@@ -1,0 +1,114 @@
+"""The same branched block written in the ways people write it: every spelling of the branch sum and of a
+functional LayerNorm fuses to the same graph as the canonical one, exactly."""
+
+import functools
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import activations
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxrep
+from fxrep.testing import assert_fused_equivalent
+
+SUMS = {
+    "plus": lambda xs: functools.reduce(lambda a, b: a + b, xs),
+    "builtin_sum": lambda xs: sum(xs),
+    "reduce_add": lambda xs: functools.reduce(operator.add, xs),
+    "stack_sum": lambda xs: torch.stack(xs).sum(dim=0),
+    "stack_sum_last": lambda xs: torch.stack(xs, dim=-1).sum(-1),
+    "torch_sum_stack": lambda xs: torch.sum(torch.stack(xs), dim=0),
+    "stack_mean": lambda xs: torch.stack(xs, 0).mean(0) * len(xs),
+    "torch_mean_stack": lambda xs: torch.mean(torch.stack(xs, 1), dim=1) * len(xs),
+    "add_alpha": lambda xs: functools.reduce(lambda a, b: torch.add(a, b, alpha=1.0), xs),
+    "average_div": lambda xs: sum(xs) / len(xs) * len(xs),
+    "average_mul": lambda xs: sum(xs) * (1 / len(xs)) * len(xs),
+}
+
+
+class SummedMlpBranches(nn.Module):
+    """``x + sum_i fc2_i(gelu(fc1_i(ln_i(x))))``, joined at the GELU input when ``joined``, with the branch sum
+    (and the join's mean) written in the spelling ``how``."""
+
+    def __init__(self, how: str, branches: int, d: int, h: int, joined: bool, functional_norm: str | None):
+        super().__init__()
+        self.how, self.joined, self.functional_norm = how, joined, functional_norm
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(branches))
+        self.fc1 = nn.ModuleList(nn.Linear(d, h) for _ in range(branches))
+        self.fc2 = nn.ModuleList(nn.Linear(h, d) for _ in range(branches))
+        self.ln_w = nn.ParameterList(nn.Parameter(torch.randn(d)) for _ in range(branches))
+        self.ln_b = nn.ParameterDict({str(i): nn.Parameter(torch.randn(d)) for i in range(branches)})
+        for p in self.parameters():  # non-trivial affines, or the norm extraction proves nothing
+            nn.init.normal_(p, std=0.5)
+
+    def norm(self, i, x):
+        if self.functional_norm == "shape_of_x":
+            return F.layer_norm(x, x.shape[-1:], self.ln_w[i], self.ln_b[str(i)], 1e-6)
+        if self.functional_norm == "shape_of_weight":
+            return F.layer_norm(x, self.ln_w[i].shape, self.ln_w[i], self.ln_b[str(i)], 1e-6)
+        return self.norms[i](x)
+
+    def forward(self, x):
+        total = SUMS[self.how]
+        pre = [fc(self.norm(i, x)) for i, fc in enumerate(self.fc1)]
+        if self.joined:
+            mean = total(pre) / len(pre)
+            pre = [mean for _ in pre]
+        return x + total([fc(F.gelu(z)) for fc, z in zip(self.fc2, pre)])
+
+
+@settings(max_examples=30)
+@given(how=st.sampled_from(sorted(SUMS)), branches=st.integers(2, 4), joined=st.booleans(),
+       functional_norm=st.sampled_from([None, "shape_of_x", "shape_of_weight"]), d=st.integers(2, 8),
+       seed=st.integers(0, 100))
+def test_every_sum_spelling_fuses_to_one_activation(how, branches, joined, functional_norm, d, seed):
+    torch.manual_seed(seed)
+    model = SummedMlpBranches(how, branches, d, 2 * d, joined, functional_norm).eval()
+    x = (torch.randn(2, 3, d),)
+    gm = assert_fused_equivalent(model, x)
+    assert len(activations(gm)) == 1
+    linears = [n for n in gm.graph.nodes if n.target is F.linear]
+    assert len(linears) == 2, gm.code
+    # example_inputs inform decisions only: the fused model runs at another batch and token count
+    y = torch.randn(5, 7, d)
+    torch.testing.assert_close(gm(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["stack_sum", "torch_sum_stack"])
+def test_a_sum_over_another_axis_than_the_stacked_one_is_left_alone(how):
+    class OtherAxis(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            s = torch.stack([self.a(x), self.b(x)], dim=0)
+            return s.sum(dim=1) if how == "stack_sum" else torch.sum(s, dim=-1)
+
+    gm = assert_fused_equivalent(OtherAxis().eval(), (torch.randn(3, 4),))
+    assert any(n.target is torch.stack for n in gm.graph.nodes)
+
+
+def test_joined_logits_written_as_a_stacked_mean_are_lifted():
+    from timm.layers import Attention
+
+    class StackedJoin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attns = nn.ModuleList(Attention(8, num_heads=2) for _ in range(3))
+
+        def forward(self, x):
+            B, N, _ = x.shape
+            qkv = [a.qkv(x).reshape(B, N, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0) for a in self.attns]
+            logits = torch.stack([(q * a.scale) @ k.transpose(-2, -1) for a, (q, k, _) in zip(self.attns, qkv)]).mean(0)
+            outs = [a.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)) for a, (_, _, v) in
+                    zip(self.attns, qkv)]
+            return x + torch.stack(outs).sum(0)
+
+    gm = assert_fused_equivalent(StackedJoin().eval(), (torch.randn(2, 5, 8),))
+    report = gm.meta["fxrep_report"]
+    assert report.after["sdpa"] == 1 and not any("not a sum" in s.reason for s in report.skipped)
