@@ -210,8 +210,9 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, after_pattern=None) -> None:
     """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy).
 
-    Skips are collected from every sweep; one is dropped when the same pattern later rewrote the same
-    nodes (a candidate that became mergeable after another rewrite is not a near miss)."""
+    Skips are collected from every sweep; one is dropped when the same pattern later rewrote everything it
+    names (a candidate that became mergeable after another rewrite is not a near miss; one that shares only
+    a LayerNorm with a rewrite still is)."""
     ctx = FuseContext(gm)
     skips: dict = {}
     for phase in PHASES:
@@ -239,7 +240,7 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
     done: dict = {}
     for a in report.applied:
         done.setdefault(a.pattern, set()).update(a.origins)
-    report.skipped += [s for s in skips.values() if not set(s.origins) & done.get(s.pattern, set())]
+    report.skipped += [s for s in skips.values() if not set(s.origins) <= done.get(s.pattern, set())]
 
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,

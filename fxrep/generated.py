@@ -165,8 +165,9 @@ class AttentionSpec:
     norm: str = "per_branch"   # per_branch | shared
     layerscale: bool = True
     lam: float | None = None
+    mask: bool = False         # every branch adds one shared per-head (1, heads, N, N) mask
     dtype: torch.dtype = torch.float32
-    near_miss: str | None = None
+    near_miss: str | None = None   # mask: a mask per branch; causal: only the last branch is causal
     seed: int = 0
 
     def expect(self) -> dict:
@@ -181,16 +182,17 @@ class AttentionSpec:
 
 
 class _Branch(nn.Module):
-    def __init__(self, spec: AttentionSpec):
+    def __init__(self, spec: AttentionSpec, index: int):
         super().__init__()
         d, inner = spec.dim, spec.heads * spec.head_dim
         self.spec = spec
+        self.causal = spec.near_miss == "causal" and index == spec.branches - 1
         if spec.form.startswith("timm"):
             from timm.layers import Attention
 
             self.attn = Attention(d, spec.heads, attn_head_dim=spec.head_dim, qkv_bias=spec.bias,
                                   qk_norm=spec.near_miss == "qk_norm", norm_layer=nn.LayerNorm)
-            self.attn.fused_attn = spec.form == "timm_sdpa" and spec.near_miss != "mask"
+            self.attn.fused_attn = spec.form == "timm_sdpa"
         else:
             self.q, self.k, self.v = (nn.Linear(d, inner, bias=spec.bias) for _ in range(3))
             self.o = nn.Linear(inner, d, bias=spec.bias)
@@ -225,19 +227,22 @@ class _Branch(nn.Module):
         return out * self.gamma if self.gamma is not None else out
 
     def forward(self, x, mask):
+        """This branch's attention of ``x``, adding ``mask`` (None: no mask) to its logits."""
         s = self.spec
+        if s.form == "timm_sdpa" and not self.causal:
+            out = self.attn(x, attn_mask=mask) if mask is not None else self.attn(x)
+            return out * self.gamma if self.gamma is not None else out
         if s.form.startswith("timm"):
-            if s.near_miss == "mask":
+            if mask is not None:
                 return self.project(explicit_timm_attention(self.attn, x, mask))
-            out = self.attn(x, is_causal=s.near_miss == "causal") if s.near_miss == "causal" else self.attn(x)
+            out = self.attn(x, is_causal=True) if self.causal else self.attn(x)
             return out * self.gamma if self.gamma is not None else out
         q, k, v = self.qkv(x)
-        if s.form == "separate_sdpa" or s.near_miss == "causal":
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if s.near_miss == "mask" else None,
-                                               is_causal=s.near_miss == "causal")
+        if s.form == "separate_sdpa" or self.causal:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
             return self.project(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
         logits = self.logits(q, k)
-        if s.near_miss == "mask":
+        if mask is not None:
             logits = logits + mask
         probs = self.softmax(logits) if s.form == "softmax_module" else logits.softmax(dim=-1)
         return self.finish(probs, v, x)
@@ -265,9 +270,10 @@ class GeneratedAttentionBlock(nn.Module):
         g = torch.Generator().manual_seed(spec.seed)
         n_norms = spec.branches if spec.norm == "per_branch" else 1
         self.norms = nn.ModuleList(nn.LayerNorm(spec.dim) for _ in range(n_norms))
-        self.branches = nn.ModuleList(_Branch(spec) for _ in range(spec.branches))
+        self.branches = nn.ModuleList(_Branch(spec, i) for i in range(spec.branches))
         self.register_buffer("lam", torch.tensor(spec.lam if spec.lam is not None else 0.0))
-        self.register_buffer("mask", torch.randn(1, 1, 1, 5, generator=g))
+        self.register_buffer("mask", torch.randn(1, spec.heads, 5, 5, generator=g))
+        self.register_buffer("masks", torch.randn(spec.branches, 1, 1, 5, 5, generator=g))
         randomize(self, g)
         self.to(spec.dtype).eval()
 
@@ -276,12 +282,13 @@ class GeneratedAttentionBlock(nn.Module):
         xs = [self.norms[i if s.norm == "per_branch" else 0](x) for i in range(s.branches)]
         if s.near_miss == "input" and s.branches > 1:
             xs[-1] = xs[-1] * 2.0
+        masks = [self.masks[i] for i in range(s.branches)] if s.near_miss == "mask" else \
+            [self.mask] * s.branches if s.mask else [None] * s.branches
         if s.lam is None:
-            return x + sum(b(xi, self.mask) for b, xi in zip(self.branches, xs))
+            return x + sum(b(xi, m) for b, xi, m in zip(self.branches, xs, masks))
         qkv = [b.qkv(xi) for b, xi in zip(self.branches, xs)]
         logits = [b.logits(q, k) for b, (q, k, _) in zip(self.branches, qkv)]
-        if s.near_miss == "mask":
-            logits = [lg + self.mask for lg in logits]
+        logits = [lg if m is None else lg + m for lg, m in zip(logits, masks)]
         mean = sum(logits) / len(logits)
         outs = []
         for b, lg, (_, _, v), xi in zip(self.branches, logits, qkv, xs):

@@ -10,27 +10,43 @@ import torch
 import torch.nn.functional as F
 
 
-def multi_head_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, *, num_heads: int):
-    """``concat_h softmax(q_h k_h^T) v_h`` for ``x`` of shape (..., N, d); output (..., N, H * dv).
+def multi_head_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, *, num_heads: int,
+                         attn_mask=None, is_causal=False, mask_repeats: int = 1):
+    """``concat_h softmax(q_h k_h^T + M_h) v_h`` for ``x`` of shape (..., N, d); output (..., N, H * dv).
 
     q/k/v are ``F.linear(x, W, b)`` split head-major into ``num_heads`` heads; q and k may have a different
-    head width than v. No scale is applied: it is folded into ``q_weight``/``q_bias``.
+    head width than v. No scale is applied: it is folded into ``q_weight``/``q_bias``. ``attn_mask`` and
+    ``is_causal`` are SDPA's (a run-time value, possibly None); a mask with a head axis is tiled
+    ``mask_repeats`` times along it (widened branches each see their heads of it, math doc section 5b).
     """
     q = F.linear(x, q_weight, q_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
     k = F.linear(x, k_weight, k_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
     v = F.linear(x, v_weight, v_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
-    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=repeat_mask_heads(attn_mask, mask_repeats),
+                                       is_causal=is_causal, scale=1.0)
     return o.transpose(-3, -2).flatten(-2)
 
 
-def reference_attention(x: torch.Tensor, params: dict, num_heads: int, project=F.linear) -> torch.Tensor:
-    """The same computation written with an explicit softmax, used to verify lifts in float64.
-    ``project(x, w, b)`` computes the q/k/v projections (a caller may memoize them)."""
+def repeat_mask_heads(mask, repeats: int):
+    """``mask`` tiled ``repeats`` times along its head axis (dim -3) when it has one of size > 1; else as is
+    (None, (N, N), (1, N, N) and (b, 1, N, N) masks broadcast over any head count)."""
+    if repeats == 1 or not isinstance(mask, torch.Tensor) or mask.dim() < 3 or mask.shape[-3] == 1:
+        return mask
+    return mask.repeat(*([1] * (mask.dim() - 3)), repeats, 1, 1)
+
+
+def reference_attention(x: torch.Tensor, params: dict, num_heads: int, project=F.linear,
+                        causal: bool = False) -> torch.Tensor:
+    """The same computation (without a mask, or with the causal one) written with an explicit softmax, used to
+    verify lifts in float64. ``project(x, w, b)`` computes the q/k/v projections (a caller may memoize them)."""
     def split(w, b):
         return project(x, w, b).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
 
     q = split(params["q_weight"], params.get("q_bias"))
     k = split(params["k_weight"], params.get("k_bias"))
     v = split(params["v_weight"], params.get("v_bias"))
-    p = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+    s = q @ k.transpose(-2, -1)
+    if causal:
+        s = s + torch.full(s.shape[-2:], float("-inf"), dtype=s.dtype).triu(1)
+    p = torch.softmax(s, dim=-1)
     return (p @ v).transpose(-3, -2).flatten(-2)

@@ -55,15 +55,16 @@ def branched_mlp_blocks(draw, **kwargs) -> Case:
 
 def attention_specs(branches=None, near_miss: bool | None = False, dtypes=(torch.float32, torch.float64)):
     """Hypothesis strategy of AttentionSpec over heads, head dims, branches 1-6, all ATTENTION_FORMS, bias,
-    norm placement, LayerScale, lam, dtypes; ``near_miss=True`` draws one of ATTENTION_NEAR_MISSES."""
+    norm placement, LayerScale, lam, a shared mask, dtypes; ``near_miss=True`` draws one of
+    ATTENTION_NEAR_MISSES."""
     misses = st.sampled_from(ATTENTION_NEAR_MISSES) if near_miss else st.none()
     return st.builds(
         AttentionSpec,
         dim=st.integers(2, 16), heads=st.integers(1, 4), head_dim=st.integers(1, 8),
         branches=branches if branches is not None else st.integers(1 if not near_miss else 2, 6),
         form=st.sampled_from(ATTENTION_FORMS), bias=st.booleans(), norm=st.sampled_from(["per_branch", "shared"]),
-        layerscale=st.booleans(), lam=_lam_values(), dtype=st.sampled_from(dtypes), near_miss=misses,
-        seed=st.integers(0, 2**16),
+        layerscale=st.booleans(), lam=_lam_values(), mask=st.booleans(), dtype=st.sampled_from(dtypes),
+        near_miss=misses, seed=st.integers(0, 2**16),
     )
 
 
@@ -71,8 +72,9 @@ def attention_specs(branches=None, near_miss: bool | None = False, dtypes=(torch
 def branched_attention_blocks(draw, **kwargs) -> Case:
     """A ``Case`` with a GeneratedAttentionBlock built from ``attention_specs(**kwargs)`` (5 tokens)."""
     spec = draw(attention_specs(**kwargs))
-    if spec.near_miss == "causal" and spec.lam is not None:
-        spec.lam = None  # causal joins have no explicit-softmax spelling here
+    if spec.near_miss == "causal":
+        spec.lam = None    # causal joins have no explicit-softmax spelling here
+        spec.mask = False  # SDPA takes a mask or is_causal, not both
     if spec.near_miss == "qk_norm" and not spec.form.startswith("timm"):
         spec.form = "timm_sdpa"
     model = GeneratedAttentionBlock(spec)

@@ -12,7 +12,6 @@ from helpers import activations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fxrep
 from fxrep.testing import assert_fused_equivalent
 
 SUMS = {

@@ -56,6 +56,8 @@ class Lift:
     qk_width: int
     origins: tuple
     summary: str
+    attn_mask: object = None
+    is_causal: object = False
 
 
 def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> Lift:
@@ -87,13 +89,17 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
                      cand.value.factor)
     params = dict(qk, v_weight=vw.flatten(0, 1), v_bias=vb.flatten(0, 1) if vb is not None else None)
     nodes = cand.nodes() | set(out_nodes)
-    verify(probe, x, nodes, z, params, H, shape, cache.verified)
+    stand_ins = {n: v for n, v in ((cand.attn_mask, cand.mask_stand_in), (cand.is_causal, False))
+                 if isinstance(n, fx.Node)}
+    verify(probe, x, nodes, z, params, H, shape, cache.verified, stand_ins, cand.is_causal is True)
     width = sum(t.qmap.shape[1] for t in terms)
     kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
     linears = sorted({n for n in nodes if as_linear(n) is not None}, key=order.__getitem__)
+    masked = " with a mask" if cand.attn_mask is not None else ""
+    causal = " (causal)" if cand.is_causal is True else " (causal when asked)" if cand.is_causal is not False else ""
     return Lift(x, z, params, H, cand.value.linear.weight.dtype, nodes, terms, cache.emitted, width,
-                merge_origins(linears),
-                f"{kind} attention, {H} heads (q/k width {width}, v width {dv}) -> multi_head_attention")
+                merge_origins(linears), f"{kind} attention{masked}{causal}, {H} heads (q/k width {width}, "
+                f"v width {dv}) -> multi_head_attention", cand.attn_mask, cand.is_causal)
 
 
 def _lifted_terms(cand: Candidate, decode, H: int, order: dict) -> list:

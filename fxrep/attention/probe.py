@@ -125,16 +125,20 @@ def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
     return n, nodes, h[0, 0], j[0, 0]
 
 
-def verify(probe, x, nodes, z, params, H, shape, verified: dict) -> None:
+def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None, causal: bool = False) -> None:
     """Evaluate the original subgraph and the lifted op in float64 on one random input; they must agree.
     ``verified`` keeps the values computed on that input per (x, shape), so branches that share nodes (the
-    joined logits read every branch's q/k) evaluate them once."""
+    joined logits read every branch's q/k) evaluate them once. ``stand_ins`` replace run-time inputs of the
+    subgraph (a mask by "no mask", an ``is_causal`` input by False): what the lifted op passes through
+    unchanged is not part of what is verified; ``causal`` makes the reference causal."""
     key = (x, shape)
     if key not in verified:
         gen = torch.Generator().manual_seed(1234)
         x_value = torch.randn(shape, dtype=f64, generator=gen)
         verified[key] = {x: x_value}
     env = verified[key]
+    for node, value in (stand_ins or {}).items():
+        env.setdefault(node, value)
     x_value = env[x]
     probe.shape_sources = {k: x_value for k in probe.shape_sources}
     env.update(probe.run(nodes - env.keys(), env))
@@ -146,7 +150,7 @@ def verify(probe, x, nodes, z, params, H, shape, verified: dict) -> None:
             projections[id(w), id(b)] = (w, b, torch.nn.functional.linear(x, w, b))
         return projections[id(w), id(b)][2]
 
-    actual = reference_attention(x_value, params, H, project)
+    actual = reference_attention(x_value, params, H, project, causal)
     err = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1e-30)
     if not err <= 1e-9:
         raise NotAttention(f"recognized attention did not verify numerically (rel. error {err:.2g})")

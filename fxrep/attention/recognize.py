@@ -11,6 +11,7 @@ from torch import fx
 from ..ir import (
     arith_kind,
     as_linear,
+    as_masked_scores,
     as_sdpa,
     as_softmax,
     einsum_kind,
@@ -68,15 +69,40 @@ class LogitTerm:
 
 @dataclass
 class Logits:
-    """A softmax input as ``sum_t coef_t * (q_t @ k_t^T)``: terms keyed by their matmul node."""
+    """A softmax input as ``sum_t coef_t * (q_t @ k_t^T) + sum_m coef_m * m``: product terms keyed by their
+    matmul node, and additive terms that are not products (an attention mask, a position bias)."""
 
     terms: dict = field(default_factory=dict)   # matmul node -> LogitTerm
     nodes: set = field(default_factory=set)
+    masks: dict = field(default_factory=dict)   # additive node -> coefficient
 
     def add(self, product: fx.Node, q: fx.Node, k: fx.Node, k_transposed: bool, coef: float) -> None:
         if product not in self.terms:
             self.terms[product] = LogitTerm(0.0, Chain(q), Chain(k), k_transposed)
         self.terms[product].coef += coef
+
+    def merge(self, other: Logits) -> None:
+        self.nodes |= other.nodes
+        for product, t in other.terms.items():
+            if product in self.terms:
+                self.terms[product].coef += t.coef
+            else:
+                self.terms[product] = t
+        for m, c in other.masks.items():
+            self.masks[m] = self.masks.get(m, 0.0) + c
+
+    def mask(self) -> fx.Node | None:
+        """The one additive mask, added exactly once (math doc section 5b), or None; raises otherwise."""
+        masks = {m: c for m, c in self.masks.items() if c != 0.0}
+        if not masks:
+            return None
+        if len(masks) > 1:
+            raise NotAttention("softmax input adds several terms that are not q @ k^T products: "
+                               + ", ".join(describe(m) for m in masks))
+        (m, c), = masks.items()
+        if abs(c - 1.0) > 1e-12:
+            raise NotAttention(f"softmax input adds {describe(m)} scaled by {c:g}: a mask must be added once")
+        return m
 
 
 def parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
@@ -94,11 +120,17 @@ def parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
     if scale is not None:
         parse_logits(scale[0], coef * scale[1], out, depth + 1)
         return
+    masked = as_masked_scores(n)
+    if masked is not None:  # timm's maybe_add_mask(scores, mask)
+        parse_logits(masked[0], coef, out, depth + 1)
+        if isinstance(masked[1], fx.Node):
+            out.masks[masked[1]] = out.masks.get(masked[1], 0.0) + coef
+        return
     kind = arith_kind(n)
     if kind in ("add", "sub") and len(n.args) == 2 and not n.kwargs:
         for a, c in zip(n.args, (coef, -coef if kind == "sub" else coef)):
             if isinstance(a, fx.Node) and scalar_constant(a) is None:
-                parse_logits(a, c, out, depth + 1)
+                _parse_addend(a, c, out, depth + 1)
             elif scalar_constant(a) is None:
                 raise NotAttention(f"softmax input {describe(n)} adds a non-constant")
             # a scalar constant shifts every logit of a row equally: softmax does not see it
@@ -108,6 +140,17 @@ def parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
         return
     raise NotAttention(f"softmax input {describe(n)} is not a sum of scaled q @ k^T products "
                        "(an attention mask or bias?)")
+
+
+def _parse_addend(a: fx.Node, coef: float, out: Logits, depth: int) -> None:
+    """A term of a sum of logits: q @ k^T products (parsed), or else an additive mask or bias."""
+    part = Logits()
+    try:
+        parse_logits(a, coef, part, depth)
+    except NotAttention:
+        out.masks[a] = out.masks.get(a, 0.0) + coef
+        return
+    out.merge(part)
 
 
 def softmax_input(p: fx.Node) -> fx.Node:
@@ -146,15 +189,15 @@ class Candidate:
             parse_logits(softmax_input(p), 1.0, self.logits)
             self.value = Chain(v)
             self.scale = 1.0
+            self.attn_mask, self.is_causal = self.logits.mask(), False
+            self.mask_stand_in = 0.0  # what the mask is replaced by when the lift is verified
 
     def _read_sdpa(self, sdpa) -> None:
-        mask = sdpa.attn_mask
-        if mask is not None:
-            hint = f" (a graph input: trace with concrete_args={{'{mask.name}': None}})" \
-                if isinstance(mask, fx.Node) and mask.op == "placeholder" else ""
-            raise NotAttention("attention with a mask" + hint)
-        if sdpa.is_causal is not False:
-            raise NotAttention("causal attention (is_causal is not False)")
+        if sdpa.attn_mask is not None and not isinstance(sdpa.attn_mask, fx.Node):
+            raise NotAttention(f"attention mask {sdpa.attn_mask!r} is not a tensor")
+        if not isinstance(sdpa.is_causal, (bool, fx.Node)):
+            raise NotAttention(f"is_causal={sdpa.is_causal!r} is neither a bool nor an input")
+        self.attn_mask, self.is_causal, self.mask_stand_in = sdpa.attn_mask, sdpa.is_causal, None
         if sdpa.dropout_p != 0.0:
             raise NotAttention(f"attention dropout is active (dropout_p={sdpa.dropout_p})")
         if sdpa.enable_gqa:

@@ -3,7 +3,8 @@
 - ``targets``: the spelling tables (which callables, methods and modules are which op);
 - ``binding``: one argument binder (``bind``), on torch's own signatures;
 - ``readers``: typed views of ops (``as_linear``, ``as_layer_norm``, ``activation_key``, ``as_softmax``,
-  ``as_sdpa``, ``attention_view``, ``arith_kind``, ``scale_op``, ...);
+  ``as_sdpa``, ``as_masked_scores``, ``arith_kind``, ``scale_op``, ...); ``attention_op``: fxrep's own
+  attention op (``attention_view``);
 - ``reductions``: stacks and the sums/means over a stacked axis;
 - ``effects``: views, aliasing, in-place writes, layout dependence, guards (``mutation_hazards``);
 - ``evaluate``: one constant evaluator;
@@ -12,6 +13,7 @@
 Patterns import from ``fxrep.ir`` only; docs/architecture.md says where a new spelling goes.
 """
 
+from .attention_op import AttentionView, attention_view
 from .binding import bind
 from .build import (
     add_constant,
@@ -22,6 +24,7 @@ from .build import (
     emit_split_heads,
     fingerprint,
     fresh_attribute_name,
+    sdpa_masking,
 )
 from .effects import (
     is_guard,
@@ -34,7 +37,6 @@ from .effects import (
 )
 from .evaluate import evaluate, load_attribute
 from .readers import (
-    AttentionView,
     LayerNormView,
     LinearView,
     SdpaView,
@@ -43,9 +45,9 @@ from .readers import (
     arith_kind,
     as_layer_norm,
     as_linear,
+    as_masked_scores,
     as_sdpa,
     as_softmax,
-    attention_view,
     constant_tensor,
     dropout_is_identity,
     einsum_kind,
@@ -54,6 +56,7 @@ from .readers import (
     is_matmul,
     is_shape_read,
     is_softmax,
+    is_timm_function,
     merge_origins,
     origin,
     scalar_constant,
@@ -79,10 +82,10 @@ from .targets import (
 
 __all__ = [
     "bind", "add_constant", "bitwise_equal", "const_node", "emit_attention", "emit_linear", "emit_split_heads",
-    "fingerprint", "fresh_attribute_name", "is_guard", "is_inplace", "is_view", "layout_sensitive_reader", "mutation_hazards",
+    "fingerprint", "fresh_attribute_name", "sdpa_masking", "is_guard", "is_inplace", "is_view", "layout_sensitive_reader", "mutation_hazards",
     "owns_its_memory", "write_is_invisible", "evaluate", "load_attribute", "AttentionView", "LayerNormView",
     "LinearView", "SdpaView", "SoftmaxView", "activation_key", "arith_kind", "as_layer_norm", "as_linear",
-    "as_sdpa", "as_softmax", "attention_view", "constant_tensor", "dropout_is_identity", "einsum_kind",
+    "as_masked_scores", "as_sdpa", "is_timm_function", "as_softmax", "attention_view", "constant_tensor", "dropout_is_identity", "einsum_kind",
     "fetch_attr", "is_call", "is_matmul", "is_shape_read", "is_softmax", "merge_origins", "origin",
     "scalar_constant", "scalar_or_channel", "scale_op", "ReductionView", "StackView", "as_reduction", "as_stack", "ADD_TARGETS", "DIV_TARGETS", "GUARD_TARGETS",
     "LAYER_NORM_TARGETS", "LINEAR_TARGETS", "MATMUL_TARGETS", "MUL_TARGETS", "NEG_TARGETS", "SDPA_TARGETS",

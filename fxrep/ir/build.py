@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..ops import multi_head_attention
+from ..ops import multi_head_attention, repeat_mask_heads
 from .readers import fetch_attr
 
 _NAME_RE = re.compile(r"[^0-9a-zA-Z_]")
@@ -97,10 +97,11 @@ def emit_linear(graph: fx.Graph, x: fx.Node, weight: torch.Tensor, bias: torch.T
 
 
 def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dtype: torch.dtype,
-                   hint: str, origins=(), emitted: dict | None = None, owned=()) -> fx.Node:
+                   hint: str, origins=(), emitted: dict | None = None, owned=(), attn_mask=None,
+                   is_causal=False, mask_repeats: int = 1) -> fx.Node:
     """A ``multi_head_attention`` node. ``emitted`` (id of a param -> (param, attribute name)) lets
     several calls that share param tensors register each one once; ``owned`` names the params the caller
-    made for this node (see ``emit_linear``)."""
+    made for this node (see ``emit_linear``). The mask arguments are SDPA's (nodes or constants)."""
     args = [x]
     emitted = {} if emitted is None else emitted
     for key in ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias"):
@@ -113,7 +114,12 @@ def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dt
             node = _param_node(graph, t, dtype, f"{hint}_{key}", key in owned)
             emitted[id(t)] = (t, node.target)
             args.append(node)
-    node = graph.call_function(multi_head_attention, tuple(args), {"num_heads": int(num_heads)})
+    kwargs = {"num_heads": int(num_heads)}
+    for name, value, default in (("attn_mask", attn_mask, None), ("is_causal", is_causal, False),
+                                 ("mask_repeats", mask_repeats, 1)):
+        if isinstance(value, fx.Node) or value != default:  # defaults stay implicit: the code reads as before
+            kwargs[name] = value
+    node = graph.call_function(multi_head_attention, tuple(args), kwargs)
     node.meta["fxrep_origin"] = tuple(origins)
     return node
 
@@ -121,3 +127,19 @@ def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dt
 def emit_split_heads(graph: fx.Graph, t: fx.Node, num_heads: int) -> fx.Node:
     """(..., N, H * d) -> (..., H, N, d): head-major features, as SDPA wants them."""
     return graph.call_method("transpose", (graph.call_method("unflatten", (t, -1, (num_heads, -1))), -3, -2))
+
+
+def sdpa_masking(graph: fx.Graph, att) -> dict:
+    """SDPA keyword arguments of an attention op (an ``AttentionView``), with the scale folded into q: a
+    per-head mask is tiled by ``ops.repeat_mask_heads`` (a node at the insertion point) where the op widened
+    branches that share it. No mask and no causal flag give ``{'scale': 1.0}`` only."""
+    kwargs = {}
+    if att.attn_mask is not None:
+        mask = att.attn_mask
+        if att.mask_repeats != 1:
+            mask = graph.call_function(repeat_mask_heads, (mask, att.mask_repeats))
+        kwargs["attn_mask"] = mask
+    if isinstance(att.is_causal, fx.Node) or att.is_causal:
+        kwargs["is_causal"] = att.is_causal
+    kwargs["scale"] = 1.0
+    return kwargs

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..ops import multi_head_attention
 from .binding import bind
 from .targets import (
     ACTIVATION_FUNCTIONS,
@@ -306,55 +305,21 @@ def dropout_is_identity(node) -> bool | None:
     return training is False or args.get("p", 0.5) == 0
 
 
-# -- fxrep's attention op ---------------------------------------------------------------------------------
-
-_PROJECTIONS = ("q", "k", "v")
-
-
-@dataclass
-class AttentionView:
-    """The arguments of an fxrep ``multi_head_attention`` node: its input, the q/k/v weights and biases
-    (head-major rows) and the head count."""
-
-    node: fx.Node
-    input: fx.Node
-    q_weight: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_weight: torch.Tensor
-    k_bias: torch.Tensor | None
-    v_weight: torch.Tensor
-    v_bias: torch.Tensor | None
-    num_heads: int
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q_weight.dtype
-
-    def weight(self, p: str) -> torch.Tensor:
-        return getattr(self, f"{p}_weight")
-
-    def bias(self, p: str) -> torch.Tensor | None:
-        return getattr(self, f"{p}_bias")
-
-    def params(self) -> dict:
-        """``{'q_weight': ..., 'q_bias': ..., ...}``, as ``emit_attention`` takes them."""
-        return {f"{p}_{kind}": getattr(self, f"{p}_{kind}") for p in _PROJECTIONS for kind in ("weight", "bias")}
-
-    def head_widths(self) -> tuple[int, int, int]:
-        """(heads, q/k width per head, v width per head)."""
-        H = self.num_heads
-        return H, self.q_weight.shape[0] // H, self.v_weight.shape[0] // H
+def is_timm_function(node, name: str) -> bool:
+    """A call of ``timm.layers.attention.<name>`` (timm wraps its mask helpers as fx leaves)."""
+    t = node.target if isinstance(node, fx.Node) and node.op == "call_function" else None
+    return getattr(t, "__module__", "") == "timm.layers.attention" and getattr(t, "__name__", "") == name
 
 
-def attention_view(node) -> AttentionView | None:
-    """An fxrep ``multi_head_attention`` node with constant q/k/v weights as an AttentionView, else None."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is multi_head_attention):
+def as_masked_scores(node) -> tuple | None:
+    """(scores, mask) for timm's ``maybe_add_mask(scores, mask)`` (``scores + mask``, or ``scores`` when the
+    mask is None at run time), else None."""
+    if not is_timm_function(node, "maybe_add_mask"):
         return None
-    x, *params = node.args[:7]
-    tensors = [constant_tensor(v) if v is not None else None for v in params]
-    if tensors[0] is None or tensors[2] is None or tensors[4] is None:
+    args = bind(node)
+    if args is None or not isinstance(args.get("scores"), fx.Node):
         return None
-    return AttentionView(node, x, *tensors, num_heads=node.kwargs["num_heads"])
+    return args["scores"], args.get("attn_mask")
 
 
 # -- where nodes came from --------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerScale
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+# timm's mask helpers branch on their arguments: calls from this module are fx leaves too, as in timm's
+torch.fx.wrap("maybe_add_mask")
+torch.fx.wrap("resolve_self_attn_mask")
 
 
 class BranchedAttention(nn.Module):
@@ -35,7 +40,8 @@ class BranchedAttention(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(inner, dim, bias=proj_bias, **dd) for _ in range(branches))
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, xs: list[torch.Tensor], lam: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, xs: list[torch.Tensor], lam: torch.Tensor, mask=None) -> list[torch.Tensor]:
+        """``mask``: an additive mask (or None), added once to every branch's joined logits."""
         B, N, _ = xs[0].shape
         logits, values = [], []
         for qkv, x in zip(self.qkv, xs):
@@ -45,7 +51,7 @@ class BranchedAttention(nn.Module):
         mean = sum(logits) / len(logits)
         outs = []
         for s, v, proj in zip(logits, values, self.proj):
-            attn = ((1 - lam) * s + lam * mean).softmax(dim=-1)
+            attn = maybe_add_mask((1 - lam) * s + lam * mean, mask).softmax(dim=-1)
             o = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, -1)
             outs.append(self.proj_drop(proj(o)))
         return outs
@@ -92,9 +98,10 @@ class BranchedBlock(nn.Module):
         self.register_buffer("join_lam", torch.zeros((), dtype=dtype or torch.get_default_dtype()))
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("BranchedBlock does not support attention masks")
-        outs = self.attn([norm(x) for norm in self.norm1], self.join_lam)
+        # timm's mask semantics (SDPA's: a boolean mask attends where True, a float one is added); resolved
+        # from the block input, so the normalized branch inputs are read by their Linears only
+        mask = resolve_self_attn_mask(x.shape[1], x, attn_mask, is_causal)
+        outs = self.attn([norm(x) for norm in self.norm1], self.join_lam, mask)
         x = x + self.drop_path(sum(ls(o) for ls, o in zip(self.ls1, outs)))
         outs = self.mlp([norm(x) for norm in self.norm2], self.join_lam)
         return x + self.drop_path(sum(ls(o) for ls, o in zip(self.ls2, outs)))

@@ -59,6 +59,7 @@ class LiftAttention:
         found = match.data
         with ctx.graph.inserting_before(found.z):
             new = emit_attention(ctx.graph, ctx.resolve(found.x), found.params, found.heads, found.dtype,
-                                 found.z.name + "_attn", found.origins, found.emitted)
+                                 found.z.name + "_attn", found.origins, found.emitted,
+                                 attn_mask=found.attn_mask, is_causal=found.is_causal)
         ctx.replace_node(found.z, new)
         return {"heads": found.heads}

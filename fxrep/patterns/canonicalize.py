@@ -26,6 +26,7 @@ from ..ir import (
     evaluate,
     fetch_attr,
     is_inplace,
+    is_timm_function,
     layout_sensitive_reader,
     load_attribute,
     write_is_invisible,
@@ -137,11 +138,6 @@ class FoldConstants:
         ctx.replace_node(node, new)
 
 
-def _timm_function(node: fx.Node, name: str) -> bool:
-    t = node.target if node.op == "call_function" else None
-    return getattr(t, "__module__", "") == "timm.layers.attention" and getattr(t, "__name__", "") == name
-
-
 class DropEmptyAttentionMask:
     """timm's non-fused attention calls ``maybe_add_mask(scores, resolve_self_attn_mask(N, scores, None,
     False))``: with no mask and ``is_causal=False`` (fixed by tracing) that is ``scores``."""
@@ -150,10 +146,10 @@ class DropEmptyAttentionMask:
     phase = "canonicalize"
 
     def match(self, node, ctx):
-        if not _timm_function(node, "maybe_add_mask") or len(node.args) < 1:
+        if not is_timm_function(node, "maybe_add_mask") or len(node.args) < 1:
             return None
         mask = (bind(node) or {}).get("attn_mask", node.args[1] if len(node.args) > 1 else None)
-        if isinstance(mask, fx.Node) and _timm_function(mask, "resolve_self_attn_mask"):
+        if isinstance(mask, fx.Node) and is_timm_function(mask, "resolve_self_attn_mask"):
             args = bind(mask) or {}
             if "attn_mask" in args and args["attn_mask"] is None and args.get("is_causal") is False:
                 mask = None

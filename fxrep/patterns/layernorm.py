@@ -85,6 +85,6 @@ class ExtractLayerNormAffine:
                         w, b = algebra.fold_norm_affine(att.weight(p), att.bias(p), ln.weight, ln.bias)
                         params[f"{p}_weight"], params[f"{p}_bias"] = w, b
                     new = emit_attention(g, bare, params, att.num_heads, att.dtype, user.name,
-                                         merge_origins([user, node]), owned=set(params))
+                                         merge_origins([user, node]), owned=set(params), **att.masking())
             ctx.replace_node(user, new)
         return {"params_before": params_before}

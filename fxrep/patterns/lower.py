@@ -11,7 +11,7 @@ import operator
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ir import attention_view, emit_linear, emit_split_heads
+from ..ir import attention_view, emit_linear, emit_split_heads, sdpa_masking
 from ..pattern import Match
 
 
@@ -38,7 +38,7 @@ class LowerAttention:
             heads = []
             for i in range(3):
                 heads.append(emit_split_heads(g, g.call_function(operator.getitem, (parts, i)), H))
-            o = g.call_function(F.scaled_dot_product_attention, tuple(heads), {"scale": 1.0})
+            o = g.call_function(F.scaled_dot_product_attention, tuple(heads), sdpa_masking(g, att))
             o = g.call_method("transpose", (o, -3, -2))
             out = g.call_method("flatten", (o, -2))
         ctx.replace_node(node, out)

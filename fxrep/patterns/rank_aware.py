@@ -29,6 +29,7 @@ from ..ir import (
     emit_linear,
     emit_split_heads,
     merge_origins,
+    sdpa_masking,
 )
 from ..pattern import Match, Skip
 
@@ -104,7 +105,7 @@ class RankAwareAttention:
             k = g.call_method("expand_as", (g.call_method("unsqueeze", (x, -3)), q))  # one k for all heads
             v = emit_linear(g, x, torch.cat(v_rows), None, dtype, node.name + "_vo", origins)
             v = emit_split_heads(g, v, H)
-            o = g.call_function(F.scaled_dot_product_attention, (q, k, v), {"scale": 1.0})
+            o = g.call_function(F.scaled_dot_product_attention, (q, k, v), sdpa_masking(g, att))
             out = g.call_method("sum", (o, -3))
             if bool(out_bias.any()):
                 out = g.call_function(torch.add, (out, const_node(g, out_bias.to(dtype), node.name + "_out_bias")))

@@ -54,6 +54,26 @@ def _describe_inputs(xs) -> str:
     return "branches read different tensors (" + ", ".join(sorted({x.name for x in xs})) + ")"
 
 
+def _masking_key(att) -> tuple:
+    """Attention ops merge only with the same mask node, the same ``is_causal`` and, with a mask, the same
+    heads per tiling of a per-head mask (math doc section 5b)."""
+    return (att.attn_mask, att.is_causal,
+            att.num_heads // att.mask_repeats if att.attn_mask is not None else None)
+
+
+def _split_by_masking(nodes, skipped: list) -> list:
+    """``nodes`` split by ``_masking_key``; the branches left out of the largest part are reported."""
+    parts: dict = {}
+    for n in nodes:
+        parts.setdefault(_masking_key(attention_view(n)), []).append(n)
+    if len(parts) > 1:
+        largest = max(parts.values(), key=len)
+        odd = [n for ns in parts.values() if ns is not largest for n in ns]
+        skipped.append(Skip(odd, "attention branches on one input use different masks or is_causal (or "
+                                 "per-head masks over different head counts): merged only where they agree"))
+    return list(parts.values())
+
+
 def sibling_groups(ctx, kind: str):
     """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged (lists of nodes), and the
     Skips of near misses."""
@@ -79,8 +99,8 @@ def sibling_groups(ctx, kind: str):
         mergeable, skipped = [], []
         for by_input in groups.values():
             for nodes in by_input.values():
-                if len(nodes) > 1:
-                    mergeable.append(nodes)
+                parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
+                mergeable += [p for p in parts if len(p) > 1]
             if len(by_input) > 1:  # report the branches left out of the largest group
                 largest = max(by_input.values(), key=len)
                 odd = [n for ns in by_input.values() if ns is not largest for n in ns]
@@ -178,7 +198,7 @@ def _concat_heads(blocks, dim: int):
 
 
 def _merge_heads(atts, mode: str):
-    """Params of the merged attention op, and where branch i's output columns land in it.
+    """Params of the merged attention op, where branch i's output columns land in it, and its mask arguments.
 
     Only concatenation and zero padding: done in the weights' dtype, no float64 round trip.
     collapse: the ops share q/k (joined logits); each head's values are the concatenation of theirs.
@@ -192,7 +212,7 @@ def _merge_heads(atts, mode: str):
         v_weight, v_bias = _concat_heads([_head_blocks(a, "v") for a in atts], 1)
         params = {key: getattr(atts[0], key) for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
         params.update(v_weight=v_weight, v_bias=v_bias)
-        return params, H, columns, H * sum(dv)
+        return params, H, columns, H * sum(dv), atts[0].masking()
     dqk = max(a.head_widths()[1] for a in atts)
     dv = max(a.head_widths()[2] for a in atts)
     params, columns, heads = {}, [], 0
@@ -202,7 +222,8 @@ def _merge_heads(atts, mode: str):
         H, _, dvi = a.head_widths()
         columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
         heads += H
-    return params, heads, columns, heads * dv
+    masking = dict(atts[0].masking(), mask_repeats=sum(a.mask_repeats for a in atts))  # heads side by side
+    return params, heads, columns, heads * dv, masking
 
 
 def _same_logits(a, b) -> bool:
@@ -249,13 +270,14 @@ class _MergeAttention:
 
     def replace(self, match, ctx):
         atts = [attention_view(n) for n in match.nodes]
-        params, heads, columns, total = _merge_heads(atts, self.mode)
+        params, heads, columns, total, masking = _merge_heads(atts, self.mode)
         graph = ctx.graph
         readers = [u for n in match.nodes for u in n.users]
         with graph.inserting_before(_first(readers, ctx)):
             merged = emit_attention(graph, atts[0].input, params, heads, atts[0].dtype,
                                     match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes),
-                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)})  # built here
+                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)},  # built here
+                                    **masking)
         _repoint_readers(ctx, match.nodes, merged, columns, total)
         return {"heads": heads}
 
