@@ -10,7 +10,8 @@ from fxrep.testing import Case, GraphSpec, RandomGraphModel, fuzz_check, make_in
 @given(random_graphs())
 def test_fuse_is_exact_or_raises_a_documented_error(case):
     result = fuzz_check(case)
-    assert result["error"] is None or result["error"].split(":")[0].endswith("Error")
+    kind = (result["error"] or "").split(":")[0]
+    assert result["error"] is None or kind.endswith("Error") or kind == "rounding"
 
 
 def _case(steps, outputs=(), dtype=torch.float32, dim=4):
@@ -33,3 +34,14 @@ def test_a_write_into_a_value_whose_other_reader_is_dead():
     into that."""
     case = _case([("linear", (0, 0), 0), ("inplace", (1, 0), 1)], outputs=[1], dim=2)
     assert fuzz_check(case)["error"] is None
+
+
+def test_rounding_that_the_graph_amplifies_is_told_apart_from_a_wrong_rewrite():
+    """Found by benchmarks/fuzz.py once nn.MultiheadAttention joined the ops: a LayerNorm over 2 features
+    after an attention divides by the difference of two nearly equal values, so float32 rounding of the merged
+    weights shows as 1.5e-5. The float64 copy of the same graph fuses to 1e-10: rounding, not a wrong rewrite."""
+    from fxrep.fuzzing import _exact_in_float64
+
+    case = _case([("attention", (0, 0), 7), ("layer_norm", (1, 0), 1)], dim=2)
+    assert _exact_in_float64(case)
+    assert fuzz_check(case)["error"] in (None, "rounding: a float32 mismatch the float64 copy does not have")

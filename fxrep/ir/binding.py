@@ -79,11 +79,17 @@ def _callee(node: fx.Node):
         return node.target
     if node.op == "call_method":
         return getattr(torch, node.target, None) or getattr(torch.Tensor, node.target, None)
+    if node.op == "call_module":  # the module's forward, as a bound method (``self`` is not an argument)
+        module = node.graph.owning_module
+        for atom in node.target.split("."):
+            module = getattr(module, atom, None)
+        return getattr(module, "forward", None)
     return None
 
 
 def bind(node: fx.Node) -> dict | None:
-    """``{parameter name: argument}`` of a ``call_function``/``call_method`` node, defaults included, or None
+    """``{parameter name: argument}`` of a ``call_function``/``call_method``/``call_module`` node, defaults
+    included, or None
     when the callee has no signature torch can name (or its overloads disagree about this call's names)."""
     callee = _callee(node)
     if callee is None:

@@ -6,6 +6,7 @@ from .canonicalize import DropEmptyAttentionMask, DropIdentity, FoldConstants, F
 from .cse import EliminateCommonSubexpressions
 from .layernorm import ExtractLayerNormAffine
 from .lower import LowerAttention
+from .mha import LiftMultiheadAttention
 from .rank_aware import RankAwareAttention
 from .sums import ExpandStackedSums
 from .widen import CollapseAttention, WidenAttention, WidenMLP
@@ -16,7 +17,7 @@ def builtin_patterns() -> list:
     return [
         DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(), ExpandStackedSums(),
         EliminateCommonSubexpressions(), ExtractLayerNormAffine(),
-        LiftAttention(),
+        LiftMultiheadAttention(), LiftAttention(),
         MergeAffine(),
         CollapseAttention(), WidenAttention(), WidenMLP(),
         RankAwareAttention(), LowerAttention(),
@@ -24,5 +25,5 @@ def builtin_patterns() -> list:
 
 
 __all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask", "FoldConstants",
-           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention", "RankAwareAttention", "ExpandStackedSums",
+           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention", "RankAwareAttention", "ExpandStackedSums", "LiftMultiheadAttention",
            "CollapseAttention", "WidenAttention", "WidenMLP"]
