@@ -42,8 +42,8 @@ def test_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, 
     report = gm.meta["fxrep_report"]
     assert report.count("lift_multihead_attention") == branches
     assert not any(n.op == "call_module" for n in gm.graph.nodes)
-    # batch_first=False puts a transpose between each LayerNorm and its attention, which keeps the norms'
-    # affines apart today (see the #13 note): those branches lift but do not merge yet
+    # batch_first=False: each branch's output is transposed back to (tokens, batch, dim) before the branch
+    # sum, and affine forms do not pass through transposes yet, so those branches lift but stay apart
     assert report.after["sdpa"] == (1 if batch_first or branches == 1 else branches)
 
 

@@ -6,7 +6,7 @@ branches widen, collapse and lower like every other attention.
 ``q = x W_q^T + b_q`` (rows of the packed ``in_proj_weight``, or ``q_proj_weight``), heads as consecutive
 blocks of ``d_h`` rows, then ``out_proj``. The scale is folded into the q weights (float64, cast back).
 With ``batch_first=False`` the tokens are on dim 0: ``x.transpose(0, -2)`` puts them second to last for 3-d
-and leaves a 2-d (unbatched) input as it is. Skipped with the reason: cross-attention, masks (its boolean
+and leaves a 2-d (unbatched) input as it is (a LayerNorm right before is moved after the transpose). Skipped with the reason: cross-attention, masks (its boolean
 masks mean "do not attend", the opposite of SDPA's; left to a later version), ``is_causal``, ``add_bias_kv``,
 ``add_zero_attn``, other key/value widths, and attention weights that are read.
 """
@@ -16,9 +16,10 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ir import bind, emit_attention, emit_linear, fetch_attr
+from ..ir import as_layer_norm, bind, emit_attention, emit_linear, fetch_attr, merge_origins
 from ..pattern import Match, Skip
 
 f64 = torch.float64
@@ -52,6 +53,21 @@ def _params(m: nn.MultiheadAttention) -> dict:
             "k_weight": ws[1], "k_bias": bs[1], "v_weight": ws[2], "v_bias": bs[2]}
 
 
+def _tokens_second_to_last(g, x, mha_node):
+    """``x.transpose(0, -2)``; where ``x`` is a LayerNorm over the last dim read only by this attention, the
+    norm of the transposed input instead (the two commute), so parallel branches that normalize one tensor
+    still read one input and their norms' affines still fold (``extract_layernorm_affine``)."""
+    ln = as_layer_norm(x)
+    if ln is None or len(ln.normalized_shape) != 1 or set(x.users) != {mha_node}:
+        return g.call_method("transpose", (x, 0, -2))
+    t = g.call_method("transpose", (ln.input, 0, -2))
+    args = bind(ln.node)
+    new = g.call_function(F.layer_norm, (t, ln.normalized_shape),
+                          {"weight": args.get("weight"), "bias": args.get("bias"), "eps": ln.eps})
+    new.meta["fxrep_origin"] = merge_origins([ln.node])
+    return new
+
+
 class LiftMultiheadAttention:
     name = "lift_multihead_attention"
     phase = "lift"
@@ -79,7 +95,7 @@ class LiftMultiheadAttention:
         dtype = m.out_proj.weight.dtype
         with g.inserting_before(node):
             if not m.batch_first:
-                x = g.call_method("transpose", (x, 0, -2))
+                x = _tokens_second_to_last(g, x, node)
             out = emit_attention(g, x, params, m.num_heads, dtype, node.name, (node.target,), owned=set(params))
             if not m.batch_first:
                 out = g.call_method("transpose", (out, 0, -2))
