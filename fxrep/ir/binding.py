@@ -64,14 +64,8 @@ def _plan(target, n_args: int, kwarg_names: frozenset):
     layouts = [lay for sig in _signatures(target) if (lay := _layout(sig, n_args, kwarg_names)) is not None]
     if not layouts or any(lay[:2] != layouts[0][:2] for lay in layouts):
         return None
-    common = set(layouts[0][2])
-    for lay in layouts[1:]:
-        common &= set(_hashable(lay[2]))
-    return layouts[0][0], layouts[0][1], tuple(d for d in layouts[0][2] if d in common)
-
-
-def _hashable(defaults):
-    return [(k, v) for k, v in defaults]
+    common = tuple(d for d in layouts[0][2] if all(d in lay[2] for lay in layouts[1:]))
+    return layouts[0][0], layouts[0][1], common
 
 
 def _callee(node: fx.Node):
