@@ -69,12 +69,25 @@ def _matvec64(w: torch.Tensor, v: torch.Tensor, rows: int = 1024) -> torch.Tenso
     return torch.cat([as64(chunk) @ v for chunk in w.split(rows)])
 
 
+def scale_term(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``c * t`` for a float64 scalar or per-row ``c`` (a vector ``t`` is scaled elementwise). In ``t``'s dtype
+    when ``t`` is a model-dtype weight and ``c`` is exactly representable there: one correctly rounded product,
+    the bits of the float64 route (``exact_product``), at half the memory traffic of a LayerScale folded into a
+    large weight; else float64."""
+    rows = c if c.dim() == 0 or t.dim() <= 1 else c[:, None]
+    if t.dtype != f64:
+        c_model = rows.to(t.dtype)
+        if torch.equal(c_model.to(f64), rows):
+            product = exact_product(t, c_model)
+            if product is not None:
+                return product
+    return rows * as64(t)  # (converting first is faster than a mixed-dtype multiply)
+
+
 def scale_rows(weight, bias, scale):
     """``c * (W x + b) = (diag c W) x + c b`` for a scalar or per-output-channel ``c`` (section 4)."""
     c = as64(scale)
-    w = as64(weight)
-    cw = c * w if c.dim() == 0 else c[:, None] * w
-    return cw, None if bias is None else c * as64(bias)
+    return scale_term(c, weight.detach()), None if bias is None else c * as64(bias)
 
 
 def concat_rows(weights, biases):

@@ -108,11 +108,9 @@ def test_place_columns_puts_each_column_where_asked(out, total, data):
 def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, seed):
     """merge_affine scales a weight in its own dtype only when that is the float64 result: the factor must be
     representable in the dtype (0.1 and 1/3 are not, so those stay float64)."""
-    from fxrep.affine.forms import _scale_term
-
     t = _rand(6, 5, seed=seed).to(dtype)
     factor = torch.full((6,), c, dtype=f64) * torch.linspace(1, 2, 6, dtype=f64) if per_row else torch.tensor(c, dtype=f64)
-    got = _scale_term(factor, t)
+    got = algebra.scale_term(factor, t)
     exact = (factor[:, None] if per_row else factor) * t.double()
     if got.dtype == f64:
         assert torch.equal(got, exact)

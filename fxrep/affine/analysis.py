@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .. import algebra
 from ..ir import arith_kind, as_linear, constant_tensor, mutation_hazards, scalar_or_channel
 from .forms import Affine, TermCache, composed, plus, scaled, shifted
 
-f64 = torch.float64
+f64 = algebra.f64
 
 
 _CACHE_KEY = "fxrep.affine.analysis"

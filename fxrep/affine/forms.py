@@ -20,7 +20,7 @@ class Affine:
     """``sum_k terms[base_k] @ base_k + bias`` (see module docstring).
 
     Terms are float64, except the weight of a Linear whose form is just that Linear, and one exact product of
-    it (``_scale_term``): they stay in the model's dtype (exactly representable in float64) until arithmetic
+    it (``algebra.scale_term``): they stay in the model's dtype (exactly representable in float64) until arithmetic
     needs them, through ``_exact64``. Most Linears are never merged, and converting every weight of a large
     model each analysis would dominate fuse time.
     """
@@ -132,22 +132,8 @@ class TermCache:
     def scale(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         key = ("scale", id(t), tuple(c.shape), c.numpy().tobytes())
         if key not in self._results:
-            self._results[key] = (t, _scale_term(c, t))
+            self._results[key] = (t, algebra.scale_term(c, dense(t)))
         return self._results[key][1]
-
-
-def _scale_term(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``c * t`` (``c`` per output row when a vector). In ``t``'s dtype when ``t`` is still a model-dtype weight
-    and ``c`` is exactly representable there: one correctly rounded product, the bits of the float64 route
-    (``algebra.exact_product``), at half the memory traffic of a LayerScale folded into a large weight."""
-    rows = c if c.dim() == 0 or t.dim() <= 1 else c[:, None]
-    if t.dtype != f64:
-        c_model = rows.to(t.dtype)
-        if torch.equal(c_model.to(f64), rows):
-            product = algebra.exact_product(t, c_model)
-            if product is not None:
-                return product
-    return rows * _exact64(t)  # (converting first is faster than a mixed-dtype multiply)
 
 
 def _add_known_zero(a, b, a_zero: bool, b_zero: bool):

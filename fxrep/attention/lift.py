@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .. import algebra
 from ..ir import as_linear, merge_origins
 from .probe import Probe, decode_heads, output_chain, verify
 from .recognize import Candidate, Chain, NotAttention
 
-f64 = torch.float64
+f64 = algebra.f64
 PROBE_BATCH, PROBE_TOKENS = 2, 5
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .. import algebra
 from ..ir import as_layer_norm, evaluate, is_view, load_attribute, scale_op
 from ..ir.targets import SHAPE_ARITHMETIC, SHAPE_METHODS
 from ..ops import reference_attention
 from .recognize import Chain, NotAttention, describe
 
-f64 = torch.float64
+f64 = algebra.f64
 
 
 class Probe:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import algebra
 from ..ir import as_layer_norm, bind, emit_attention, emit_linear, fetch_attr, merge_origins
 from ..pattern import Match, Skip
 
-f64 = torch.float64
+f64 = algebra.f64
 
 
 def _unsupported(m: nn.MultiheadAttention, args: dict) -> str | None:
