@@ -18,7 +18,7 @@ from .errors import (
     TrainingModeError,
     UnsupportedModelError,
 )
-from .ir import is_guard, is_inplace, merge_origins
+from .ir import is_guard, is_inplace, merge_origins, write_is_invisible
 from .pattern import PHASES, FuseContext, Match, Skip
 from .registry import PatternRegistry, default_registry
 from .report import Applied, FuseReport, Skipped
@@ -193,9 +193,12 @@ def _cleanup(ctx: FuseContext) -> None:
 def _eliminate_dead_code(graph: fx.Graph) -> None:
     """``Graph.eliminate_dead_code`` without its lint and with the purity check only for unused nodes
     (fast on large graphs; run_patterns lints once per phase). Also kept: guards, and in-place ops, whose
-    result nobody reads but whose write others do (fx's ``is_impure`` does not know ``x.mul_(2)``)."""
+    result nobody reads but whose write others may (fx's ``is_impure`` does not know ``x.mul_(2)``), unless
+    the written value owns its memory and has no other reader (``ir.write_is_invisible``)."""
     for node in reversed(graph.nodes):
-        if not node.users and not node.is_impure() and not is_guard(node) and not is_inplace(node):
+        if node.users or node.is_impure() or is_guard(node):
+            continue
+        if not is_inplace(node) or write_is_invisible(node):  # a write nobody reads is dead too
             graph.erase_node(node)
 
 

@@ -188,3 +188,17 @@ def test_a_graph_that_does_not_run_is_never_returned_and_the_advice_works():
         torch.testing.assert_close(fused(x), model(x))
     finally:
         fxrep.unregister_pattern("wrong_shape")
+
+
+def test_a_dead_inplace_write_into_a_fresh_value_is_removed():
+    """Found by test_no_two_builtin_patterns_undo_each_other once nn.MultiheadAttention joined the fuzz ops:
+    ``h = linear(x); act_(h) + h`` whose sum is dead kept the in-place activation (and its Linear) forever, so
+    a second fuse removed them and the first was not a fixed point. A write into a value that owns its memory
+    and has no other reader is dead code."""
+    from fxrep.testing import GraphSpec, RandomGraphModel, make_inputs
+
+    spec = GraphSpec(dim=2, steps=[("inplace_act", (0, 0), 1), ("mha", (0, 0), 0)])
+    x = make_inputs(2, torch.float32, tokens=3)
+    fused = assert_fused_equivalent(RandomGraphModel(spec), x)
+    assert not any(n.op == "call_module" for n in fused.graph.nodes)
+    assert _structure(fxrep.fuse(fused, example_inputs=x)) == _structure(fused)

@@ -100,7 +100,8 @@ class Logits:
             raise NotAttention("softmax input adds several terms that are not q @ k^T products: "
                                + ", ".join(describe(m) for m in masks))
         (m, c), = masks.items()
-        if abs(c - 1.0) > 1e-12:
+        # joined branches add it with coefficients (1 - lam) + lam * B / B, from float32 join constants
+        if abs(c - 1.0) > 1e-6:
             raise NotAttention(f"softmax input adds {describe(m)} scaled by {c:g}: a mask must be added once")
         return m
 
