@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from .devices import CPU, cpu_twin, model_device, to_device
 from .equivalence import assert_equivalent, signature
 from .errors import (
     EquivalenceError,
@@ -48,10 +49,6 @@ def _validate(model: nn.Module) -> None:
             raise UnsupportedModelError(
                 f"'{name}' is on the meta device: it has no values to fold. Materialize the model first "
                 "(model.to_empty(device='cpu') and load a state_dict) and call fuse again.")
-        if t.device.type != "cpu":
-            raise UnsupportedModelError(
-                f"'{name}' is on {t.device}: fxrep does its float64 weight algebra on the CPU. Fuse a CPU copy "
-                "(fxrep.fuse(copy.deepcopy(model).cpu())) and move the fused model: fused.to(device).")
         if t.is_quantized:
             raise UnsupportedModelError(
                 f"'{name}' is a quantized tensor ({t.dtype}): fxrep folds float weights only. Fuse the float "
@@ -275,6 +272,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
         example_inputs = (example_inputs,)
     registry = patterns if isinstance(patterns, PatternRegistry) else \
         (PatternRegistry(patterns) if patterns is not None else default_registry())
+    device, user_inputs = model_device(model), example_inputs
+    example_inputs = to_device(example_inputs, CPU)  # the weight algebra runs on a CPU twin (fxrep.devices)
     gm, reference, flops = _prepare(model, example_inputs, concrete_args)
     report = FuseReport(specialized=dict(gm.meta.get("fxrep_specialized", {})))
     report.before = graph_stats(gm, flops=flops)
@@ -287,8 +286,9 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
                            lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry))
     report.after = graph_stats(gm, flops=flops)
     gm.meta["fxrep_report"] = report
+    gm.to(device)  # fxrep's own tensors and CPU copies: nothing of the user's moves
     if check:
-        _check(model, gm, example_inputs, rtol, report)
+        _check(model, gm, user_inputs, rtol, report)
     return gm
 
 
@@ -300,6 +300,8 @@ def _prepare(model, example_inputs, concrete_args) -> tuple:
         portable_guards(gm, recompile=False)
     else:
         gm = trace_graph(model, example_inputs, concrete_args)
+    if model_device(gm) != CPU:
+        gm = cpu_twin(gm)
     gm.eval()
     if example_inputs is None:
         return gm, None, None
@@ -358,7 +360,7 @@ def _find_breaking_pattern(model, example_inputs, concrete_args, registry) -> tu
 
 def _check(model, gm, example_inputs, rtol, report) -> None:
     if example_inputs is None:
-        example_inputs = _inputs_from_shapes(model)
+        example_inputs = to_device(_inputs_from_shapes(model), model_device(model))
     if example_inputs is None:
         raise InputError("fuse(check=True) needs example_inputs=(tensor, ...) with the model's input "
                          "shapes (or a GraphModule whose placeholders carry shapes from ShapeProp), to compare "
