@@ -111,3 +111,48 @@ def test_joined_logits_written_as_a_stacked_mean_are_lifted():
     gm = assert_fused_equivalent(StackedJoin().eval(), (torch.randn(2, 5, 8),))
     report = gm.meta["fxrep_report"]
     assert report.after["sdpa"] == 1 and not any("not a sum" in s.reason for s in report.skipped)
+
+
+class HuggingFaceStyleSelfAttention(nn.Module):
+    """transformers 4.x eager ViT attention: separate q/k/v, shapes built from ``size()``, softmax in float32
+    cast back with ``.to(q.dtype)``, heads merged back by a size-built ``view``."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.head_size = heads, d // heads
+        self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))
+        self.out = nn.Linear(d, d)
+
+    def split(self, t):
+        return t.view(t.size()[:-1] + (self.heads, self.head_size)).permute(0, 2, 1, 3)
+
+    def forward(self, x):
+        q, k, v = self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.head_size ** 0.5
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        ctx = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
+        return self.out(ctx.view(ctx.size()[:-2] + (self.heads * self.head_size,)))
+
+
+class HuggingFaceStyleBranches(nn.Module):
+    def __init__(self, branches: int, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(branches))
+        self.attns = nn.ModuleList(HuggingFaceStyleSelfAttention(d, heads) for _ in range(branches))
+
+    def forward(self, x):
+        return x + sum(a(n(x)) for n, a in zip(self.norms, self.attns))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("branches", [1, 3])
+def test_hugging_face_style_attention_lifts_and_merges(branches, dtype):
+    torch.manual_seed(0)
+    model = HuggingFaceStyleBranches(branches).to(dtype).eval()
+    gm = assert_fused_equivalent(model, (torch.randn(2, 5, 8, dtype=dtype),))
+    report = gm.meta["fxrep_report"]
+    if dtype == torch.float64:  # a float32 softmax is narrower than the model: a near miss with its reason
+        assert report.after["sdpa"] == 0 and any("narrower" in s.reason for s in report.skipped)
+        return
+    assert report.after["sdpa"] == 1 and report.after["softmax"] == 0, report
+    assert report.after["linear"] <= 2

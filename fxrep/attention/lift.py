@@ -92,7 +92,8 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
     nodes = cand.nodes() | set(out_nodes)
     stand_ins = {n: v for n, v in ((cand.attn_mask, cand.mask_stand_in), (cand.is_causal, False))
                  if isinstance(n, fx.Node)}
-    verify(probe, x, nodes, z, params, H, shape, cache.verified, stand_ins, cand.is_causal is True)
+    verify(probe, x, nodes, z, params, H, shape, cache.verified, stand_ins, cand.is_causal is True,
+           cand.probe_overrides())
     width = sum(t.qmap.shape[1] for t in terms)
     kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
     linears = sorted({n for n in nodes if as_linear(n) is not None}, key=order.__getitem__)

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import as_layer_norm, evaluate, is_view, load_attribute, scale_op
+from ..ir import as_layer_norm, evaluate, is_shape_read, is_view, load_attribute, scale_op
 from ..ir.targets import SHAPE_ARITHMETIC, SHAPE_METHODS
 from ..ops import reference_attention
 from .recognize import Chain, NotAttention, describe
@@ -56,14 +56,19 @@ class Probe:
             return value
         raise NotAttention(f"{describe(a)} is needed to evaluate the attention but is not part of it")
 
-    def run(self, nodes, env, passthrough=()):
-        """Evaluate ``nodes`` (any order) given ``env``; nodes in ``passthrough`` copy their data input."""
+    def run(self, nodes, env, passthrough=(), overrides=None):
+        """Evaluate ``nodes`` (any order) given ``env``; nodes in ``passthrough`` copy their data input, nodes in
+        ``overrides`` are computed by ``overrides[node](env)``."""
         env = dict(env)
+        overrides = overrides or {}
         for n in sorted(nodes, key=self.order.__getitem__):
             if n in env:
                 continue
             if n in passthrough:
                 env[n] = env[scale_op(n)[0]]
+                continue
+            if n in overrides:
+                env[n] = overrides[n](env)
                 continue
             try:
                 env[n] = evaluate(n, lambda a: self._load(a, env))
@@ -109,8 +114,11 @@ def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
     """Follow the attention output through views to the (batch, tokens, H*dv) tensor; return it, the view
     nodes and its column -> (head, feature) maps."""
     nodes, n = [], anchor
-    while len(n.users) == 1 and is_view(next(iter(n.users))):
-        n = next(iter(n.users))
+    while True:  # a view read only by the next view (and by shape reads that build its shape)
+        readers = [u for u in n.users if not is_shape_read(u)]
+        if len(readers) != 1 or not is_view(readers[0]):
+            break
+        n = readers[0]
         nodes.append(n)
     B, N = x_value.shape[0], x_value.shape[-2]
     o = _coded((B, H, N, dv))
@@ -126,7 +134,8 @@ def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
     return n, nodes, h[0, 0], j[0, 0]
 
 
-def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None, causal: bool = False) -> None:
+def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None, causal: bool = False,
+           overrides=None) -> None:
     """Evaluate the original subgraph and the lifted op in float64 on one random input; they must agree.
     ``verified`` keeps the values computed on that input per (x, shape), so branches that share nodes (the
     joined logits read every branch's q/k) evaluate them once. ``stand_ins`` replace run-time inputs of the
@@ -142,7 +151,7 @@ def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None,
         env.setdefault(node, value)
     x_value = env[x]
     probe.shape_sources = {k: x_value for k in probe.shape_sources}
-    env.update(probe.run(nodes - env.keys(), env))
+    env.update(probe.run(nodes - env.keys(), env, overrides=overrides))
     expected = env[z]
     projections = verified.setdefault(("projections",) + key, {})
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from ..ir import (
     arith_kind,
+    as_float_cast,
     as_linear,
     as_masked_scores,
     as_sdpa,
@@ -154,25 +156,36 @@ def _parse_addend(a: fx.Node, coef: float, out: Logits, depth: int) -> None:
     out.merge(part)
 
 
-def softmax_input(p: fx.Node) -> fx.Node:
-    """The input of a softmax over the key axis, without a dtype argument."""
+_PRECISION = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def softmax_input(p: fx.Node, model_dtype: torch.dtype) -> fx.Node:
+    """The input of a softmax over the key axis, computed in the model's dtype or a wider one (Hugging Face's
+    eager attention takes the softmax in float32 and casts back: the same values up to rounding)."""
     view = as_softmax(p)
     if view is None:
         raise NotAttention(f"{describe(p)} is not a softmax")
-    if view.dtype is not None:
-        raise NotAttention("softmax with a dtype argument")
+    if view.dtype is not None and not (isinstance(view.dtype, torch.dtype) and
+                                       _PRECISION.get(view.dtype, -1) >= _PRECISION.get(model_dtype, 3)):
+        raise NotAttention(f"softmax in {view.dtype}, narrower than the model's {model_dtype}")
     if view.dim not in (-1, 3):
         raise NotAttention(f"softmax over dim {view.dim}, not the key axis")
     return view.input
+
+
+def _probabilities(p: fx.Node) -> fx.Node:
+    """The softmax under a cast back to the model dtype (``softmax(s, dtype=float32).to(q.dtype)``), or ``p``."""
+    inner = as_float_cast(p)
+    return inner if inner is not None and is_softmax(inner) else p
 
 
 def is_anchor(n: fx.Node) -> bool:
     """Where an attention ends: an SDPA call, or ``softmax(...) @ v`` (matmul or einsum)."""
     if as_sdpa(n) is not None:
         return True
-    if is_matmul(n) and is_softmax(n.args[0]):
+    if is_matmul(n) and is_softmax(_probabilities(n.args[0])):
         return True
-    return einsum_kind(n) == "pv" and is_softmax(n.args[1])
+    return einsum_kind(n) == "pv" and is_softmax(_probabilities(n.args[1]))
 
 
 class Candidate:
@@ -186,9 +199,10 @@ class Candidate:
             self._read_sdpa(sdpa)
         else:
             p, v = anchor.args[1:3] if einsum_kind(anchor) == "pv" else anchor.args[:2]
-            self.softmax = p
-            parse_logits(softmax_input(p), 1.0, self.logits)
+            self.softmax = _probabilities(p)
+            self.cast = p if p is not self.softmax else None
             self.value = Chain(v)
+            parse_logits(softmax_input(self.softmax, self.value.linear.weight.dtype), 1.0, self.logits)
             self.scale = 1.0
             self.attn_mask, self.is_causal = self.logits.mask(), False
             self.mask_stand_in = 0.0  # what the mask is replaced by when the lift is verified
@@ -199,6 +213,7 @@ class Candidate:
         if not isinstance(sdpa.is_causal, (bool, fx.Node)):
             raise NotAttention(f"is_causal={sdpa.is_causal!r} is neither a bool nor an input")
         self.attn_mask, self.is_causal, self.mask_stand_in = sdpa.attn_mask, sdpa.is_causal, None
+        self.cast = None
         if sdpa.dropout_p != 0.0:
             raise NotAttention(f"attention dropout is active (dropout_p={sdpa.dropout_p})")
         if sdpa.enable_gqa:
@@ -210,8 +225,21 @@ class Candidate:
         self.value = Chain(sdpa.value)
         self.softmax = None
 
+    def probe_overrides(self) -> dict:
+        """How the float64 verification evaluates dtype changes: as the identity (a float32 softmax and its
+        cast back compute the same values, rounded)."""
+        if self.cast is None and (self.softmax is None or as_softmax(self.softmax).dtype is None):
+            return {}
+        sm = as_softmax(self.softmax)
+        out = {self.softmax: lambda env: torch.softmax(env[sm.input], dim=sm.dim)}
+        if self.cast is not None:
+            out[self.cast] = lambda env: env[self.softmax]
+        return out
+
     def nodes(self) -> set:
         out = {self.anchor} | set(self.value.nodes) | {self.value.linear.node}
+        if self.cast is not None:
+            out.add(self.cast)
         if self.softmax is not None:
             out |= {self.softmax} | self.logits.nodes
         for t in self.logits.terms.values():

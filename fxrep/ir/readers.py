@@ -146,9 +146,13 @@ def einsum_kind(node: fx.Node) -> str | None:
     return None
 
 
+_METADATA = (("shape",), ("ndim",), ("dtype",), ("device",))
+
+
 def is_shape_read(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.ndim`` / ``x.size()`` / ``x.dim()``: reads metadata only, never values."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))) \
+    """``x.shape`` / ``x.ndim`` / ``x.dtype`` / ``x.device`` / ``x.size()`` / ``x.dim()``: reads metadata only,
+    never values (a value with the same shape, dtype and device may stand in)."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1:2] in _METADATA) \
         or (node.op == "call_method" and node.target in ("size", "dim"))
 
 
@@ -270,6 +274,29 @@ def as_softmax(node) -> SoftmaxView | None:
     if args is None or not isinstance(args.get("input"), fx.Node):
         return None
     return SoftmaxView(node, args["input"], args.get("dim"), args.get("dtype"))
+
+
+_FLOAT_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                       "bfloat16": torch.bfloat16}
+
+
+def as_float_cast(node) -> fx.Node | None:
+    """The input of a cast between floating dtypes (``x.to(torch.float32)``, ``x.to(q.dtype)``,
+    ``x.type_as(q)``, ``x.float()``), else None. A ``.to`` with a device, or a tensor argument, is not one."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.args
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    if node.target in _FLOAT_CAST_METHODS and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    if node.target == "type_as" and len(node.args) == 2 and not node.kwargs:
+        return node.args[0]
+    if node.target == "to" and len(node.args) == 2 and not node.kwargs:
+        dtype = node.args[1]
+        if (isinstance(dtype, torch.dtype) and dtype.is_floating_point) or \
+                (isinstance(dtype, fx.Node) and dtype.op == "call_function" and dtype.target is getattr
+                 and dtype.args[1:] == ("dtype",)):
+            return node.args[0]
+    return None
 
 
 @dataclass
