@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py [--batch 1 8] [--threads 2 1] [--repeats 30] [--onnx] [--compile] [--plot FILE]
                                  [--device cuda --dtype float16]
+    python benchmarks/latency.py --parallel-vit [--threads 2] [--repeats 20]
 
 Models (random weights; fusing is exact, so weights do not change speed):
 - baseline: timm ``vit_tiny_patch16_224`` (12 layers, 3 heads of 64, MLP 768);
@@ -10,6 +11,10 @@ Models (random weights; fusing is exact, so weights do not change speed):
 - ``hand-written d3``: a timm VisionTransformer built directly in the shape of the fused d3b4 per-head form
   (3 blocks, 3 heads of q/k/v width 256, MLP 768), to show the fused GraphModule adds no overhead.
 Runs are interleaved (every model once per round), warm-up excluded, medians with min-max; ``torch.inference_mode``.
+
+``--parallel-vit``: timm's own branched ViT, ``vit_small_patch16_18x2_224`` (18 blocks of 2 parallel
+attention and MLP branches, width 384), at 224 px and at 64 px, batch 1: unfused, fused (the branches widened),
+and fused without each widening, to see what widening buys per shape (issue #13's cost question).
 """
 
 from __future__ import annotations
@@ -55,6 +60,27 @@ def build(x, dtype) -> dict:
     return models
 
 
+def parallel_vit(threads: int, repeats: int) -> str:
+    torch.set_num_threads(threads)
+    rows = []
+    for px in (224, 64):
+        model = timm.create_model("vit_small_patch16_18x2_224", img_size=px, num_classes=1000).eval()
+        x = torch.randn(1, 3, px, px)
+        registry = fxrep.default_registry()
+        models = {"unfused": model, "fused (widened)": fxrep.fuse(model, example_inputs=(x,))}
+        for left_out in ("widen_attention", "widen_mlp"):
+            models[f"fused without {left_out}"] = fxrep.fuse(model, example_inputs=(x,),
+                                                            patterns=registry.without(left_out))
+        models["fused, no widening"] = fxrep.fuse(model, example_inputs=(x,),
+                                                  patterns=registry.without("widen_attention", "widen_mlp"))
+        timed = measure_latency(models, (x,), repeats=repeats, warmup=3)
+        base = timed["unfused"]["median"]
+        rows += [(px, (px // 16) ** 2 + 1, name, f"{t['median'] * 1e3:.1f}", f"{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}",
+                  f"{t['median'] / base:.2f}x") for name, t in timed.items()]
+        print(f"  done: {px} px", flush=True)
+    return markdown_table(["px", "tokens", "model", "median ms", "min-max ms", "vs unfused"], rows)
+
+
 def onnx_sessions(models: dict, x) -> dict:
     import onnxruntime as ort
 
@@ -85,7 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    ap.add_argument("--parallel-vit", action="store_true", help="timm's vit_small_patch16_18x2_224 instead")
     args = ap.parse_args(argv)
+    if args.parallel_vit:
+        print(parallel_vit(args.threads[0], args.repeats))
+        return 0
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     x0 = torch.randn(1, 3, 224, 224)
