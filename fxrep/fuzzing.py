@@ -19,7 +19,7 @@ from .generated import ACTIVATIONS, Case, explicit_timm_attention, randomize
 
 FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
             "scale_param", "mlp", "attention", "masked_attention", "reshape", "shuffle_view", "as_strided",
-            "inplace", "inplace_act", "cached", "stack_sum", "computed_norm", "reduce_add", "mha")
+            "inplace", "inplace_act", "cached", "stack_sum", "computed_norm", "reduce_add", "mha", "sdpa_masked")
 
 
 class CachedShift(nn.Module):
@@ -84,7 +84,7 @@ class RandomGraphModel(nn.Module):
                 self.mods.append(nn.Sequential(nn.Linear(d, h), ACTIVATIONS[sorted(ACTIVATIONS)[opt % 4]](),
                                                nn.Linear(h, d)))
                 idx = len(self.mods) - 1
-            elif op in ("attention", "masked_attention"):
+            elif op in ("attention", "masked_attention", "sdpa_masked"):
                 from timm.layers import Attention
 
                 heads = (1, 2)[opt % 2] if d % 2 == 0 else 1
@@ -126,6 +126,11 @@ class RandomGraphModel(nn.Module):
                 y = _stacked_sum(a, b, opt % 4)
             elif op == "mha":
                 y = self.mods[idx](a, a, a, need_weights=opt % 5 == 0)[0]
+            elif op == "sdpa_masked":  # timm's attention with is_causal, or with a mask computed from data
+                if opt % 3 == 0:
+                    y = self.mods[idx](a, is_causal=True)
+                else:
+                    y = self.mods[idx](a, attn_mask=((b @ b.transpose(-1, -2)) * 0.1).unsqueeze(1))
             elif op == "reduce_add":
                 y = functools.reduce(operator.add, [a, b, a][: 2 + opt % 2])
             elif op == "activation":
