@@ -11,20 +11,25 @@ import torch.nn.functional as F
 
 
 def multi_head_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, *, num_heads: int,
-                         attn_mask=None, is_causal=False, mask_repeats: int = 1):
+                         attn_mask=None, is_causal=False, mask_repeats: int = 1, tokens_first: bool = False):
     """``concat_h softmax(q_h k_h^T + M_h) v_h`` for ``x`` of shape (..., N, d); output (..., N, H * dv).
 
     q/k/v are ``F.linear(x, W, b)`` split head-major into ``num_heads`` heads; q and k may have a different
     head width than v. No scale is applied: it is folded into ``q_weight``/``q_bias``. ``attn_mask`` and
     ``is_causal`` are SDPA's (a run-time value, possibly None); a mask with a head axis is tiled
     ``mask_repeats`` times along it (widened branches each see their heads of it, math doc section 5b).
+    ``tokens_first``: ``x`` and the output are (N, ..., d), as ``nn.MultiheadAttention(batch_first=False)``
+    takes them (a 2-d input is the same either way).
     """
+    if tokens_first:
+        x = x.transpose(0, -2)
     q = F.linear(x, q_weight, q_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
     k = F.linear(x, k_weight, k_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
     v = F.linear(x, v_weight, v_bias).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=repeat_mask_heads(attn_mask, mask_repeats),
                                        is_causal=is_causal, scale=1.0)
-    return o.transpose(-3, -2).flatten(-2)
+    o = o.transpose(-3, -2).flatten(-2)
+    return o.transpose(0, -2) if tokens_first else o
 
 
 def repeat_mask_heads(mask, repeats: int):

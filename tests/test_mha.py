@@ -41,10 +41,7 @@ def test_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, 
     gm = assert_fused_equivalent(model, (x,))
     report = gm.meta["fxrep_report"]
     assert report.count("lift_multihead_attention") == branches
-    assert not any(n.op == "call_module" for n in gm.graph.nodes)
-    # batch_first=False: each branch's output is transposed back to (tokens, batch, dim) before the branch
-    # sum, and affine forms do not pass through transposes yet, so those branches lift but stay apart
-    assert report.after["sdpa"] == (1 if batch_first or branches == 1 else branches)
+    assert report.after["sdpa"] == 1 and not any(n.op == "call_module" for n in gm.graph.nodes)
 
 
 def test_torchvision_vision_transformer_lifts_every_attention():

@@ -31,6 +31,7 @@ class AttentionView:
     attn_mask: object = None     # SDPA's: a node (run-time mask, possibly None) or None
     is_causal: object = False    # SDPA's: a bool or a node
     mask_repeats: int = 1        # how often a per-head mask is tiled along the head axis
+    tokens_first: bool = False   # input and output are (N, ..., d) (nn.MultiheadAttention, batch_first=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,8 +53,9 @@ class AttentionView:
         return H, self.q_weight.shape[0] // H, self.v_weight.shape[0] // H
 
     def masking(self) -> dict:
-        """The mask arguments, as ``emit_attention`` takes them."""
-        return {"attn_mask": self.attn_mask, "is_causal": self.is_causal, "mask_repeats": self.mask_repeats}
+        """The arguments besides the weights (mask, causality, layout), as ``emit_attention`` takes them."""
+        return {"attn_mask": self.attn_mask, "is_causal": self.is_causal, "mask_repeats": self.mask_repeats,
+                "tokens_first": self.tokens_first}
 
 
 def attention_view(node) -> AttentionView | None:
@@ -66,4 +68,5 @@ def attention_view(node) -> AttentionView | None:
         return None
     kw = node.kwargs
     return AttentionView(node, x, *tensors, num_heads=kw["num_heads"], attn_mask=kw.get("attn_mask"),
-                         is_causal=kw.get("is_causal", False), mask_repeats=kw.get("mask_repeats", 1))
+                         is_causal=kw.get("is_causal", False), mask_repeats=kw.get("mask_repeats", 1),
+                         tokens_first=kw.get("tokens_first", False))

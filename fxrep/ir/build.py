@@ -98,7 +98,7 @@ def emit_linear(graph: fx.Graph, x: fx.Node, weight: torch.Tensor, bias: torch.T
 
 def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dtype: torch.dtype,
                    hint: str, origins=(), emitted: dict | None = None, owned=(), attn_mask=None,
-                   is_causal=False, mask_repeats: int = 1) -> fx.Node:
+                   is_causal=False, mask_repeats: int = 1, tokens_first: bool = False) -> fx.Node:
     """A ``multi_head_attention`` node. ``emitted`` (id of a param -> (param, attribute name)) lets
     several calls that share param tensors register each one once; ``owned`` names the params the caller
     made for this node (see ``emit_linear``). The mask arguments are SDPA's (nodes or constants)."""
@@ -116,7 +116,7 @@ def emit_attention(graph: fx.Graph, x: fx.Node, params: dict, num_heads: int, dt
             args.append(node)
     kwargs = {"num_heads": int(num_heads)}
     for name, value, default in (("attn_mask", attn_mask, None), ("is_causal", is_causal, False),
-                                 ("mask_repeats", mask_repeats, 1)):
+                                 ("mask_repeats", mask_repeats, 1), ("tokens_first", tokens_first, False)):
         if isinstance(value, fx.Node) or value != default:  # defaults stay implicit: the code reads as before
             kwargs[name] = value
     node = graph.call_function(multi_head_attention, tuple(args), kwargs)

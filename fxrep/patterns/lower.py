@@ -32,7 +32,8 @@ class LowerAttention:
         w, b = algebra.concat_rows([att.weight(p) for p in "qkv"], [att.bias(p) for p in "qkv"])
         g = ctx.graph
         with g.inserting_before(node):
-            qkv = emit_linear(g, att.input, w, b, att.dtype, node.name + "_qkv",
+            x = g.call_method("transpose", (att.input, 0, -2)) if att.tokens_first else att.input
+            qkv = emit_linear(g, x, w, b, att.dtype, node.name + "_qkv",
                               node.meta.get("fxrep_origin", ()), owned=True)
             parts = g.call_method("split", (qkv, widths), {"dim": -1})
             heads = []
@@ -41,4 +42,6 @@ class LowerAttention:
             o = g.call_function(F.scaled_dot_product_attention, tuple(heads), sdpa_masking(g, att))
             o = g.call_method("transpose", (o, -3, -2))
             out = g.call_method("flatten", (o, -2))
+            if att.tokens_first:
+                out = g.call_method("transpose", (out, 0, -2))
         ctx.replace_node(node, out)

@@ -5,8 +5,8 @@ branches widen, collapse and lower like every other attention.
 ``MultiheadAttention(x, x, x)`` computes per head ``softmax(q_h k_h^T / sqrt(d_h)) v_h`` with
 ``q = x W_q^T + b_q`` (rows of the packed ``in_proj_weight``, or ``q_proj_weight``), heads as consecutive
 blocks of ``d_h`` rows, then ``out_proj``. The scale is folded into the q weights (float64, cast back).
-With ``batch_first=False`` the tokens are on dim 0: ``x.transpose(0, -2)`` puts them second to last for 3-d
-and leaves a 2-d (unbatched) input as it is (a LayerNorm right before is moved after the transpose). Skipped with the reason: cross-attention, masks (its boolean
+With ``batch_first=False`` the tokens are on dim 0: the op is told so (``tokens_first``), so its input and output
+keep the caller's layout and the LayerNorm before it and the Linears after it merge as for any attention. Skipped with the reason: cross-attention, masks (its boolean
 masks mean "do not attend", the opposite of SDPA's; left to a later version), ``is_causal``, ``add_bias_kv``,
 ``add_zero_attn``, other key/value widths, and attention weights that are read.
 """
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import operator
 
-import torch.nn.functional as F
 from torch import nn
 
 from .. import algebra
-from ..ir import as_layer_norm, bind, emit_attention, emit_linear, fetch_attr, merge_origins
+from ..ir import bind, emit_attention, emit_linear, fetch_attr
 from ..pattern import Match, Skip
 
 f64 = algebra.f64
@@ -53,21 +52,6 @@ def _params(m: nn.MultiheadAttention) -> dict:
             "k_weight": ws[1], "k_bias": bs[1], "v_weight": ws[2], "v_bias": bs[2]}
 
 
-def _tokens_second_to_last(g, x, mha_node):
-    """``x.transpose(0, -2)``; where ``x`` is a LayerNorm over the last dim read only by this attention, the
-    norm of the transposed input instead (the two commute), so parallel branches that normalize one tensor
-    still read one input and their norms' affines still fold (``extract_layernorm_affine``)."""
-    ln = as_layer_norm(x)
-    if ln is None or len(ln.normalized_shape) != 1 or set(x.users) != {mha_node}:
-        return g.call_method("transpose", (x, 0, -2))
-    t = g.call_method("transpose", (ln.input, 0, -2))
-    args = bind(ln.node)
-    new = g.call_function(F.layer_norm, (t, ln.normalized_shape),
-                          {"weight": args.get("weight"), "bias": args.get("bias"), "eps": ln.eps})
-    new.meta["fxrep_origin"] = merge_origins([ln.node])
-    return new
-
-
 class LiftMultiheadAttention:
     name = "lift_multihead_attention"
     phase = "lift"
@@ -94,11 +78,8 @@ class LiftMultiheadAttention:
         g, params = ctx.graph, _params(m)
         dtype = m.out_proj.weight.dtype
         with g.inserting_before(node):
-            if not m.batch_first:
-                x = _tokens_second_to_last(g, x, node)
-            out = emit_attention(g, x, params, m.num_heads, dtype, node.name, (node.target,), owned=set(params))
-            if not m.batch_first:
-                out = g.call_method("transpose", (out, 0, -2))
+            out = emit_attention(g, x, params, m.num_heads, dtype, node.name, (node.target,), owned=set(params),
+                                 tokens_first=not m.batch_first)
             # a copy of out_proj (not a get_attr into the module, which would keep all its parameters alive)
             b = m.out_proj.bias.detach() if m.out_proj.bias is not None else None
             out = emit_linear(g, out, m.out_proj.weight.detach(), b, dtype, f"{node.name}_out_proj")

@@ -36,12 +36,12 @@ from ..pattern import Match, Skip
 f64 = algebra.f64
 
 
-def _tokens(x: fx.Node) -> int | None:
+def _tokens(x: fx.Node, tokens_first: bool = False) -> int | None:
     n = x
     while n is not None:
         meta = n.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2:
-            return int(meta.shape[-2])
+            return int(meta.shape[0 if tokens_first else -2])
         ln = as_layer_norm(n)
         n = ln.input if ln is not None else None
     return None
@@ -69,7 +69,7 @@ class RankAwareAttention:
         lin = as_linear(readers[0]) if len(readers) == 1 else None
         if lin is None or lin.input is not node:
             return Skip([node], "kept the per-head form: the attention output is not read by exactly one Linear")
-        tokens = _tokens(att.input)
+        tokens = _tokens(att.input, att.tokens_first)
         heads, rank = costs(att, lin.out_features, tokens)
         basis = f"{tokens} tokens" if tokens else "projections only (pass example_inputs to count the attention matmuls)"
         if rank >= heads:
@@ -96,9 +96,9 @@ class RankAwareAttention:
                 out_bias = out_bias + wo_h @ bv[h]
         g = ctx.graph
         dtype = att.dtype
-        x = att.input
         origins = merge_origins([node, reader])
         with g.inserting_before(reader):
+            x = g.call_method("transpose", (att.input, 0, -2)) if att.tokens_first else att.input
             q = emit_linear(g, x, torch.cat(q_rows), torch.cat(q_bias) if bq is not None else None, dtype,
                             node.name + "_qk", origins)
             q = emit_split_heads(g, q, H)
@@ -109,4 +109,6 @@ class RankAwareAttention:
             out = g.call_method("sum", (o, -3))
             if bool(out_bias.any()):
                 out = g.call_function(torch.add, (out, const_node(g, out_bias.to(dtype), node.name + "_out_bias")))
+            if att.tokens_first:
+                out = g.call_method("transpose", (out, 0, -2))
         ctx.replace_node(reader, out)

@@ -57,7 +57,7 @@ def _describe_inputs(xs) -> str:
 def _masking_key(att) -> tuple:
     """Attention ops merge only with the same mask node, the same ``is_causal`` and, with a mask, the same
     heads per tiling of a per-head mask (math doc section 5b)."""
-    return (att.attn_mask, att.is_causal,
+    return (att.attn_mask, att.is_causal, att.tokens_first,
             att.num_heads // att.mask_repeats if att.attn_mask is not None else None)
 
 
