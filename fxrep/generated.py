@@ -257,6 +257,7 @@ def timm_qkv(attn, x):
 def explicit_timm_attention(attn, x, mask):
     """timm's attention with an explicit softmax and an additive ``mask``, before the output projection."""
     q, k, v = timm_qkv(attn, x)
+    q, k = attn.q_norm(q), attn.k_norm(k)
     a = ((q * attn.scale) @ k.transpose(-2, -1) + mask).softmax(dim=-1)
     return (a @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
 

@@ -110,3 +110,21 @@ def test_einsum_attention_is_recognized():
     x = make_inputs(8, torch.float32)
     gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
     assert gm.meta["fxrep_report"].count("lift_attention") == 2 and len(sdpa_calls(gm)) == 1
+
+
+def test_an_attention_fxrep_cannot_read_is_reported_not_passed_over():
+    """softmax(q k^T) masked_fill'ed and dropped out by hand, then multiplied with v: not a spelling fxrep
+    knows, so the report says what reads the softmax."""
+    class Unknown(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            p = (q @ k.transpose(-2, -1)).softmax(-1)
+            return torch.where(p > 0.01, p, torch.zeros_like(p)) @ v
+
+    gm = assert_fused_equivalent(Unknown().eval(), (torch.randn(2, 5, 8),))
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "lift_attention"]
+    assert any("not recognized as attention" in r for r in reasons), reasons

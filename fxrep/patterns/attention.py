@@ -24,7 +24,8 @@ the q weights. Joined logits ``sum_t c_t Q_t K_t^T`` become one head of query/ke
 from __future__ import annotations
 
 from ..attention import Candidate, LiftCache, NotAttention, check_closure, check_cost, is_anchor, lift
-from ..ir import emit_attention
+from ..attention.recognize import describe
+from ..ir import as_float_cast, emit_attention, is_shape_read, is_softmax
 from ..pattern import Match, Skip
 
 
@@ -41,11 +42,27 @@ def analyze(gm) -> dict:
             lifted[n] = lift(gm, Candidate(n), order, cache)
         except NotAttention as e:
             results[n] = Skip([n], str(e))
+    _unrecognized_softmaxes(gm, results)
     check_closure(lifted, results)
     check_cost(lifted, results)
     for anchor, found in lifted.items():
         results[anchor] = Match([found.z, anchor], found, found.summary, origins=found.origins)
     return results
+
+
+def _unrecognized_softmaxes(gm, results: dict) -> None:
+    """A softmax that no attention candidate ends in gets a Skip saying what reads it, so an attention written
+    in a spelling fxrep does not know yet is never passed over in silence."""
+    for n in gm.graph.nodes:
+        if not is_softmax(n) or n in results:
+            continue
+        readers = [u for u in n.users if not is_shape_read(u)]
+        cast = [as_float_cast(u) for u in readers]
+        if any(is_anchor(u) for u in readers) or any(c is n and any(is_anchor(v) for v in u.users)
+                                                      for u, c in zip(readers, cast)):
+            continue
+        what = ", ".join(describe(u) for u in readers[:2]) or "nothing"
+        results[n] = Skip([n], f"softmax read by {what}, not multiplied with values: not recognized as attention")
 
 
 class LiftAttention:
