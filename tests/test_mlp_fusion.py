@@ -108,3 +108,11 @@ def test_seeded_stop_nodes_reach_the_same_fixed_point(case):
     assert _analysis_summary(seeded) == _analysis_summary(plain)
     for f in seeded.stop:
         assert FormKey(seeded.forms[f], seeded.order) == FormKey(plain.forms[f], plain.order)
+
+
+def test_a_branch_whose_pre_activation_is_read_elsewhere_is_reported():
+    model = GeneratedMlpBlock(MlpSpec(branches=3, near_miss="leak", lam=None))
+    gm = assert_fused_equivalent(model, make_inputs(8, torch.float32))
+    report = gm.meta["fxrep_report"]
+    assert report.after["activation"] == 2  # the other two widen
+    assert any("also read by another op" in s.reason for s in report.skipped if s.pattern == "widen_mlp")

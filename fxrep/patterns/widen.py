@@ -80,13 +80,17 @@ def sibling_groups(ctx, kind: str):
     def compute():
         analysis = affine_analysis(ctx)
         groups: dict = {}
+        shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
         for n in ctx.graph.nodes:
             if kind == "mlp":
                 key = activation_key(n)
                 pre = as_linear(n.args[0]) if key is not None else None
-                if pre is None or len(pre.node.users) != 1:
+                if pre is None:
                     continue
                 x, dtype = pre.input, pre.weight.dtype
+                if len(pre.node.users) != 1:
+                    shared_pre.append((n, key, x, dtype))
+                    continue
             else:
                 att = attention_view(n)
                 if att is None:
@@ -97,6 +101,11 @@ def sibling_groups(ctx, kind: str):
                 continue
             groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
         mergeable, skipped = [], []
+        for n, key, x, dtype in shared_pre:
+            owner = _owner(n, analysis)
+            if x in groups.get((owner, key, dtype), {}):
+                skipped.append(Skip([n], f"this branch's pre-activation {n.args[0].name} is also read by "
+                                         "another op: it cannot widen with the branches beside it"))
         for by_input in groups.values():
             for nodes in by_input.values():
                 parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
