@@ -286,7 +286,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
                            lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry))
     report.after = graph_stats(gm, flops=flops)
     gm.meta["fxrep_report"] = report
-    gm.to(device)  # fxrep's own tensors and CPU copies: nothing of the user's moves
+    if device != CPU:  # a twin of the user's model: its tensors are fxrep's own and CPU copies
+        gm.to(device)  # (on CPU, gm may share the user's leaf modules: Module.to re-flattens an RNN's weights)
     if check:
         _check(model, gm, user_inputs, rtol, report)
     return gm

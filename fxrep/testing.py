@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .assertions import assert_fused_equivalent
-from .equivalence import DEFAULT_RTOL, compare_outputs, relative_error
+from .equivalence import DEFAULT_RTOL, assert_equivalent, compare_outputs, relative_error
 from .fuzzing import FUZZ_OPS, GraphSpec, RandomGraphModel, fuzz_check
 from .generated import (
     ACTIVATIONS,
@@ -36,7 +36,7 @@ from .strategies import (
 )
 
 __all__ = [
-    "assert_fused_equivalent", "compare_outputs", "relative_error", "DEFAULT_RTOL", "graph_code", "Case",
+    "assert_fused_equivalent", "assert_equivalent", "compare_outputs", "relative_error", "DEFAULT_RTOL", "graph_code", "Case",
     "branched_mlp_blocks", "branched_attention_blocks", "mlp_specs", "attention_specs", "random_graphs",
     "fuzz_check", "make_inputs", "MlpSpec", "AttentionSpec", "GeneratedMlpBlock", "GeneratedAttentionBlock",
     "GraphSpec", "RandomGraphModel", "FUZZ_OPS", "ACTIVATIONS", "ATTENTION_FORMS", "ATTENTION_NEAR_MISSES",

@@ -63,3 +63,26 @@ def test_a_model_on_the_gpu_fuses_and_stays_there(dtype):
     assert {t.device.type for t in list(fused.parameters()) + list(fused.buffers())} == {"cuda"}
     assert {t.dtype for t in fused.parameters()} == {dtype}
     assert all(torch.equal(v, before[k]) and v.device.type == "cuda" for k, v in model.state_dict().items())
+
+
+class WithRecurrence(nn.Module):
+    """An LSTM is a leaf of the traced graph: the fused model shares the user's module."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = GeneratedMlpBlock(MlpSpec(branches=2, lam=1.0))
+        self.rnn = nn.LSTM(8, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(self.block(x))[0]
+
+
+def test_fusing_on_the_cpu_does_not_touch_a_shared_rnn():
+    # Module.to on the fused model re-flattened the user's LSTM weights (new _flat_weight_refs): found on
+    # timm's sequencer2d_s by benchmarks/zoo.py
+    torch.manual_seed(0)
+    model = WithRecurrence().eval()
+    refs = list(model.rnn._flat_weight_refs)
+    fused = assert_fused_equivalent(model, make_inputs(8, torch.float32))
+    assert model.rnn._flat_weight_refs == refs
+    assert fused.meta["fxrep_report"].after["activation"] == 1

@@ -11,7 +11,7 @@ from torch import fx
 
 from .. import algebra
 from ..ir import as_linear, merge_origins
-from .probe import Probe, decode_heads, output_chain, verify
+from .probe import Probe, ProbeFailed, ShapeMismatch, decode_heads, output_chain, verify
 from .recognize import Candidate, Chain, NotAttention
 
 f64 = algebra.f64
@@ -66,9 +66,7 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
     for t in cand.logits.terms.values():
         if t.q.linear.input is not x or t.k.linear.input is not x:
             raise NotAttention("q, k and v are computed from different tensors (cross-attention)")
-    x_meta = x.meta.get("tensor_meta")
-    d = cand.value.linear.weight.shape[1]
-    shape = tuple(x_meta.shape) if x_meta is not None and len(x_meta.shape) == 3 else (PROBE_BATCH, PROBE_TOKENS, d)
+    shape, known = _probe_shape(x, cand.value.linear.weight.shape[1])
     x_probe = torch.zeros(shape, dtype=f64)
     probe = Probe(x, x_probe, order, cache.constants)
 
@@ -94,6 +92,8 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
                  if isinstance(n, fx.Node)}
     verify(probe, x, nodes, z, params, H, shape, cache.verified, stand_ins, cand.is_causal is True,
            cand.probe_overrides())
+    if not known:
+        _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, cand)
     width = sum(t.qmap.shape[1] for t in terms)
     kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
     linears = sorted({n for n in nodes if as_linear(n) is not None}, key=order.__getitem__)
@@ -102,6 +102,37 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
     return Lift(x, z, params, H, cand.value.linear.weight.dtype, nodes, terms, cache.emitted, width,
                 merge_origins(linears), f"{kind} attention{masked}{causal}, {H} heads (q/k width {width}, "
                 f"v width {dv}) -> multi_head_attention", cand.attn_mask, cand.is_causal)
+
+
+def _probe_shape(x: fx.Node, d: int) -> tuple[tuple, bool]:
+    """The shape the lift is decoded and verified at, and whether it is the input's real shape: ShapeProp's
+    shape (with a batch of at least ``PROBE_BATCH``, so batch elements are told apart) where it is known, else a
+    small (batch, tokens, d)."""
+    meta = x.meta.get("tensor_meta")
+    if meta is None or len(meta.shape) < 2:
+        return (PROBE_BATCH, PROBE_TOKENS, d), False
+    shape = tuple(meta.shape)
+    return ((max(shape[0], PROBE_BATCH),) + shape[1:] if len(shape) > 2 else shape), True
+
+
+def _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, cand) -> None:
+    """Without the input's shape, the lift was verified on a (batch, tokens, d) input only, and the lifted op
+    treats every leading axis as a batch axis. Code written for any rank (MaxViT folds a window's rows and
+    columns into its tokens and restores ``x.shape[:-1]``) returns an output of the op's shape that differs on
+    an input with one more axis: that lift is refused. Code that fails on such an input, or returns another
+    shape (``B, N, C = x.shape`` unpacks a 3-d shape: fx keeps the reads, not eager Python's rank check), was
+    written for 3-d inputs, which the lift was verified on."""
+    extra = shape[:1] + (3,) + shape[1:]
+    try:
+        verify(probe, x, nodes, z, params, H, extra, cache.verified, stand_ins, cand.is_causal is True,
+               cand.probe_overrides())
+    except (ProbeFailed, ShapeMismatch):
+        return
+    except NotAttention as e:
+        raise NotAttention("the attention computes differently on an input with two leading axes, and its input's "
+                           "shape is unknown; pass example_inputs so fxrep sees the real shape") from e
+    finally:
+        probe.shape_sources = {k: cache.verified[(x, shape)][x] for k in probe.shape_sources}
 
 
 def _lifted_terms(cand: Candidate, decode, H: int, order: dict) -> list:

@@ -20,6 +20,14 @@ from .recognize import Chain, NotAttention, describe
 f64 = algebra.f64
 
 
+class ProbeFailed(NotAttention):
+    """Evaluating the subgraph on a probe raised: the code does not accept a tensor of the probe's shape."""
+
+
+class ShapeMismatch(NotAttention):
+    """The subgraph evaluated on a probe returns a tensor of another shape than the lifted op."""
+
+
 class Probe:
     """Evaluates small parts of the graph on probe tensors (shape arithmetic included)."""
 
@@ -75,7 +83,7 @@ class Probe:
             except NotAttention:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure means the layout is not what we expect
-                raise NotAttention(f"evaluating {describe(n)} on a probe failed ({type(e).__name__}: {e})") from e
+                raise ProbeFailed(f"evaluating {describe(n)} on a probe failed ({type(e).__name__}: {e})") from e
         return env
 
 
@@ -83,35 +91,44 @@ def _coded(shape) -> torch.Tensor:
     return torch.arange(int(torch.tensor(shape).prod()), dtype=f64).reshape(shape)
 
 
+def _lead_rows(lead: tuple, trailing: int) -> torch.Tensor:
+    """The flat index of every leading (batch) position, shaped to broadcast against ``lead + trailing`` axes."""
+    return torch.arange(int(torch.tensor(lead).prod())).reshape(lead + (1,) * trailing)
+
+
 def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch.Tensor:
-    """Run the chain on a coded Linear output; return the (H, d) map of head rows into the Linear's rows."""
+    """Run the chain on a coded Linear output; return the (H, d) map of head rows into the Linear's rows.
+
+    The Linear's input is ``x_value`` of shape (*lead, N, d): every leading axis must stay a batch axis, so the
+    chain must end in (*lead, H, N, dh) (or (*lead, H, dh, N) when ``transposed``)."""
     lin = chain.linear
-    B, N = x_value.shape[0], x_value.shape[-2]
+    lead, N = tuple(x_value.shape[:-2]), x_value.shape[-2]
     F_ = lin.out_features
-    y = _coded((B, N, F_))
+    y = _coded(lead + (N, F_))
     env = probe.run(chain.nodes, {lin.node: y, lin.input: x_value}, passthrough=chain.scale_nodes)
     t = env[chain.end] if chain.nodes else y
-    if not isinstance(t, torch.Tensor) or t.dim() != 4:
-        raise NotAttention(f"{describe(chain.end)} is not a 4-d (batch, heads, tokens, dim) tensor")
+    if not isinstance(t, torch.Tensor) or t.dim() != len(lead) + 3:
+        folded = ": it folds input axes together" if isinstance(t, torch.Tensor) and t.dim() < len(lead) + 3 else ""
+        raise NotAttention(f"{describe(chain.end)} is not a (batch, heads, tokens, dim) tensor for an input of "
+                           f"shape {tuple(x_value.shape)}{folded}")
+    t = t.transpose(-2, -1) if transposed else t
+    if tuple(t.shape[:len(lead)]) != lead or t.shape[-2] != N:
+        raise NotAttention(f"{describe(chain.end)} does not keep the batch and token axes of an input of shape "
+                           f"{tuple(x_value.shape)} apart")
     t = t.long()
-    b, n, f = t // (F_ * N), (t // F_) % N, t % F_
-    if transposed:
-        b, n, f = b.transpose(-2, -1), n.transpose(-2, -1), f.transpose(-2, -1)
-    Bt, H, Nt, d = t.shape if not transposed else t.transpose(-2, -1).shape
-    if Bt != B or Nt != N:
-        raise NotAttention(f"{describe(chain.end)} does not keep batch and token axes apart")
-    ok = (b == torch.arange(B).view(B, 1, 1, 1)).all() and (n == torch.arange(N).view(1, 1, N, 1)).all() \
-        and (f == f[:1, :, :1, :]).all()
+    row, n, f = t // (F_ * N), (t // F_) % N, t % F_
+    head_map = f[(0,) * len(lead)][:, :1, :]
+    ok = (row == _lead_rows(lead, 3)).all() and (n == torch.arange(N).view(N, 1)).all() and (f == head_map).all()
     if not ok:
         raise NotAttention(f"{describe(chain.end)} mixes tokens or batch elements into heads")
-    head_map = f[0, :, 0, :]
+    head_map = head_map[:, 0, :]
     if head_map.unique().numel() != head_map.numel():
         raise NotAttention(f"{describe(chain.end)} repeats features across heads")
     return head_map
 
 
 def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
-    """Follow the attention output through views to the (batch, tokens, H*dv) tensor; return it, the view
+    """Follow the attention output through views to the (*lead, tokens, H*dv) tensor; return it, the view
     nodes and its column -> (head, feature) maps."""
     nodes, n = [], anchor
     while True:  # a view read only by the next view (and by shape reads that build its shape)
@@ -120,18 +137,19 @@ def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
             break
         n = readers[0]
         nodes.append(n)
-    B, N = x_value.shape[0], x_value.shape[-2]
-    o = _coded((B, H, N, dv))
+    lead, N = tuple(x_value.shape[:-2]), x_value.shape[-2]
+    o = _coded(lead + (H, N, dv))
     env = probe.run(nodes, {anchor: o})
     z = env[n]
-    if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[:2] != (B, N) or z.shape[2] != H * dv:
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != lead + (N, H * dv):
         raise NotAttention(f"the attention output {describe(n)} is not merged back to (batch, tokens, heads*dim)")
     z = z.long()
-    j, tok, h, b = z % dv, (z // dv) % N, (z // (dv * N)) % H, z // (dv * N * H)
-    if not ((b == torch.arange(B).view(B, 1, 1)).all() and (tok == torch.arange(N).view(1, N, 1)).all()
-            and (h == h[:1, :1]).all() and (j == j[:1, :1]).all()):
+    j, tok, h, row = z % dv, (z // dv) % N, (z // (dv * N)) % H, z // (dv * N * H)
+    first = (0,) * len(lead) + (0,)
+    if not ((row == _lead_rows(lead, 2)).all() and (tok == torch.arange(N).view(N, 1)).all()
+            and (h == h[first]).all() and (j == j[first]).all()):
         raise NotAttention(f"{describe(n)} mixes tokens or batch elements")
-    return n, nodes, h[0, 0], j[0, 0]
+    return n, nodes, h[first], j[first]
 
 
 def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None, causal: bool = False,
@@ -161,6 +179,9 @@ def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None,
         return projections[id(w), id(b)][2]
 
     actual = reference_attention(x_value, params, H, project, causal)
+    if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
+        raise ShapeMismatch(f"recognized attention did not verify numerically (its output has shape "
+                           f"{tuple(getattr(expected, 'shape', ()))}, the lifted op's {tuple(actual.shape)})")
     err = (expected - actual).abs().max().item() / max(expected.abs().max().item(), 1e-30)
     if not err <= 1e-9:
         raise NotAttention(f"recognized attention did not verify numerically (rel. error {err:.2g})")
