@@ -4,7 +4,6 @@
 applying only the exact identities of docs/reparam-math.md whose preconditions it has checked.
 """
 
-from .engine import fuse
 from .errors import (
                      EquivalenceError,
                      FxrepError,
@@ -16,6 +15,7 @@ from .errors import (
                      UnsupportedModelError,
 )
 from .pattern import FunctionPattern, FuseContext, Match, Pattern, Skip
+from .program import fuse
 from .registry import PatternRegistry, default_registry, register_pattern, unregister_pattern
 from .report import FuseReport
 from .stats import count_flops, count_params

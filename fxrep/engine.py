@@ -19,7 +19,7 @@ from .errors import (
     TrainingModeError,
     UnsupportedModelError,
 )
-from .ir import is_guard, is_inplace, merge_origins, write_is_invisible
+from .ir import is_guard, is_inplace, merge_origins, torch_spellings, write_is_invisible
 from .pattern import PHASES, FuseContext, Match, Skip
 from .registry import PatternRegistry, default_registry
 from .report import Applied, FuseReport, Skipped
@@ -39,7 +39,7 @@ def _validate(model: nn.Module) -> None:
         modules = [(f"{t}.{name}".rstrip("."), m) for t in called for name, m in model.get_submodule(t).named_modules()]
     else:
         modules = list(model.named_modules())
-    training = [name or type(model).__name__ for name, m in modules if m.training]
+    training = [name or type(model).__name__ for name, m in modules if m.training and not _is_export_guard(m)]
     if training:
         raise TrainingModeError(
             f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "
@@ -90,6 +90,11 @@ def _inputs_from_shapes(model) -> tuple | None:
         return None
     g = torch.Generator().manual_seed(0)
     return tuple(torch.randn(tuple(m.shape), generator=g).to(m.dtype) for m in metas)
+
+
+def _is_export_guard(module: nn.Module) -> bool:
+    """``ExportedProgram.module()``'s ``_guards_fn``: checks input shapes, has no mode, computes nothing."""
+    return type(module).__name__ == "GuardsFn" and type(module).__module__.startswith("torch.export")
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -248,7 +253,9 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     """Rewrite ``model`` into an equivalent GraphModule with parallel branches merged.
 
     Args:
-        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule``; must be in eval mode.
+        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule`` (traced, or
+            ``ExportedProgram.module()``); must be in eval mode. ``fxrep.fuse`` also takes an ExportedProgram
+            (``fxrep.program.fuse_program``).
             It is never modified: fxrep builds new parameters and a new graph.
         example_inputs: a tensor or tuple of tensors (positional arguments of ``forward``). They give the
             report its FLOP counts, enable ``check``, and are run through the fused graph before it is
@@ -266,7 +273,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
         A new ``torch.fx.GraphModule``; its ``meta["fxrep_report"]`` is a FuseReport (``print`` it).
     """
     if not isinstance(model, nn.Module):
-        raise FxrepError(f"fxrep.fuse takes an nn.Module or a torch.fx.GraphModule, not {type(model).__name__}")
+        raise FxrepError(f"fxrep.fuse takes an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
+                         f"not {type(model).__name__}")
     _validate(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -298,6 +306,7 @@ def _prepare(model, example_inputs, concrete_args) -> tuple:
     ``example_inputs``: (graph module, output signature or None, FLOPs or None)."""
     if isinstance(model, fx.GraphModule):
         gm = _copy_graph_module(model)
+        torch_spellings(gm)  # an exported (ATen) graph reads like a traced one from here on
         portable_guards(gm, recompile=False)
     else:
         gm = trace_graph(model, example_inputs, concrete_args)

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import as_linear, merge_origins
+from ..ir import as_layer_norm, as_linear, merge_origins
 from .probe import Probe, ProbeFailed, ShapeMismatch, decode_heads, output_chain, verify
 from .recognize import Candidate, Chain, NotAttention
 
@@ -106,13 +106,15 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
 
 def _probe_shape(x: fx.Node, d: int) -> tuple[tuple, bool]:
     """The shape the lift is decoded and verified at, and whether it is the input's real shape: ShapeProp's
-    shape (with a batch of at least ``PROBE_BATCH``, so batch elements are told apart) where it is known, else a
-    small (batch, tokens, d)."""
+    shape where it is known (an exported graph's reshapes may spell its batch size as a literal), else a small
+    (batch, tokens, d)."""
     meta = x.meta.get("tensor_meta")
+    while meta is None and as_layer_norm(x) is not None:  # a LayerNorm fxrep built keeps its input's shape
+        x = as_layer_norm(x).input
+        meta = x.meta.get("tensor_meta")
     if meta is None or len(meta.shape) < 2:
         return (PROBE_BATCH, PROBE_TOKENS, d), False
-    shape = tuple(meta.shape)
-    return ((max(shape[0], PROBE_BATCH),) + shape[1:] if len(shape) > 2 else shape), True
+    return tuple(meta.shape), True
 
 
 def _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, cand) -> None:

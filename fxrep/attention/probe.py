@@ -58,11 +58,21 @@ class Probe:
             return self.shape_sources[a]
         if (a.op == "call_function" and a.target in SHAPE_ARITHMETIC) or \
                 (a.op == "call_method" and a.target in SHAPE_METHODS):
-            value = evaluate(a, lambda b: self._load(b, env))
+            value = evaluate(a, lambda b: self._load_shape_source(a, b, env))
             if isinstance(value, torch.Tensor):
                 raise NotAttention(f"{describe(a)} reads a tensor outside the attention")
             return value
         raise NotAttention(f"{describe(a)} is needed to evaluate the attention but is not part of it")
+
+    def _load_shape_source(self, reader: fx.Node, a, env):
+        """An argument of shape arithmetic: a tensor outside the attention whose shape alone is read (an
+        exported graph sizes its reshapes with ``sym_size`` of the model's input) stands in as a meta-device
+        tensor of its recorded shape, which has no values to read."""
+        meta = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+        if is_shape_read(reader) and a is reader.args[0] and meta is not None and a not in env \
+                and a not in self.shape_sources:
+            return torch.empty(meta.shape, device="meta")
+        return self._load(a, env)
 
     def run(self, nodes, env, passthrough=(), overrides=None):
         """Evaluate ``nodes`` (any order) given ``env``; nodes in ``passthrough`` copy their data input, nodes in

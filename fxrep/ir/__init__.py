@@ -8,11 +8,13 @@
 - ``reductions``: stacks and the sums/means over a stacked axis;
 - ``effects``: views, aliasing, in-place writes, layout dependence, guards (``mutation_hazards``);
 - ``evaluate``: one constant evaluator;
+- ``aten``: ATen overloads (``torch.export`` graphs) rewritten to the torch-level spellings above;
 - ``build``: new constants and nodes (``emit_linear``, ``emit_attention``, ``add_constant``).
 
 Patterns import from ``fxrep.ir`` only; docs/architecture.md says where a new spelling goes.
 """
 
+from .aten import torch_spellings
 from .attention_op import AttentionView, attention_view
 from .binding import bind
 from .build import (
@@ -82,7 +84,7 @@ from .targets import (
 )
 
 __all__ = [
-    "bind", "add_constant", "bitwise_equal", "const_node", "emit_attention", "emit_linear", "emit_split_heads",
+    "bind", "torch_spellings", "add_constant", "bitwise_equal", "const_node", "emit_attention", "emit_linear", "emit_split_heads",
     "fingerprint", "fresh_attribute_name", "sdpa_masking", "is_guard", "is_inplace", "is_view", "layout_sensitive_reader", "mutation_hazards",
     "owns_its_memory", "write_is_invisible", "evaluate", "load_attribute", "AttentionView", "LayerNormView",
     "LinearView", "SdpaView", "SoftmaxView", "activation_key", "arith_kind", "as_float_cast", "as_layer_norm", "as_linear",

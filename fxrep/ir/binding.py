@@ -25,7 +25,11 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 @functools.cache
 def _signatures(target) -> tuple:
     try:
-        return (inspect.signature(target),)
+        sig = inspect.signature(target)
+        # ATen overloads (``torch.ops.aten.linear.default``) present a generic (*args, **kwargs): their names
+        # are in the schema below
+        if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+            return (sig,)
     except (TypeError, ValueError):
         pass
     try:

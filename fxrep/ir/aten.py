@@ -1,0 +1,135 @@
+"""ATen spellings (``torch.export`` graphs) rewritten to the torch-level spellings the readers know.
+
+A graph from ``torch.export`` (``ExportedProgram.module()``) calls ATen overloads: ``aten.linear.default``,
+``aten.layer_norm.default``, ``aten.softmax.int``, ``aten.view.default``. Each has one torch-level
+function with the same meaning and, up to names, the same arguments. ``torch_spellings(gm)`` replaces every
+overload of the table below by that function (arguments bound on the overload's schema), so one pattern sees
+one spelling whatever captured the graph. Overloads not in the table stay as they are: the readers treat
+them as opaque ops, exactly as any unknown function.
+
+``TABLE`` maps an overload to ``(target, convert)``: ``target`` is a torch function, or a method name (a
+``str``, called on the first argument); ``convert(a)`` takes the bound arguments (a dict keyed by the
+schema's names, the first one ``input``) and returns ``(args, kwargs)`` for ``target``, or None to leave the node alone. ``IDENTITY``
+marks overloads that return their input's values (``alias``, eval-mode ``dropout``): their uses read the
+input instead; ``DROP`` marks checks without users that are left out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .binding import bind
+
+aten = torch.ops.aten
+IDENTITY, DROP = object(), object()
+
+
+def _same(*names, **renamed):
+    """Positional arguments ``names`` in order, then keyword arguments ``{new: bound[old]}``."""
+    def convert(a):
+        return tuple(a[n] for n in names), {new: a[old] for new, old in renamed.items()}
+    return convert
+
+
+def _softmax(a):
+    if a.get("half_to_float"):
+        return None
+    return (a["input"], a["dim"]), ({"dtype": a["dtype"]} if a.get("dtype") is not None else {})
+
+
+def _dropout(a):
+    if not a["train"] or a["p"] == 0:
+        return IDENTITY
+    return (a["input"], a["p"]), {"training": True}  # random: F.dropout is in RANDOM_TARGETS
+
+
+def _to_dtype(a):
+    return None if a["copy"] or a["memory_format"] is not None else ((a["input"], a["dtype"]), {})
+
+
+def _expand(a):
+    return None if a.get("implicit") else ((a["input"], a["size"]), {})
+
+
+TABLE: dict = {
+    aten.linear.default: (F.linear, _same("input", "weight", "bias")),
+    aten.layer_norm.default: (F.layer_norm, _same("input", "normalized_shape", "weight", "bias", "eps")),
+    aten.scaled_dot_product_attention.default: (
+        F.scaled_dot_product_attention,
+        _same("query", "key", "value", attn_mask="attn_mask", dropout_p="dropout_p", is_causal="is_causal",
+              scale="scale", enable_gqa="enable_gqa")),
+    aten.softmax.int: (torch.softmax, _softmax),
+    aten._softmax.default: (torch.softmax, _softmax),
+    aten.gelu.default: (F.gelu, _same("input", approximate="approximate")),
+    aten.silu.default: (F.silu, _same("input")),
+    aten.relu.default: (F.relu, _same("input")),
+    aten.view.default: ("view", _same("input", "size")),
+    aten.reshape.default: (torch.reshape, _same("input", "shape")),
+    aten._unsafe_view.default: (torch.reshape, _same("input", "size")),
+    aten.permute.default: (torch.permute, _same("input", "dims")),
+    aten.transpose.int: (torch.transpose, _same("input", "dim0", "dim1")),
+    aten.unbind.int: (torch.unbind, _same("input", "dim")),
+    aten.select.int: (torch.select, _same("input", "dim", "index")),
+    aten.split.Tensor: (torch.split, _same("input", "split_size", "dim")),
+    aten.split_with_sizes.default: (torch.split, _same("input", "split_sizes", "dim")),
+    aten.chunk.default: (torch.chunk, _same("input", "chunks", "dim")),
+    aten.unsqueeze.default: (torch.unsqueeze, _same("input", "dim")),
+    aten.flatten.using_ints: (torch.flatten, _same("input", "start_dim", "end_dim")),
+    aten.expand.default: ("expand", _expand),
+    aten.contiguous.default: ("contiguous", _same("input")),
+    aten.clone.default: (torch.clone, _same("input")),
+    aten.alias.default: (None, lambda a: IDENTITY),
+    aten.dropout.default: (F.dropout, _dropout),
+    aten.sym_size.int: ("size", _same("input", "dim")),
+    aten.to.dtype: ("to", _to_dtype),
+    # export's check of a tensor's dtype/shape before a ``.to``: exporting the fused graph checks again
+    aten._assert_tensor_metadata.default: (None, lambda a: DROP),
+    aten.add.Tensor: (torch.add, _same("input", "other", alpha="alpha")),
+    aten.sub.Tensor: (torch.sub, _same("input", "other", alpha="alpha")),
+    aten.mul.Tensor: (torch.mul, _same("input", "other")),
+    aten.div.Tensor: (torch.div, _same("input", "other")),
+    aten.add.Scalar: (torch.add, _same("input", "other", alpha="alpha")),
+    aten.mul.Scalar: (torch.mul, _same("input", "other")),
+    aten.div.Scalar: (torch.div, _same("input", "other")),
+    aten.rsub.Scalar: (torch.rsub, _same("input", "other", alpha="alpha")),
+    aten.stack.default: (torch.stack, _same("tensors", "dim")),
+    aten.sum.dim_IntList: (torch.sum, _same("input", "dim", "keepdim", dtype="dtype")),
+    aten.mean.dim: (torch.mean, _same("input", "dim", "keepdim", dtype="dtype")),
+    aten.matmul.default: (torch.matmul, _same("input", "other")),
+    aten.bmm.default: (torch.bmm, _same("input", "mat2")),
+    aten.mm.default: (torch.mm, _same("input", "mat2")),
+}
+
+
+# keyword arguments left out where they have the torch-level function's default (the schema binds them all)
+_DEFAULTS = {"alpha": 1, "approximate": "none", "attn_mask": None, "dropout_p": 0.0, "is_causal": False,
+             "scale": None, "enable_gqa": False, "dtype": None}
+
+
+def torch_spellings(gm: fx.GraphModule) -> int:
+    """Rewrite every ATen overload of ``TABLE`` in ``gm`` (fxrep's own copy) to its torch-level spelling;
+    return how many nodes changed. Each new node keeps the old one's ``meta`` (shapes, stack trace)."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in TABLE:
+            continue
+        target, convert = TABLE[node.target]
+        bound = bind(node)
+        call = convert(bound) if bound is not None else None
+        if call is None or (call is DROP and node.users):
+            continue
+        if call is IDENTITY:
+            node.replace_all_uses_with(bound["input"])
+        elif call is not DROP:
+            args, kwargs = call
+            kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
+            with gm.graph.inserting_before(node):
+                new = (gm.graph.call_method(target, args, kwargs) if isinstance(target, str)
+                       else gm.graph.call_function(target, args, kwargs))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed += 1
+    return changed

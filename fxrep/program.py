@@ -1,0 +1,107 @@
+"""``fxrep.fuse`` for ``torch.export`` programs: ExportedProgram in, ExportedProgram out.
+
+The program is unlifted (``ep.module()``: parameters become attributes, its pytree calling convention is
+kept), its ATen graph is fused by the engine like any GraphModule (``fxrep.ir.aten`` rewrites ATen spellings
+to the torch-level ones the readers know), and the fused GraphModule is exported again with the program's
+dynamic batch dimension. The input program is never modified.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
+
+from . import engine
+from .errors import InputError, TrainingModeError, UnsupportedModelError
+
+
+@functools.wraps(engine.fuse)
+def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
+         concrete_args: dict | None = None):
+    if isinstance(model, ExportedProgram):
+        if concrete_args is not None:
+            raise InputError("concrete_args fix arguments while tracing; an ExportedProgram is traced already. "
+                             "Leave concrete_args out.")
+        return fuse_program(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol)
+    return engine.fuse(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
+                       concrete_args=concrete_args)
+
+
+def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, check: bool = False,
+                 rtol: float | None = None) -> ExportedProgram:
+    """Fuse an ExportedProgram; return a new one with the same calling convention (inputs and outputs as
+    pytrees, a dynamic batch dimension stays dynamic). ``example_inputs`` (a tuple of positional arguments)
+    default to the program's own; the report is ``fused.graph_module.meta["fxrep_report"]``."""
+    _check_program(ep)
+    module = ep.module()
+    args = _positional(module, ep, example_inputs)
+    gm = engine.fuse(module, example_inputs=args, patterns=patterns, check=check, rtol=rtol)
+    report = gm.meta["fxrep_report"]
+    try:
+        fused = torch.export.export(gm, args, dynamic_shapes=_dynamic_shapes(ep, module), strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised as fxrep's bug, with the pattern list to leave out
+        raise engine.InternalError(
+            f"the fused graph does not export again ({type(e).__name__}: {str(e).splitlines()[0][:300]}). This is a "
+            "bug in fxrep; please report it with the model. fxrep.fuse(program.module()) returns the fused "
+            "GraphModule meanwhile.") from e
+    fused.graph_module.meta["fxrep_report"] = report
+    return fused
+
+
+def _check_program(ep: ExportedProgram) -> None:
+    mutated = list(ep.graph_signature.buffers_to_mutate.values())
+    if mutated:
+        raise TrainingModeError(
+            f"the program writes its buffers ({', '.join(mutated[:3])}): it was exported in training mode "
+            "(BatchNorm updates its running statistics), so no rewrite is exact. Export the model after "
+            "model.eval().")
+    for name, value in _user_input_values(ep):
+        if isinstance(value, torch.Tensor):
+            dynamic = [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and i != 0]
+            if dynamic:
+                raise UnsupportedModelError(
+                    f"input '{name}' has dynamic dimension(s) {dynamic}: fxrep reasons about a dynamic batch "
+                    "dimension (dim 0) only. Export with the other dimensions static (leave them out of "
+                    "dynamic_shapes).")
+
+
+def _user_input_values(ep: ExportedProgram) -> list:
+    """(name, fake value) of every user input, in the order of the program's input pytree leaves."""
+    values = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    return [(s.arg.name, values.get(s.arg.name)) for s in ep.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT]
+
+
+def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
+    if example_inputs is None:
+        if ep.example_inputs is None:
+            raise InputError("the program keeps no example inputs: pass example_inputs=(x,) to fxrep.fuse.")
+        args, kwargs = ep.example_inputs
+    else:
+        args, kwargs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), {}
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    if bound.kwargs:
+        raise UnsupportedModelError(
+            f"the program takes keyword-only inputs ({', '.join(bound.kwargs)}); fxrep fuses programs whose "
+            "inputs can be passed by position.")
+    return tuple(bound.args)
+
+
+def _dynamic_shapes(ep: ExportedProgram, module):
+    """The program's dynamic dimensions, keyed by ``forward``'s argument names, or None if all are static."""
+    leaves = [({i: Dim.DYNAMIC for i in _symbolic_dims(v)} or None) if isinstance(v, torch.Tensor) else None
+              for _, v in _user_input_values(ep)]
+    if all(leaf is None for leaf in leaves):
+        return None
+    args, kwargs = pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+def _symbolic_dims(value: torch.Tensor) -> list[int]:
+    return [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt)]
