@@ -5,6 +5,8 @@
 Rows: branched ViTs (fxrep BranchedBlock, lam = 1) at DeiT-Tiny width (192, 3 heads) and ViT-Base width
 (768, 12 heads), with the issue's targets: d3b4 DeiT-Tiny under 1 s, 12 blocks x 4 branches ViT-Base under 5 s,
 and a 12-block branched MLP model under 1 s. Prints the exponent of time ~ nodes^k fitted over all rows.
+Then the torch.export front end: the registered ``fxrep_deit_tiny_d3b4`` (224 px, joined) exported with a
+dynamic batch, export time and ``fxrep.fuse(program)`` time apart (target: fuse < 1.5 s).
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def time_fuse(model, repeats: int) -> tuple[float, int]:
     return statistics.median(times), nodes
 
 
+def time_export_fuse(repeats: int) -> tuple[float, float]:
+    """(export seconds, fxrep.fuse(program) seconds), medians, for the registered d3b4 with a dynamic batch."""
+    model = _create("fxrep_deit_tiny_d3b4").eval()
+    set_join(model, 1.0)
+    x = (torch.randn(2, 3, 224, 224),)
+    batch = torch.export.Dim("batch", min=1)
+    exports, fuses = [], []
+    for _ in range(repeats + 1):  # the first of each is a warm-up
+        start = time.perf_counter()
+        ep = torch.export.export(model, x, dynamic_shapes=({0: batch},))
+        exports.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fxrep.fuse(ep)
+        fuses.append(time.perf_counter() - start)
+    return statistics.median(exports[1:]), statistics.median(fuses[1:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rows, one repeat")
@@ -76,6 +95,11 @@ def main(argv=None) -> int:
     print()
     print(markdown_table(["model", "width", "blocks", "branches", "graph nodes", "fuse time (s, median)"], rows))
     print(f"\nfitted growth: time ~ nodes^{k:.2f}")
+    export_s, fuse_s = time_export_fuse(1 if args.quick else 3)
+    print()
+    print(markdown_table(["torch.export front end", "export (s, median)", "fxrep.fuse(program) (s, median)"],
+                         [("fxrep_deit_tiny_d3b4, dynamic batch (target fuse < 1.5 s)", f"{export_s:.3f}",
+                           f"{fuse_s:.3f}")]))
     return 0
 
 

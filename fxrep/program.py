@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from . import engine
 from .errors import InputError, TrainingModeError, UnsupportedModelError
+from .ir import bind
 
 
 @functools.wraps(engine.fuse)
@@ -54,11 +55,11 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
 
 
 def _check_program(ep: ExportedProgram) -> None:
-    mutated = list(ep.graph_signature.buffers_to_mutate.values())
-    if mutated:
+    training = _training_ops(ep)
+    if training:
         raise TrainingModeError(
-            f"the program writes its buffers ({', '.join(mutated[:3])}): it was exported in training mode "
-            "(BatchNorm updates its running statistics), so no rewrite is exact. Export the model after "
+            f"the program was exported in training mode ({', '.join(training[:3])}): BatchNorm updates its "
+            "running statistics and Dropout is random there, so no rewrite is exact. Export the model after "
             "model.eval().")
     for name, value in _user_input_values(ep):
         if isinstance(value, torch.Tensor):
@@ -68,6 +69,24 @@ def _check_program(ep: ExportedProgram) -> None:
                     f"input '{name}' has dynamic dimension(s) {dynamic}: fxrep reasons about a dynamic batch "
                     "dimension (dim 0) only. Export with the other dimensions static (leave them out of "
                     "dynamic_shapes).")
+
+
+def _training_ops(ep: ExportedProgram) -> list[str]:
+    """What makes the program a training program: buffers it writes (in the signature, or in place in a
+    training-IR graph) and ops called with their training flag set."""
+    state = {s.arg.name: s.target for s in ep.graph_signature.input_specs
+             if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+    found = [f"writes {name}" for name in ep.graph_signature.buffers_to_mutate.values()]
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema, args = n.target._schema, bind(n) or {}
+        written = [a for a, arg in zip(n.args, schema.arguments)
+                   if arg.alias_info is not None and arg.alias_info.is_write and getattr(a, "name", None) in state]
+        found += [f"{n.name} writes {state[a.name]}" for a in written]
+        if args.get("training") is True or (args.get("train") is True and args.get("p", 0) != 0):
+            found.append(f"{n.name} in training mode")
+    return found
 
 
 def _user_input_values(ep: ExportedProgram) -> list:

@@ -49,6 +49,13 @@ def _to_dtype(a):
     return None if a["copy"] or a["memory_format"] is not None else ((a["input"], a["dtype"]), {})
 
 
+def _contiguous(a):
+    # the schema's default arrives as the enum's integer (0, contiguous_format)
+    fmt = a.get("memory_format")
+    keep = isinstance(fmt, torch.memory_format) and fmt != torch.contiguous_format
+    return (a["input"],), ({"memory_format": fmt} if keep else {})
+
+
 def _expand(a):
     return None if a.get("implicit") else ((a["input"], a["size"]), {})
 
@@ -76,10 +83,13 @@ TABLE: dict = {
     aten.split_with_sizes.default: (torch.split, _same("input", "split_sizes", "dim")),
     aten.chunk.default: (torch.chunk, _same("input", "chunks", "dim")),
     aten.unsqueeze.default: (torch.unsqueeze, _same("input", "dim")),
+    aten.squeeze.dim: (torch.squeeze, _same("input", "dim")),
+    aten.squeeze.dims: (torch.squeeze, _same("input", "dim")),
+    aten.unflatten.int: (torch.unflatten, _same("input", "dim", "sizes")),
     aten.flatten.using_ints: (torch.flatten, _same("input", "start_dim", "end_dim")),
     aten.expand.default: ("expand", _expand),
-    aten.contiguous.default: ("contiguous", _same("input")),
-    aten.clone.default: (torch.clone, _same("input")),
+    aten.contiguous.default: ("contiguous", _contiguous),
+    aten.clone.default: (torch.clone, _same("input", memory_format="memory_format")),
     aten.alias.default: (None, lambda a: IDENTITY),
     aten.dropout.default: (F.dropout, _dropout),
     aten.sym_size.int: ("size", _same("input", "dim")),
@@ -105,7 +115,7 @@ TABLE: dict = {
 
 # keyword arguments left out where they have the torch-level function's default (the schema binds them all)
 _DEFAULTS = {"alpha": 1, "approximate": "none", "attn_mask": None, "dropout_p": 0.0, "is_causal": False,
-             "scale": None, "enable_gqa": False, "dtype": None}
+             "scale": None, "enable_gqa": False, "dtype": None, "memory_format": None}
 
 
 def torch_spellings(gm: fx.GraphModule) -> int:
