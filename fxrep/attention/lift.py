@@ -62,11 +62,23 @@ class Lift:
 
 
 def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> Lift:
+    """``cand`` as a verified ``multi_head_attention`` (decoded and verified on a probe input of its input's
+    rank), or NotAttention with the reason."""
     x = cand.value.linear.input
     for t in cand.logits.terms.values():
         if t.q.linear.input is not x or t.k.linear.input is not x:
             raise NotAttention("q, k and v are computed from different tensors (cross-attention)")
-    shape, known = _probe_shape(x, cand.value.linear.weight.shape[1])
+    shape, known, exported = _probe_shape(x, cand.value.linear.weight.shape[1])
+    few = shape[:-2] + (min(shape[-2], PROBE_TOKENS), shape[-1])
+    if known and not exported and few != shape:  # a few tokens verify the same layout faster, unless the code
+        try:  # is sized for the real token count (an exported graph's reshapes spell it as a literal)
+            return _lift_at(cand, order, cache, x, few, known)
+        except (ProbeFailed, ShapeMismatch):
+            pass
+    return _lift_at(cand, order, cache, x, shape, known)
+
+
+def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: tuple, known: bool) -> Lift:
     x_probe = torch.zeros(shape, dtype=f64)
     probe = Probe(x, x_probe, order, cache.constants)
 
@@ -104,17 +116,16 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
                 f"v width {dv}) -> multi_head_attention", cand.attn_mask, cand.is_causal)
 
 
-def _probe_shape(x: fx.Node, d: int) -> tuple[tuple, bool]:
-    """The shape the lift is decoded and verified at, and whether it is the input's real shape: ShapeProp's
-    shape where it is known (an exported graph's reshapes may spell its batch size as a literal), else a small
-    (batch, tokens, d)."""
+def _probe_shape(x: fx.Node, d: int) -> tuple[tuple, bool, bool]:
+    """The input's shape from ShapeProp where it is known, else a small (batch, tokens, d); whether it is
+    known; whether the graph came from torch.export (its nodes carry fake values, ``meta["val"]``)."""
     meta = x.meta.get("tensor_meta")
     while meta is None and as_layer_norm(x) is not None:  # a LayerNorm fxrep built keeps its input's shape
         x = as_layer_norm(x).input
         meta = x.meta.get("tensor_meta")
     if meta is None or len(meta.shape) < 2:
-        return (PROBE_BATCH, PROBE_TOKENS, d), False
-    return tuple(meta.shape), True
+        return (PROBE_BATCH, PROBE_TOKENS, d), False, False
+    return tuple(meta.shape), True, "val" in x.meta
 
 
 def _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, cand) -> None:
