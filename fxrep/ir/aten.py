@@ -4,7 +4,8 @@ A graph from ``torch.export`` (``ExportedProgram.module()``) calls ATen overload
 ``aten.layer_norm.default``, ``aten.softmax.int``, ``aten.view.default``. Each has one torch-level
 function with the same meaning and, up to names, the same arguments. ``torch_spellings(gm)`` replaces every
 overload of the table below by that function (arguments bound on the overload's schema), so one pattern sees
-one spelling whatever captured the graph. Overloads not in the table stay as they are: the readers treat
+one spelling whatever captured the graph. A core ATen graph (``run_decompositions()``) has its Linear, batched
+matmul and LayerNorm decompositions folded back first (``ir.aten_core``). Overloads not in the table stay as they are: the readers treat
 them as opaque ops, exactly as any unknown function.
 
 ``TABLE`` maps an overload to ``(target, convert)``: ``target`` is a torch function, or a method name (a
@@ -16,14 +17,39 @@ input instead; ``DROP`` marks checks without users that are left out.
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .aten_core import fold_core_aten
 from .binding import bind
 
 aten = torch.ops.aten
 IDENTITY, DROP = object(), object()
+
+
+@dataclass
+class _Call:
+    """A converter's call of another target than its table entry's."""
+
+    target: object
+    args: tuple
+    kwargs: dict
+
+
+def _shape(node) -> tuple | None:
+    """The shape export recorded for ``node`` (``meta["val"]``; sizes may be symbolic), or None."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _same_shape(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and \
+        all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _same(*names, **renamed):
@@ -47,6 +73,38 @@ def _dropout(a):
 
 def _to_dtype(a):
     return None if a["copy"] or a["memory_format"] is not None else ((a["input"], a["dtype"]), {})
+
+
+def _arith(with_alpha):
+    """``a op b`` as the Python operator (it takes a number on either side, as ATen's ``.Tensor`` overloads
+    do); with ``alpha`` other than 1, ``torch.add/sub(a, b, alpha=)`` where ``a`` is a tensor."""
+    def convert(a):
+        alpha = a.get("alpha", 1)
+        if alpha == 1:
+            return (a["input"], a["other"]), {}
+        if with_alpha is None or not isinstance(a["input"], fx.Node):
+            return None
+        return _Call(with_alpha, (a["input"], a["other"]), {"alpha": alpha})
+    return convert
+
+
+def _slice(a):
+    """``x[start:end]`` along ``dim`` with step 1 as ``torch.narrow`` (a view), where the sizes are known."""
+    x, start, end = a["input"], a.get("start"), a.get("end")
+    size = _shape(x)
+    if a.get("step", 1) != 1 or not isinstance(start, int) or not isinstance(end, int) or size is None:
+        return None
+    dim = a.get("dim", 0) % len(size)
+    if not isinstance(size[dim], int) or not 0 <= start <= size[dim]:
+        return None
+    return (x, dim, start, min(end, size[dim]) - start), {}
+
+
+def _clone(a):
+    # a contiguous copy is how core ATen spells ``reshape`` of a permuted tensor: read it as ``contiguous()``
+    if a.get("memory_format") == torch.contiguous_format:
+        return _Call("contiguous", (a["input"],), {})
+    return (a["input"],), ({"memory_format": a["memory_format"]} if a.get("memory_format") is not None else {})
 
 
 def _contiguous(a):
@@ -89,21 +147,22 @@ TABLE: dict = {
     aten.flatten.using_ints: (torch.flatten, _same("input", "start_dim", "end_dim")),
     aten.expand.default: ("expand", _expand),
     aten.contiguous.default: ("contiguous", _contiguous),
-    aten.clone.default: (torch.clone, _same("input", memory_format="memory_format")),
+    aten.clone.default: (torch.clone, _clone),
     aten.alias.default: (None, lambda a: IDENTITY),
     aten.dropout.default: (F.dropout, _dropout),
     aten.sym_size.int: ("size", _same("input", "dim")),
     aten.to.dtype: ("to", _to_dtype),
     # export's check of a tensor's dtype/shape before a ``.to``: exporting the fused graph checks again
     aten._assert_tensor_metadata.default: (None, lambda a: DROP),
-    aten.add.Tensor: (torch.add, _same("input", "other", alpha="alpha")),
-    aten.sub.Tensor: (torch.sub, _same("input", "other", alpha="alpha")),
-    aten.mul.Tensor: (torch.mul, _same("input", "other")),
-    aten.div.Tensor: (torch.div, _same("input", "other")),
-    aten.add.Scalar: (torch.add, _same("input", "other", alpha="alpha")),
-    aten.mul.Scalar: (torch.mul, _same("input", "other")),
-    aten.div.Scalar: (torch.div, _same("input", "other")),
-    aten.rsub.Scalar: (torch.rsub, _same("input", "other", alpha="alpha")),
+    aten.add.Tensor: (operator.add, _arith(torch.add)),
+    aten.sub.Tensor: (operator.sub, _arith(torch.sub)),
+    aten.mul.Tensor: (operator.mul, _arith(None)),
+    aten.div.Tensor: (operator.truediv, _arith(None)),
+    aten.add.Scalar: (operator.add, _arith(torch.add)),
+    aten.mul.Scalar: (operator.mul, _arith(None)),
+    aten.div.Scalar: (operator.truediv, _arith(None)),
+    aten.rsub.Scalar: (operator.sub, lambda a: ((a["other"], a["input"]), {}) if a.get("alpha", 1) == 1 else None),
+    aten.slice.Tensor: (torch.narrow, _slice),
     aten.stack.default: (torch.stack, _same("tensors", "dim")),
     aten.sum.dim_IntList: (torch.sum, _same("input", "dim", "keepdim", dtype="dtype")),
     aten.mean.dim: (torch.mean, _same("input", "dim", "keepdim", dtype="dtype")),
@@ -121,7 +180,7 @@ _DEFAULTS = {"alpha": 1, "approximate": "none", "attn_mask": None, "dropout_p": 
 def torch_spellings(gm: fx.GraphModule) -> int:
     """Rewrite every ATen overload of ``TABLE`` in ``gm`` (fxrep's own copy) to its torch-level spelling;
     return how many nodes changed. Each new node keeps the old one's ``meta`` (shapes, stack trace)."""
-    changed = 0
+    changed = fold_core_aten(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in TABLE:
             continue
@@ -133,6 +192,8 @@ def torch_spellings(gm: fx.GraphModule) -> int:
         if call is IDENTITY:
             node.replace_all_uses_with(bound["input"])
         elif call is not DROP:
+            if isinstance(call, _Call):
+                target, call = call.target, (call.args, call.kwargs)
             args, kwargs = call
             kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
             with gm.graph.inserting_before(node):

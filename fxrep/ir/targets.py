@@ -55,10 +55,10 @@ RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch
 
 # Ops that return a view of their first argument (or the argument itself): values unchanged, layout follows.
 VIEW_METHODS = {"reshape", "view", "permute", "transpose", "t", "unbind", "unflatten", "flatten", "chunk", "split",
-                "contiguous", "swapaxes", "squeeze", "unsqueeze", "movedim", "moveaxis", "select"}
+                "contiguous", "swapaxes", "squeeze", "unsqueeze", "movedim", "moveaxis", "select", "narrow"}
 VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.t, torch.unbind, torch.flatten, torch.chunk,
                   torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze, torch.movedim,
-                  torch.moveaxis, torch.unflatten, torch.select}
+                  torch.moveaxis, torch.unflatten, torch.select, torch.narrow}
 
 # Readers whose result does not depend on the strides of their input (measured: a permuted input gives the
 # same values, up to the GEMM's summation order, and a contiguous output; tests/test_ir.py).

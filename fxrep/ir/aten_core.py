@@ -1,0 +1,211 @@
+"""Core ATen decompositions folded back into the ops they came from, in a graph from
+``ExportedProgram.run_decompositions()``, before ``ir.aten`` rewrites spellings:
+
+- ``view(addmm(b, view(x, [M, C]), permute(w, [1, 0])), [..., F])`` (and ``mm`` without a bias, ``t(w)``) is
+  ``linear(x, w, b)``;
+- ``view(bmm(view(clone?(expand(A)), [BH, n, k]), view(clone?(expand(B)), [BH, k, m])), [..., n, m])``, with
+  expands that only broadcast batch axes, is ``matmul(A, B)`` (``linear(A, w)`` where B is ``w^T``);
+- ``where(rows of s all -inf, 0, _softmax(s))`` (SDPA's decomposed softmax) is ``_softmax(s)`` where ``s`` is an
+  unmasked q-k product: for finite inputs no row of it is -inf throughout, so the two agree;
+- ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s`` is ``stack(xs)`` (timm's branch sums);
+- ``native_layer_norm(x, shape, w, b, eps)[0]``, its mean and rstd unread, is ``layer_norm(x, shape, w, b, eps)``.
+
+Every fold checks the shapes export recorded (``meta["val"]``, possibly symbolic: sizes must be provably
+equal) and that the inner nodes have no other reader; anything else stays as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _shape(node) -> tuple | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and \
+        all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _only_reader(node, reader) -> bool:
+    return isinstance(node, fx.Node) and list(node.users) == [reader]
+
+
+def _call(node, *targets):
+    return node if isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets else None
+
+
+def _transposed_weight(node):
+    """``w`` where ``node`` is ``permute(w, [1, 0])`` or ``t(w)`` of a 2-d ``w``."""
+    if _call(node, aten.t.default) is not None or \
+            (_call(node, aten.permute.default) is not None and list(node.args[1]) in ([1, 0], [-1, -2])):
+        return node.args[0]
+    return None
+
+
+def _linear(out):
+    """(x, w, b) if ``out`` is a flattened ``addmm``/``mm`` reshaped back, else None."""
+    mm = _call(out.args[0], aten.addmm.default, aten.mm.default)
+    if mm is None or not _only_reader(mm, out):
+        return None
+    found = _matrix_product(mm)
+    flat_in = _call(found[0], *_VIEWS) if found is not None else None
+    if flat_in is None or not _only_reader(flat_in, mm):
+        return None
+    x, weight, bias = flat_in.args[0], found[1], found[2]
+    return _checked(out, x, weight, bias)
+
+
+def _matrix_product(mm):
+    """(x2d, w, b) if ``mm`` is ``addmm(b, x2d, w^T)`` or ``mm(x2d, w^T)`` with unit scales, else None."""
+    if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+        return None
+    bias, flat, weight_t = (mm.args if mm.target is aten.addmm.default else (None,) + tuple(mm.args))[:3]
+    weight = _transposed_weight(weight_t)
+    return (flat, weight, bias) if weight is not None else None
+
+
+def _checked(out, x, weight, bias):
+    """(x, w, b) if ``out`` has the shape ``linear(x, w, b)`` has, else None."""
+    w_shape = _shape(weight)
+    if w_shape is None or len(w_shape) != 2 or _shape(x) is None:
+        return None
+    if not _same(_shape(out), _shape(x)[:-1] + (w_shape[0],)) or \
+            (bias is not None and not _same(_shape(bias), (w_shape[0],))):
+        return None
+    return x, weight, bias
+
+
+def _unexpanded(node, reader):
+    """(A, expanded shape) where ``node`` is ``view(clone?(expand(A)))`` read only by ``reader`` and the expand
+    only broadcasts A's batch axes (what ``matmul`` does itself), else None."""
+    flat = _call(node, *_VIEWS)
+    if flat is None or not _only_reader(flat, reader):
+        return None
+    inner = flat.args[0]
+    if _call(inner, aten.clone.default) is not None and _only_reader(inner, flat):
+        inner = inner.args[0]
+    if _call(inner, aten.expand.default) is None or len(inner.users) != 1:
+        return None
+    a, sa, se = inner.args[0], _shape(inner.args[0]), _shape(inner)
+    if sa is None or se is None or len(sa) > len(se) or not _same(sa[-2:], se[-2:]):
+        return None
+    lead = se[len(se) - len(sa):-2]
+    if not all(statically_known_true(d == 1) or statically_known_true(d == e) for d, e in zip(sa[:-2], lead)):
+        return None
+    return a, se
+
+
+def _matmul(out):
+    """(target, args): ``matmul(A, B)``, or ``linear(A, w)`` where B is ``w^T`` of a 2-d weight, if ``out`` is
+    a batched matmul flattened to ``bmm`` and reshaped back, else None."""
+    bmm = _call(out.args[0], aten.bmm.default)
+    if bmm is None or not _only_reader(bmm, out):
+        return None
+    found_a, found_b = _unexpanded(bmm.args[0], bmm), _unexpanded(bmm.args[1], bmm)
+    if found_a is None or found_b is None:
+        return None
+    (a, ea), (b, eb) = found_a, found_b
+    if len(ea) != len(eb) or not _same(ea[:-2], eb[:-2]) or not _same(_shape(out), ea[:-1] + eb[-1:]):
+        return None
+    weight = _transposed_weight(b)
+    if weight is not None and _shape(weight) is not None and len(_shape(weight)) == 2 and _same(_shape(a), ea):
+        return aten.linear.default, (a, weight)
+    return aten.matmul.default, (a, b)
+
+
+def _stack(out):
+    """``stack(xs)`` if ``out`` is ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s``, else None."""
+    cat = _call(out.args[0], aten.cat.default)
+    if cat is None or not _only_reader(cat, out) or (cat.args[1] if len(cat.args) > 1 else 0) != 0:
+        return None
+    xs = list(cat.args[0])
+    shapes = [_shape(x) for x in xs]
+    if any(not _same(sh, shapes[0]) for sh in shapes) or not _same(_shape(out), (len(xs),) + shapes[0]):
+        return None
+    return aten.stack.default, (xs,)
+
+
+def _safe_softmax(node):
+    """``softmax(s, d)`` where ``node`` is ``where(rows of s all -inf, 0, softmax(s, d))``, the decomposition of
+    SDPA's softmax, and ``s`` is a product of q and k (no mask: no row is -inf throughout), else None."""
+    if _call(node, aten.where.self) is None:
+        return None
+    cond, zeros, sm = node.args
+    if _call(sm, aten._softmax.default) is None or sm.args[2] or _call(zeros, aten.full_like.default) is None \
+            or zeros.args[0] is not sm or zeros.args[1] != 0:
+        return None
+    any_ = _call(_call(cond, aten.logical_not.default) and cond.args[0], aten.any.dim)
+    eq = _call(_call(any_ and any_.args[0], aten.logical_not.default) and any_.args[0].args[0], aten.eq.Scalar)
+    s = sm.args[0]
+    if eq is None or eq.args[0] is not s or eq.args[1] != float("-inf") or any_.args[1] != sm.args[1]:
+        return None
+    product = s
+    while _call(product, *_VIEWS) is not None:
+        product = product.args[0]
+    return sm if _call(product, aten.bmm.default, aten.matmul.default) is not None else None
+
+
+_PURE = {*_VIEWS, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.permute.default, aten.t.default,
+         aten.clone.default, aten.expand.default, aten.native_layer_norm.default, operator.getitem,
+         aten.where.self, aten.full_like.default, aten.cat.default, aten.logical_not.default, aten.any.dim, aten.eq.Scalar}
+
+
+def _replace(gm, old, target, args) -> None:
+    """``old`` computed by ``target(*args)``; the nodes that fed only ``old`` are erased."""
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_function(target, args)
+    new.meta = dict(old.meta)
+    _substitute(gm, old, new)
+
+
+def _substitute(gm, old, new) -> None:
+    """Readers of ``old`` read ``new``; the nodes that fed only ``old`` are erased."""
+    old.replace_all_uses_with(new)
+    dead = [old]
+    while dead:
+        n = dead.pop()
+        if n.users or n.op != "call_function" or n.target not in _PURE:
+            continue
+        inputs = list(n.all_input_nodes)
+        gm.graph.erase_node(n)
+        dead += inputs
+
+
+def fold_core_aten(gm: fx.GraphModule) -> int:
+    """Fold the decompositions above in ``gm`` (fxrep's own copy); return how many were folded."""
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if _call(node, *_VIEWS) is not None:
+            found = _linear(node)
+            if found is not None:
+                _replace(gm, node, aten.linear.default, found)
+                folded += 1
+                continue
+            found = _matmul(node) or _stack(node)
+            if found is not None:
+                _replace(gm, node, *found)
+                folded += 1
+        elif _safe_softmax(node) is not None:
+            _substitute(gm, node, _safe_softmax(node))
+            folded += 1
+        elif _call(node, aten.native_layer_norm.default) is not None and node.users and \
+                all(_call(u, operator.getitem) is not None and u.args[1] == 0 for u in node.users):
+            for u in list(node.users):
+                _replace(gm, u, aten.layer_norm.default, tuple(node.args[:5]))
+            folded += 1
+    for node in list(gm.graph.nodes):  # then Linears on 2-d inputs (the classifier head)
+        found = _matrix_product(node) if _call(node, aten.addmm.default, aten.mm.default) is not None else None
+        if found is not None and _checked(node, *found) is not None:
+            _replace(gm, node, aten.linear.default, found)
+            folded += 1
+    return folded
