@@ -1,13 +1,13 @@
 """Reliability on models written by others: fuse every timm model module and torchvision classifier.
 
-    python benchmarks/zoo.py [--source timm torchvision] [--flows module traced] [--max-params 60e6]
+    python benchmarks/zoo.py [--source timm torchvision] [--flows module traced exported] [--max-params 60e6]
                              [--only swin,levit] [--csv runs/zoo.csv]
 
 One model per timm module (the smallest by name, sized on the meta device) and every torchvision
 classification model, under the parameter cap, random weights, batch 1, default input size. Each is fused
-as a new user would, in both flows (``fxrep.fuse(model)`` and ``fxrep.fuse(torch.fx.symbolic_trace(model))``
-where plain fx traces it), run, compared with the original, and the original is checked for changes
-(fxrep.zoo.try_fuse). Prints a table of outcomes per source and flow, every bad row, and the run time;
+as a new user would, in three flows (``fxrep.fuse(model)``, ``fxrep.fuse(torch.fx.symbolic_trace(model))``
+where plain fx traces it, and ``fxrep.fuse(torch.export.export(model, (x,)))`` where export captures it),
+run, compared with the original, and the original is checked for changes (fxrep.zoo.try_fuse). Prints a table of outcomes per source and flow, every bad row, and the run time;
 writes one CSV row per (model, flow). Target: 0 broken, 0 wrong, 0 mutated, 0 fixed_point, 0 raw.
 """
 
@@ -32,7 +32,8 @@ COLUMNS = ("exact", "error", "untraceable", "broken", "wrong", "mutated", "fixed
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", nargs="+", default=["timm", "torchvision"], choices=["timm", "torchvision"])
-    ap.add_argument("--flows", nargs="+", default=["module", "traced"], choices=["module", "traced"])
+    ap.add_argument("--flows", nargs="+", default=["module", "traced", "exported"],
+                    choices=["module", "traced", "exported"])
     ap.add_argument("--max-params", type=float, default=60e6)
     ap.add_argument("--only", default="", help="comma-separated substrings of model or module names")
     ap.add_argument("--csv", default="runs/zoo.csv")

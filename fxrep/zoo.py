@@ -124,25 +124,28 @@ def _short(e: BaseException) -> str:
 
 def try_fuse(model: nn.Module, x: torch.Tensor, flow: str = "module", patterns=None,
              check_traced_again: bool = True) -> ZooResult:
-    """Fuse ``model`` as a new user would (``flow``: 'module' or 'traced') and classify what happened.
+    """Fuse ``model`` as a new user would (``flow``: 'module', 'traced' with plain torch.fx, or 'exported' with
+    torch.export) and classify what happened.
 
     The original is run first for the reference output; its parameters, buffers and every module attribute
     (caches and other containers included) are fingerprinted before and compared after. With
     ``check_traced_again`` the original must still trace with plain torch.fx after fusing if it did before
     (a tracer that leaves Proxies behind in a cache breaks exactly that)."""
-    from .engine import fuse
+    from .program import fuse
 
     result = ZooResult("", "", flow, "exact", params=sum(p.numel() for p in model.parameters()))
     with torch.no_grad():
         expected = flat_tensors(model(x))
     subject = model
-    if flow == "traced":
+    if flow in ("traced", "exported"):
         try:
-            subject = fx.symbolic_trace(model)
-        except Exception as e:  # noqa: BLE001 - plain torch.fx cannot trace it: not fxrep's business
+            subject = fx.symbolic_trace(model) if flow == "traced" else torch.export.export(model, (x,))
+        except Exception as e:  # noqa: BLE001 - torch.fx / torch.export cannot capture it: not fxrep's business
             result.outcome, result.detail = "untraceable", _short(e)
             return result
-    before = ModelSnapshot(subject)
+    # an ExportedProgram: the model it came from (its state is shared) and the program's own graph
+    before = ModelSnapshot(model if flow == "exported" else subject)
+    program_code = subject.graph_module.code if flow == "exported" else None
     start = time.perf_counter()
     try:
         fused = fuse(subject, example_inputs=(x,), patterns=patterns)
@@ -156,14 +159,25 @@ def try_fuse(model: nn.Module, x: torch.Tensor, flow: str = "module", patterns=N
         result.outcome, result.detail = "raw", _short(e) + " | " + _last_frame(e)
     else:
         result.seconds = time.perf_counter() - start
+        if flow == "exported":
+            fused = _unlifted(fused)
         result.rewrites = len(fused.meta["fxrep_report"].applied)
         _compare(fused, x, expected, result)
-    changed = before.diff(subject)
+    changed = before.diff(model if flow == "exported" else subject)
+    if program_code is not None and subject.graph_module.code != program_code:
+        changed = "the ExportedProgram's graph changed"
     if changed:
         result.outcome, result.detail = "mutated", changed
     elif check_traced_again and flow == "module" and result.outcome in ("exact", "error"):
         _check_still_traceable(model, x, result)
     return result
+
+
+def _unlifted(program):
+    """The fused program as a GraphModule carrying its report, for running and counting."""
+    gm = program.module()
+    gm.meta["fxrep_report"] = program.graph_module.meta["fxrep_report"]
+    return gm
 
 
 def _compare(fused, x, expected, result: ZooResult) -> None:
