@@ -11,7 +11,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,export]"
+	$(PY) -m pip install -q -e ".[dev,export,mobile]"
 	touch $(STAMP)
 
 demo: $(STAMP)

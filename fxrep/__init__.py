@@ -9,6 +9,7 @@ from .errors import (
                      FxrepError,
                      InputError,
                      InternalError,
+                     MissingDependencyError,
                      PatternError,
                      TraceError,
                      TrainingModeError,
@@ -27,5 +28,5 @@ __all__ = [
     "fuse", "trace", "FuseReport", "Match", "Skip", "Pattern", "FunctionPattern", "FuseContext",
     "PatternRegistry", "default_registry", "register_pattern", "unregister_pattern", "count_flops",
     "count_params", "FxrepError", "TraceError", "TrainingModeError", "UnsupportedModelError", "PatternError",
-    "EquivalenceError", "InputError", "InternalError",
+    "EquivalenceError", "InputError", "InternalError", "MissingDependencyError",
 ]

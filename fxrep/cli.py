@@ -65,6 +65,19 @@ def _fuse(args) -> int:
     torch.save(fused, args.out)
     print(fused.meta["fxrep_report"])
     print(f"fused model written to {args.out}")
+    if args.executorch:
+        from fxrep.export import to_executorch
+        from fxrep.training import load_mnist_idx
+
+        calibration = None
+        if args.int8:
+            if args.calibration is None:
+                raise SystemExit("--int8 needs --calibration DIR (an MNIST IDX directory of real inputs).")
+            data = load_mnist_idx(args.calibration, "train")
+            calibration = [(data[i][0].unsqueeze(0),) for i in range(0, len(data), max(1, len(data) // 200))]
+        path = to_executorch(fused, (torch.randn(shape),), args.executorch,
+                             quantize="int8" if args.int8 else None, calibration=calibration)
+        print(f"ExecuTorch program (XNNPACK{', int8' if args.int8 else ''}) written to {path}")
     return 0
 
 
@@ -95,6 +108,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("model")
     f.add_argument("--input-shape", required=True, help="e.g. 1,3,224,224")
     f.add_argument("--out", default="fused.pt")
+    f.add_argument("--executorch", default=None, metavar="OUT.pte",
+                   help="also write an XNNPACK-lowered ExecuTorch program (needs the mobile extra)")
+    f.add_argument("--int8", action="store_true", help="quantize the ExecuTorch program to int8 (PT2E, XNNPACK)")
+    f.add_argument("--calibration", default=None, metavar="DIR",
+                   help="with --int8: an MNIST IDX directory whose train split (200 images) calibrates")
     return ap
 
 

@@ -31,3 +31,7 @@ class InputError(FxrepError):
 
 class InternalError(FxrepError):
     """fxrep built a graph that does not run: a bug in a pattern (named in the message), never the user's."""
+
+
+class MissingDependencyError(FxrepError, ImportError):
+    """An optional dependency (ExecuTorch for phones) is not installed; the message names the extra."""

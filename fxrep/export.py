@@ -4,6 +4,7 @@
     fxrep.export.save_fused(fused, "deploy/", (x,))   # fused.pt2 (torch.export) + fused.safetensors
     again = fxrep.export.load_fused("deploy/")        # an nn.Module computing the same function
     fxrep.export.to_onnx(fused, (x,), "deploy/fused.onnx")
+    fxrep.export.to_executorch(fused, (x,), "deploy/fused.pte")   # phones (fxrep.mobile; the mobile extra)
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .mobile import load_executorch, quantize_int8, run_executorch, to_executorch
+
+__all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8",
+           "load_executorch", "run_executorch"]
 
 
 def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
