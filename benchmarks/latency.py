@@ -3,6 +3,7 @@
     python benchmarks/latency.py [--batch 1 8] [--threads 2 1] [--repeats 30] [--onnx] [--compile] [--plot FILE]
                                  [--device cuda --dtype float16]
     python benchmarks/latency.py --parallel-vit [--threads 2] [--repeats 20]
+    python benchmarks/latency.py --executorch [--threads 2] [--repeats 30] [--plot FILE]
 
 Models (random weights; fusing is exact, so weights do not change speed):
 - baseline: timm ``vit_tiny_patch16_224`` (12 layers, 3 heads of 64, MLP 768);
@@ -15,6 +16,12 @@ Runs are interleaved (every model once per round), warm-up excluded, medians wit
 ``--parallel-vit``: timm's own branched ViT, ``vit_small_patch16_18x2_224`` (18 blocks of 2 parallel
 attention and MLP branches, width 384), at 224 px and at 64 px, batch 1: unfused, fused (the branches widened),
 and fused without each widening, to see what widening buys per shape (issue #13's cost question).
+
+``--executorch``: phones. The 12-layer baseline and the fused d6b2, d4b3, d3b4 (rank-aware) and d3b4 (per-head)
+as ExecuTorch programs lowered to XNNPACK (``fxrep.export.to_executorch``), fp32 and int8 (PT2E; calibrated on
+random images, which sets the scales but not the speed), batch 1, 224 px, run with ``executorch.runtime`` on
+this CPU, interleaved: medians, min-max and ``.pte`` sizes (issue #15's targets: fused d3b4 fp32 <= 0.35x and
+int8 <= 0.25x the deep fp32 program).
 """
 
 from __future__ import annotations
@@ -81,6 +88,40 @@ def parallel_vit(threads: int, repeats: int) -> str:
     return markdown_table(["px", "tokens", "model", "median ms", "min-max ms", "vs unfused"], rows)
 
 
+def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    from fxrep.export import load_executorch, to_executorch
+
+    _unsafe_reset_threadpool(threads)
+    torch.set_num_threads(threads)
+    x = torch.randn(1, 3, 224, 224)
+    calibration = [(torch.randn(1, 3, 224, 224),) for _ in range(8)]
+    models = {"deep DeiT-Tiny-12": timm.create_model("vit_tiny_patch16_224", num_classes=1000).eval()}
+    for v in ("d6b2", "d4b3", "d3b4"):
+        models[f"fused {v}, rank-aware"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True)
+    models["fused d3b4, per-head"] = fused("fxrep_deit_tiny_d3b4", 1.0, x, False)
+    out = Path(tempfile.mkdtemp(prefix="fxrep_pte_"))
+    programs, sizes = {}, {}
+    for name, model in models.items():
+        for precision in ("fp32", "int8"):
+            path = to_executorch(model, (x,), out / f"{len(programs)}.pte", quantize=None if precision == "fp32"
+                                 else "int8", calibration=calibration)
+            method = load_executorch(path)
+            programs[f"{name}|{precision}"] = lambda t, m=method: m.execute([t])
+            sizes[f"{name}|{precision}"] = path.stat().st_size
+            print(f"  lowered {name} ({precision}): {sizes[f'{name}|{precision}'] / 1e6:.1f} MB", flush=True)
+    timed = measure_latency(programs, (x,), repeats=repeats, warmup=3)
+    base = timed["deep DeiT-Tiny-12|fp32"]["median"]
+    rows = [(k.split("|")[0], k.split("|")[1], f"{t['median'] * 1e3:.2f}", f"{t['min'] * 1e3:.2f}-{t['max'] * 1e3:.2f}",
+             f"{t['median'] / base:.2f}x", f"{sizes[k] / 1e6:.1f}") for k, t in timed.items()]
+    if plot_path:
+        plot([(threads, 1, "eager", f"{r[0]} ({r[1]})", 0, 0, 0, timed[f"{r[0]}|{r[1]}"]["median"] / base)
+              for r in rows], plot_path, "latency relative to the deep fp32 program (ExecuTorch, XNNPACK, batch 1)")
+    return (f"ExecuTorch (XNNPACK), {threads} threads, batch 1, 224 px, {repeats} interleaved rounds\n" +
+            markdown_table(["model", "precision", "median ms", "min-max ms", "vs deep fp32", ".pte MB"], rows))
+
+
 def onnx_sessions(models: dict, x) -> dict:
     import onnxruntime as ort
 
@@ -112,7 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--plot", default=None, help="write a PNG bar chart here")
     ap.add_argument("--parallel-vit", action="store_true", help="timm's vit_small_patch16_18x2_224 instead")
+    ap.add_argument("--executorch", action="store_true", help="ExecuTorch/XNNPACK programs, fp32 and int8")
     args = ap.parse_args(argv)
+    if args.executorch:
+        print(executorch_rows(args.threads[0], args.repeats, args.plot))
+        return 0
     if args.parallel_vit:
         print(parallel_vit(args.threads[0], args.repeats))
         return 0
@@ -152,7 +197,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot(rows, path):
+def plot(rows, path, label="latency relative to the 12-layer baseline (eager, batch 1)"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +207,7 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.barh([r[3] for r in sel][::-1], [r[7] for r in sel][::-1], color="tab:blue")
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("latency relative to the 12-layer baseline (eager, batch 1)")
+    ax.set_xlabel(label)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")

@@ -85,7 +85,7 @@ def _table(results: list[ZooResult]) -> None:
     print("\n| source | flow | " + " | ".join(COLUMNS) + " | fuse s (median) |")
     print("|---|---|" + "---|" * (len(COLUMNS) + 1))
     for source in sorted({r.source for r in results}):
-        for flow in ("module", "traced", "-"):
+        for flow in ("module", "traced", "exported", "-"):
             rows = [r for r in results if r.source == source and r.flow == flow]
             if not rows:
                 continue

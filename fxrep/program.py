@@ -84,7 +84,10 @@ def _training_ops(ep: ExportedProgram) -> list[str]:
         written = [a for a, arg in zip(n.args, schema.arguments)
                    if arg.alias_info is not None and arg.alias_info.is_write and getattr(a, "name", None) in state]
         found += [f"{n.name} writes {state[a.name]}" for a in written]
-        if args.get("training") is True or (args.get("train") is True and args.get("p", 0) != 0):
+        # a batch_norm in training mode without running statistics only normalizes (timm's weight
+        # standardization), and a dropout with p = 0 is the identity: neither is training
+        stats = args.get("running_mean") is not None or args.get("running_var") is not None
+        if (args.get("training") is True and stats) or (args.get("train") is True and args.get("p", 0) != 0):
             found.append(f"{n.name} in training mode")
     return found
 

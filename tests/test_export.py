@@ -149,3 +149,17 @@ def test_every_aten_spelling_binds_on_its_schema(op):
         return
     args = call.args if isinstance(call, _Call) else call[0]
     assert args[0] is bound[next(iter(sig.parameters))] or op is torch.ops.aten.rsub.Scalar
+
+
+class Slices(nn.Module):
+    """Slices export spells as aten.slice with negative or out-of-range bounds."""
+
+    def forward(self, x):  # x: (batch, 7, 4)
+        return torch.cat([x[:, :-2], x[:, 1:100], x[:, -3:], x[:, 5:3]], dim=1) * 2
+
+
+def test_slices_with_negative_or_large_bounds_stay_exact():
+    model = Slices().eval()
+    x = torch.randn(2, 7, 4)
+    fused = fxrep.fuse(torch.export.export(model, (x,)))
+    assert_equivalent(model, fused.module(), (x,))

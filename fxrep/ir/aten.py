@@ -89,15 +89,19 @@ def _arith(with_alpha):
 
 
 def _slice(a):
-    """``x[start:end]`` along ``dim`` with step 1 as ``torch.narrow`` (a view), where the sizes are known."""
+    """``x[start:end]`` along ``dim`` with step 1 as ``torch.narrow`` (a view), where the size is known; negative
+    and out-of-range bounds are resolved as Python slicing resolves them."""
     x, start, end = a["input"], a.get("start"), a.get("end")
     size = _shape(x)
-    if a.get("step", 1) != 1 or not isinstance(start, int) or not isinstance(end, int) or size is None:
+    if a.get("step", 1) != 1 or size is None:
         return None
     dim = a.get("dim", 0) % len(size)
-    if not isinstance(size[dim], int) or not 0 <= start <= size[dim]:
+    n = size[dim]
+    if not isinstance(n, int) or not isinstance(start if start is not None else 0, int) or \
+            not isinstance(end if end is not None else n, int):
         return None
-    return (x, dim, start, min(end, size[dim]) - start), {}
+    start, end, _ = slice(start, end).indices(n)
+    return (x, dim, start, max(end - start, 0)), {}
 
 
 def _clone(a):
