@@ -5,6 +5,12 @@ joining (lam 0 -> 1) and are then fused; the table compares accuracy before and 
 the 2,000 predictions differ), parameters, FLOPs and CPU latency (batch 1, median of interleaved runs).
 
     python benchmarks/accuracy_mnist.py [--data ../shared/data/mnist-t10k] [--steps 500] [--out runs/accuracy]
+                                        [--rows 0,3] [--int8]
+
+``--int8``: each fused model is also quantized to int8 for phones (``fxrep.export.to_executorch``: PT2E,
+XNNPACK quantizer, calibrated on 200 training images) and run with ExecuTorch on the 2,000 eval images:
+int8 accuracy and how many predictions change against the fp32 model (issue #15: the fused model should lose
+no more accuracy to int8 than the deep one).
 """
 
 from __future__ import annotations
@@ -32,6 +38,21 @@ ROWS = [  # (label, timm name, extra kwargs)
 COMMON = dict(num_classes=10, img_size=28, patch_size=7, in_chans=1)
 
 
+def int8_row(fused, train_set, eval_set, path: Path) -> dict:
+    """int8 ExecuTorch program of ``fused``: its eval accuracy and predictions changed against fp32."""
+    from fxrep.export import load_executorch, run_executorch, to_executorch
+
+    images, labels = eval_set.tensors
+    calibration = [(train_set[i][0].unsqueeze(0),) for i in range(0, len(train_set), len(train_set) // 200)]
+    to_executorch(fused, (images[:1],), path, quantize="int8", calibration=calibration)
+    method = load_executorch(path)
+    with torch.no_grad():
+        fp32 = torch.cat([fused(images[i:i + 256]) for i in range(0, len(images), 256)]).argmax(-1)
+    int8 = torch.stack([run_executorch(method, (img[None],))[0][0] for img in images]).argmax(-1)
+    return {"int8_acc": (int8 == labels).float().mean().item(), "int8_changed": int((int8 != fp32).sum()),
+            "int8_mb": path.stat().st_size / 1e6}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"))
@@ -41,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/accuracy")
     ap.add_argument("--rows", default="all", help="comma-separated row numbers (0-4) or 'all'")
+    ap.add_argument("--int8", action="store_true", help="also int8 ExecuTorch programs of the fused models")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     train_set, eval_set = load_mnist_idx(args.data, "train"), load_mnist_idx(args.data, "eval")
@@ -69,6 +91,8 @@ def main(argv=None) -> int:
             "lat_unfused_ms": lat["unfused"]["median"] * 1e3, "lat_fused_ms": lat["fused"]["median"] * 1e3,
             "layers": len(getattr(model, "blocks", [])),
         }
+        if args.int8:
+            row.update(int8_row(fused, train_set, eval_set, out / f"row{i}_int8.pte"))
         results.append(row)
         print(json.dumps(row), flush=True)
         (out / "results.jsonl").open("a").write(json.dumps(row) + "\n")
@@ -79,6 +103,13 @@ def main(argv=None) -> int:
          f"{r['pred_diff']} / {len(eval_set)}", f"{r['params'] / 1e6:.2f} M", f"{r['flops'] / 1e6:.1f} M",
          f"{r['lat_unfused_ms']:.2f}", f"{r['lat_fused_ms']:.2f}") for r in results])
     print(table)
+    if args.int8:
+        int8_table = markdown_table(
+            ["model", "fp32 eval acc", "int8 eval acc", "int8 predictions that change", "int8 .pte MB"],
+            [(r["model"], f"{100 * r['acc_after']:.2f}%", f"{100 * r['int8_acc']:.2f}%",
+              f"{r['int8_changed']} / {len(eval_set)}", f"{r['int8_mb']:.1f}") for r in results])
+        print(int8_table)
+        table += "\n\n" + int8_table
     (out / "table.md").write_text(table + "\n")
     return 0
 
