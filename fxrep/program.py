@@ -17,7 +17,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from . import engine
-from .errors import InputError, TrainingModeError, UnsupportedModelError
+from .errors import InputError, InternalError, TrainingModeError, UnsupportedModelError
 from .ir import bind
 
 
@@ -45,8 +45,8 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
     report = gm.meta["fxrep_report"]
     try:
         fused = torch.export.export(gm, args, dynamic_shapes=_dynamic_shapes(ep, module), strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised as fxrep's bug, with the pattern list to leave out
-        raise engine.InternalError(
+    except Exception as e:  # noqa: BLE001 - the graph fxrep built does not export: fxrep's bug
+        raise InternalError(
             f"the fused graph does not export again ({type(e).__name__}: {str(e).splitlines()[0][:300]}). This is a "
             "bug in fxrep; please report it with the model. fxrep.fuse(program.module()) returns the fused "
             "GraphModule meanwhile.") from e
@@ -63,7 +63,7 @@ def _check_program(ep: ExportedProgram) -> None:
             "model.eval().")
     for name, value in _user_input_values(ep):
         if isinstance(value, torch.Tensor):
-            dynamic = [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and i != 0]
+            dynamic = [i for i in _symbolic_dims(value) if i != 0]
             if dynamic:
                 raise UnsupportedModelError(
                     f"input '{name}' has dynamic dimension(s) {dynamic}: fxrep reasons about a dynamic batch "

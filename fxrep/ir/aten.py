@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .aten_core import fold_core_aten
+from .aten_core import fold_core_aten, recorded_shape
 from .binding import bind
 
 aten = torch.ops.aten
@@ -39,17 +38,6 @@ class _Call:
     target: object
     args: tuple
     kwargs: dict
-
-
-def _shape(node) -> tuple | None:
-    """The shape export recorded for ``node`` (``meta["val"]``; sizes may be symbolic), or None."""
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def _same_shape(a, b) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and \
-        all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _same(*names, **renamed):
@@ -92,7 +80,7 @@ def _slice(a):
     """``x[start:end]`` along ``dim`` with step 1 as ``torch.narrow`` (a view), where the size is known; negative
     and out-of-range bounds are resolved as Python slicing resolves them."""
     x, start, end = a["input"], a.get("start"), a.get("end")
-    size = _shape(x)
+    size = recorded_shape(x)
     if a.get("step", 1) != 1 or size is None:
         return None
     dim = a.get("dim", 0) % len(size)

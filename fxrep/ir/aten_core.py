@@ -26,7 +26,8 @@ aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-def _shape(node) -> tuple | None:
+def recorded_shape(node) -> tuple | None:
+    """The shape export recorded for ``node`` (``meta["val"]``; sizes may be symbolic), or None."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
@@ -76,11 +77,11 @@ def _matrix_product(mm):
 
 def _checked(out, x, weight, bias):
     """(x, w, b) if ``out`` has the shape ``linear(x, w, b)`` has, else None."""
-    w_shape = _shape(weight)
-    if w_shape is None or len(w_shape) != 2 or _shape(x) is None:
+    w_shape = recorded_shape(weight)
+    if w_shape is None or len(w_shape) != 2 or recorded_shape(x) is None:
         return None
-    if not _same(_shape(out), _shape(x)[:-1] + (w_shape[0],)) or \
-            (bias is not None and not _same(_shape(bias), (w_shape[0],))):
+    if not _same(recorded_shape(out), recorded_shape(x)[:-1] + (w_shape[0],)) or \
+            (bias is not None and not _same(recorded_shape(bias), (w_shape[0],))):
         return None
     return x, weight, bias
 
@@ -96,7 +97,7 @@ def _unexpanded(node, reader):
         inner = inner.args[0]
     if _call(inner, aten.expand.default) is None or len(inner.users) != 1:
         return None
-    a, sa, se = inner.args[0], _shape(inner.args[0]), _shape(inner)
+    a, sa, se = inner.args[0], recorded_shape(inner.args[0]), recorded_shape(inner)
     if sa is None or se is None or len(sa) > len(se) or not _same(sa[-2:], se[-2:]):
         return None
     lead = se[len(se) - len(sa):-2]
@@ -115,10 +116,10 @@ def _matmul(out):
     if found_a is None or found_b is None:
         return None
     (a, ea), (b, eb) = found_a, found_b
-    if len(ea) != len(eb) or not _same(ea[:-2], eb[:-2]) or not _same(_shape(out), ea[:-1] + eb[-1:]):
+    if len(ea) != len(eb) or not _same(ea[:-2], eb[:-2]) or not _same(recorded_shape(out), ea[:-1] + eb[-1:]):
         return None
     weight = _transposed_weight(b)
-    if weight is not None and _shape(weight) is not None and len(_shape(weight)) == 2 and _same(_shape(a), ea):
+    if weight is not None and recorded_shape(weight) is not None and len(recorded_shape(weight)) == 2 and _same(recorded_shape(a), ea):
         return aten.linear.default, (a, weight)
     return aten.matmul.default, (a, b)
 
@@ -129,8 +130,8 @@ def _stack(out):
     if cat is None or not _only_reader(cat, out) or (cat.args[1] if len(cat.args) > 1 else 0) != 0:
         return None
     xs = list(cat.args[0])
-    shapes = [_shape(x) for x in xs]
-    if any(not _same(sh, shapes[0]) for sh in shapes) or not _same(_shape(out), (len(xs),) + shapes[0]):
+    shapes = [recorded_shape(x) for x in xs]
+    if any(not _same(sh, shapes[0]) for sh in shapes) or not _same(recorded_shape(out), (len(xs),) + shapes[0]):
         return None
     return aten.stack.default, (xs,)
 
