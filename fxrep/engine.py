@@ -31,15 +31,21 @@ MAX_SWEEPS = 50
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _validate(model: nn.Module) -> None:
+def training_modules(model: nn.Module) -> list[str]:
+    """The names of the modules in training mode that change what ``model`` computes."""
     if isinstance(model, fx.GraphModule):
         # only the modules its graph calls matter: symbolic_trace makes the GraphModule and the containers on
-        # the way to its leaves fresh modules in training mode, which change nothing it computes
+        # the way to its leaves fresh modules in training mode, which change nothing it computes (and
+        # ExportedProgram.module() is a GraphModule in training mode that cannot even be put in eval mode)
         called = {n.target for n in model.graph.nodes if n.op == "call_module"}
         modules = [(f"{t}.{name}".rstrip("."), m) for t in called for name, m in model.get_submodule(t).named_modules()]
     else:
         modules = list(model.named_modules())
-    training = [name or type(model).__name__ for name, m in modules if m.training and not _is_export_guard(m)]
+    return [name or type(model).__name__ for name, m in modules if m.training and not _is_export_guard(m)]
+
+
+def _validate(model: nn.Module) -> None:
+    training = training_modules(model)
     if training:
         raise TrainingModeError(
             f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "

@@ -44,7 +44,7 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
     gm = engine.fuse(module, example_inputs=args, patterns=patterns, check=check, rtol=rtol)
     report = gm.meta["fxrep_report"]
     try:
-        fused = torch.export.export(gm, args, dynamic_shapes=_dynamic_shapes(ep, module), strict=False)
+        fused = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes_of(ep, module), strict=False)
     except Exception as e:  # noqa: BLE001 - the graph fxrep built does not export: fxrep's bug
         raise InternalError(
             f"the fused graph does not export again ({type(e).__name__}: {str(e).splitlines()[0][:300]}). This is a "
@@ -114,7 +114,7 @@ def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
     return tuple(bound.args)
 
 
-def _dynamic_shapes(ep: ExportedProgram, module):
+def dynamic_shapes_of(ep: ExportedProgram, module):
     """The program's dynamic dimensions, keyed by ``forward``'s argument names, or None if all are static."""
     leaves = [({i: Dim.DYNAMIC for i in _symbolic_dims(v)} or None) if isinstance(v, torch.Tensor) else None
               for _, v in _user_input_values(ep)]

@@ -31,17 +31,19 @@ def _fused(name: str, per_head: bool):
 
 
 # the three registered models in the rank-aware form fxrep picks for them, and d3b4 in the per-head form too
-# (lowering to XNNPACK takes about 15 s a model here, so not every pair)
-FORMS = [("fxrep_deit_tiny_d6b2", "rank_aware"), ("fxrep_deit_tiny_d4b3", "rank_aware"),
-         ("fxrep_deit_tiny_d3b4", "rank_aware"), ("fxrep_deit_tiny_d3b4", "per_head")]
+# and lowered as exported, without fxrep.xnnpack's rewrites (lowering takes seconds a model, so not every pair)
+FORMS = [("fxrep_deit_tiny_d6b2", "rank_aware", True), ("fxrep_deit_tiny_d4b3", "rank_aware", True),
+         ("fxrep_deit_tiny_d3b4", "rank_aware", True), ("fxrep_deit_tiny_d3b4", "per_head", True),
+         ("fxrep_deit_tiny_d3b4", "rank_aware", False)]
 
 
-@pytest.mark.parametrize("name,form", FORMS, ids=[f"{n}-{f}" for n, f in FORMS])
-def test_fp32_programs_match_pytorch(name, form, tmp_path):
+@pytest.mark.parametrize("name,form,rewrites", FORMS,
+                         ids=[f"{n}-{f}" + ("" if r else "-as-exported") for n, f, r in FORMS])
+def test_fp32_programs_match_pytorch(name, form, rewrites, tmp_path):
     model, fused, x = _fused(name, form == "per_head")
     rank_aware = sum(a.pattern == "rank_aware_attention" for a in fused.meta["fxrep_report"].applied)
     assert (rank_aware > 0) == (form == "rank_aware")
-    path = to_executorch(fused, (x,), tmp_path / f"{name}.pte")
+    path = to_executorch(fused, (x,), tmp_path / f"{name}.pte", xnnpack_rewrites=rewrites)
     for seed in (1, 2):
         xs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         (y,) = run_executorch(path, (xs,))
@@ -102,3 +104,14 @@ def test_cli_writes_an_executorch_program(tmp_path):
     (y,) = run_executorch(out, (x,))
     with torch.no_grad():
         assert relative_error(model(x), y) <= 1e-5
+
+
+def test_exported_programs_and_their_modules_are_accepted(tmp_path):
+    """``ep.module()`` is a GraphModule in training mode that cannot be put in eval mode; it computes the same
+    thing either way, so it is not refused as a model in training mode."""
+    model, fused, x = _fused("fxrep_deit_tiny_d3b4", per_head=False)
+    program = torch.export.export(fused, (x,))
+    for i, form in enumerate((program, program.module())):
+        (y,) = run_executorch(to_executorch(form, (x,), tmp_path / f"{i}.pte"), (x,))
+        with torch.no_grad():
+            assert relative_error(model(x), y) <= 1e-5

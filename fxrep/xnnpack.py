@@ -1,0 +1,260 @@
+"""ATen spellings XNNPACK can take whole, applied to a program before ExecuTorch lowers it.
+
+ExecuTorch hands XNNPACK only the ops it has kernels for and runs the rest with its own portable kernels, which
+cuts the graph into many delegate calls. In an exported ViT three spellings do that:
+
+- ``scaled_dot_product_attention`` decomposes into matmuls and a *safe* softmax (``eq``/``any``/``where`` on
+  every (heads, N, N) logit tensor, for rows masked out entirely) plus 4-d matmuls that ``expand_copy`` their
+  operands and a ``mul.Scalar`` for the scale: none of these are delegated. Without a mask no row can be
+  masked out, so the same function is ``softmax(q k^T * scale) v``, written here with ``bmm``:
+  - a key shared by every head (fxrep's rank-aware attention reads the block input itself) is not copied per
+    head: the heads are stacked as rows of one ``bmm``;
+  - attention whose head outputs are summed (the rank-aware form again) becomes one ``bmm`` over the stacked
+    heads, so the sum over heads is part of the product.
+- ``squeeze``, ``unsqueeze``, ``select`` and ``unbind`` (timm splits q, k and v with ``unbind``) become
+  ``slice`` and ``reshape``, which XNNPACK takes.
+- ``layer_norm`` over the last axis is written with the 4-d ``mean`` XNNPACK takes (global average pooling),
+  ``sub``, ``mul``, ``add`` and ``rsqrt``.
+
+Each rewrite is the same function up to float rounding: ``rewrite_for_xnnpack`` runs the program before and
+after on its example inputs and raises InternalError if they differ by more than 1e-5 relative.
+Measured effect: ``benchmarks/latency.py --executorch`` (README, "Deploy to phones").
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .equivalence import EquivalenceError, compare_outputs
+from .errors import InternalError
+from .ir import bind
+from .program import dynamic_shapes_of
+
+aten = torch.ops.aten
+TOLERANCE = 1e-5
+
+
+def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: tuple, *,
+                        layer_norm: bool = True) -> torch.export.ExportedProgram:
+    """A new program computing the same function in spellings XNNPACK delegates whole (see the module
+    docstring); ``program`` is not modified. A program with nothing to rewrite is returned as it is.
+
+    Rewrite float programs, before quantizing: the check compares outputs at 1e-5, and in a quantized program
+    a rounding difference before a quantize op moves the output by whole quantization steps. The nodes a
+    LayerNorm is written with are tagged (``keeps_float``): a quantizer must leave them in float.
+    ``layer_norm=False`` leaves LayerNorm as it is."""
+    module = program.module()
+    rewrites = (attention_as_bmm, views_as_reshape) + ((layer_norm_as_mean,) if layer_norm else ())
+    changed = [rewrite(module) for rewrite in rewrites]
+    if not any(changed):
+        return program
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    with torch.no_grad():
+        rewritten = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),
+                                        strict=False)
+        before, after = program.module()(*example_inputs), rewritten.module()(*example_inputs)
+    try:
+        compare_outputs(before, after, TOLERANCE)
+    except EquivalenceError as e:
+        raise InternalError(f"rewriting the program for XNNPACK changed its output ({e}). This is a bug in fxrep; "
+                            "pass xnnpack_rewrites=False to to_executorch meanwhile.") from e
+    return rewritten
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _ints(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def _same(a, b) -> bool:
+    return a is b or statically_known_true(a == b)
+
+
+def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    """``new`` in place of ``old``, with ``old``'s value recorded so later rewrites can read its shape."""
+    if "val" in old.meta:
+        new.meta["val"] = old.meta["val"]
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+
+
+def _sizes(value) -> list | None:
+    """A reshape target for ``value``'s shape: its sizes, with -1 for the one symbolic (batch) size."""
+    if value is None:
+        return None
+    sizes = [s if isinstance(s, int) else -1 for s in value.shape]
+    return sizes if sizes.count(-1) <= 1 else None
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+def _plain_attention(node: fx.Node):
+    """(q, k, v, scale) of an SDPA call with no mask, dropout, causal flag or grouped heads, on 4-d tensors
+    whose head, token and feature sizes are static; else None."""
+    if node.target is not aten.scaled_dot_product_attention.default:
+        return None
+    options = bind(node) or {}
+    q, k, v = options.get("query"), options.get("key"), options.get("value")
+    if options.get("attn_mask") is not None or options.get("is_causal") or options.get("dropout_p") or \
+            options.get("enable_gqa"):
+        return None
+    qv, kv, vv = _val(q), _val(k), _val(v)
+    if qv is None or kv is None or vv is None or not qv.dim() == kv.dim() == vv.dim() == 4:
+        return None
+    if not _ints(*qv.shape[1:], *kv.shape[1:], *vv.shape[1:]) or not _same(qv.shape[0], kv.shape[0]) or \
+            not _same(qv.shape[0], vv.shape[0]) or kv.shape[2] != vv.shape[2] or vv.shape[1] != qv.shape[1]:
+        return None
+    if kv.shape[1] not in (1, qv.shape[1]):
+        return None
+    scale = options.get("scale")
+    return q, k, v, (qv.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _shared_key(k: fx.Node, batch) -> fx.Node | None:
+    """The (batch, 1, tokens, dim) tensor behind a key every head reads alike (broadcast or expanded)."""
+    while k.target in (aten.expand.default, aten.expand_as.default) and _val(k.args[0]) is not None and \
+            _val(k.args[0]).dim() == 4:
+        k = k.args[0]
+    return k if _val(k).shape[1] == 1 and _same(_val(k).shape[0], batch) else None
+
+
+def _head_sum(node: fx.Node) -> fx.Node | None:
+    """The only user of ``node`` when it sums the heads (axis 1 of a 4-d tensor), else None."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.target is aten.sum.dim_IntList and list(user.args[1]) in ([1], [-3]) and \
+            not any(user.args[2:]) and not user.kwargs:
+        return user
+    return None
+
+
+def _rewrite_attention(graph: fx.Graph, node: fx.Node, q, k, v, scale) -> None:
+    call = graph.call_function
+    (_, heads, n, d), m, dv = _val(q).shape, _val(k).shape[2], _val(v).shape[-1]
+    shared = _shared_key(k, _val(q).shape[0])
+    with graph.inserting_before(node):
+        if scale != 1.0:
+            q = call(aten.mul.Tensor, (q, float(scale)))
+        if shared is not None:  # every head against one key: heads stacked as rows, one product
+            key_t = call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
+            logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, heads * n, d])), key_t))
+        else:
+            key_t = call(aten.reshape.default, (call(aten.transpose.int, (k, -2, -1)), [-1, d, m]))
+            logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, n, d])), key_t))
+        probs = call(aten._softmax.default, (logits, -1, False))
+        summed = _head_sum(node)
+        if summed is not None:  # sum over heads of P_h V_h = [P_1 ... P_H] [V_1; ...; V_H]
+            by_token = call(aten.permute.default, (call(aten.reshape.default, (probs, [-1, heads, n, m])),
+                                                   [0, 2, 1, 3]))
+            out = call(aten.bmm.default, (call(aten.reshape.default, (by_token, [-1, n, heads * m])),
+                                          call(aten.reshape.default, (v, [-1, heads * m, dv]))))
+        else:
+            out = call(aten.bmm.default, (call(aten.reshape.default, (probs, [-1, n, m])),
+                                          call(aten.reshape.default, (v, [-1, m, dv]))))
+            out = call(aten.reshape.default, (out, [-1, heads, n, dv]))
+    _replace(graph, summed or node, out)
+    if summed is not None:
+        graph.erase_node(node)
+
+
+def attention_as_bmm(gm: fx.GraphModule) -> bool:
+    """Every plain SDPA call written with ``bmm`` and ``_softmax``. Returns whether anything changed."""
+    found = [(node, parts) for node in gm.graph.nodes if (parts := _plain_attention(node)) is not None]
+    for node, parts in found:
+        _rewrite_attention(gm.graph, node, *parts)
+    return bool(found)
+
+
+# --- views ----------------------------------------------------------------------------------------------------
+
+def _slice_as(graph: fx.Graph, source: fx.Node, dim: int, index: int, result) -> fx.Node | None:
+    """``source[..., index, ...]`` on axis ``dim``, written as slice then reshape to ``result``'s shape."""
+    sizes, size = _sizes(result), _val(source).shape[dim]
+    if sizes is None or not isinstance(size, int):
+        return None
+    index %= size
+    return graph.call_function(aten.reshape.default, (
+        graph.call_function(aten.slice.Tensor, (source, dim, index, index + 1)), sizes))
+
+
+def views_as_reshape(gm: fx.GraphModule) -> bool:
+    """``squeeze``/``unsqueeze`` as ``reshape``; ``select`` and ``unbind`` items as ``slice`` + ``reshape``."""
+    graph, changed = gm.graph, False
+    for node in list(graph.nodes):
+        out = _val(node)
+        with graph.inserting_before(node):
+            if node.target in (aten.squeeze.dims, aten.squeeze.dim, aten.unsqueeze.default) and _sizes(out):
+                new = graph.call_function(aten.reshape.default, (node.args[0], _sizes(out)))
+            elif _val(node.args[0] if node.args else None) is None:
+                continue
+            elif node.target is aten.select.int:
+                new = _slice_as(graph, node.args[0], node.args[1] % _val(node.args[0]).dim(), node.args[2], out)
+            elif node.target is aten.unbind.int and all(u.target is operator.getitem for u in node.users):
+                dim = (node.args[1] if len(node.args) > 1 else 0) % _val(node.args[0]).dim()
+                for item in list(node.users):
+                    with graph.inserting_before(item):
+                        new = _slice_as(graph, node.args[0], dim, item.args[1], _val(item))
+                    if new is not None:
+                        _replace(graph, item, new)
+                        changed = True
+                continue
+            else:
+                continue
+        if new is not None:
+            _replace(graph, node, new)
+            changed = True
+    return changed
+
+
+# --- layer norm -----------------------------------------------------------------------------------------------
+
+FLOAT_TAG = "fxrep_keep_float"
+
+
+def _tagged_call(graph: fx.Graph, target, args) -> fx.Node:
+    """A node that a quantizer should leave in float (``keeps_float``): export keeps ``meta["custom"]``."""
+    node = graph.call_function(target, args)
+    node.meta["custom"] = {FLOAT_TAG: True}
+    return node
+
+
+def keeps_float(node: fx.Node) -> bool:
+    """Whether ``node`` computes statistics that must stay in float (a LayerNorm written with means)."""
+    return bool(node.meta.get("custom", {}).get(FLOAT_TAG))
+
+
+def layer_norm_as_mean(gm: fx.GraphModule) -> bool:
+    """``layer_norm`` over the last axis as ``(x - mean) * rsqrt(var + eps) * w + b``, its means taken over the
+    trailing axes of a 4-d view (the form XNNPACK's mean takes)."""
+    graph, changed = gm.graph, False
+    for node in list(graph.nodes):
+        if node.target is not aten.layer_norm.default or _val(node) is None or _val(node).dim() != 3:
+            continue
+        args, sizes = bind(node) or {}, _sizes(_val(node))
+        x, weight, bias, eps = args.get("input"), args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
+        if x is None or len(args.get("normalized_shape", ())) != 1 or sizes is None:
+            continue
+        call = functools.partial(_tagged_call, graph)
+        with graph.inserting_before(node):
+            x4 = call(aten.unsqueeze.default, (x, -1))
+            centred = call(aten.sub.Tensor, (x4, call(aten.mean.dim, (x4, [-2, -1], True))))
+            var = call(aten.mean.dim, (call(aten.mul.Tensor, (centred, centred)), [-2, -1], True))
+            out = call(aten.mul.Tensor, (centred, call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))))
+            out = call(aten.reshape.default, (out, sizes))
+            if weight is not None:
+                out = call(aten.mul.Tensor, (out, weight))
+            if bias is not None:
+                out = call(aten.add.Tensor, (out, bias))
+        _replace(graph, node, out)
+        changed = True
+    return changed
