@@ -86,7 +86,7 @@ def to_executorch(model, example_inputs, path: str | Path, *, quantize: str | No
     """Write ``model`` (a fused GraphModule, any nn.Module, or an ExportedProgram) as an XNNPACK-lowered
     ExecuTorch program (``.pte``) at ``path``; ``quantize="int8"`` quantizes it first (see ``quantize_int8``).
     ``xnnpack_rewrites`` first spells attention, views and LayerNorm so that XNNPACK takes the whole graph
-    (``fxrep.xnnpack``; about 0.6x the latency of the program as exported); False lowers it as exported.
+    (``fxrep.xnnpack``; about half the latency of the program as exported); False lowers it as exported.
     Returns the path."""
     if quantize not in QUANTIZE_MODES:
         raise InputError(f"quantize={quantize!r}: choose one of {QUANTIZE_MODES}.")

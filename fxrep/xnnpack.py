@@ -39,18 +39,16 @@ aten = torch.ops.aten
 TOLERANCE = 1e-5
 
 
-def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: tuple, *,
-                        layer_norm: bool = True) -> torch.export.ExportedProgram:
+def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: tuple) -> \
+        torch.export.ExportedProgram:
     """A new program computing the same function in spellings XNNPACK delegates whole (see the module
     docstring); ``program`` is not modified. A program with nothing to rewrite is returned as it is.
 
     Rewrite float programs, before quantizing: the check compares outputs at 1e-5, and in a quantized program
     a rounding difference before a quantize op moves the output by whole quantization steps. The nodes a
-    LayerNorm is written with are tagged (``keeps_float``): a quantizer must leave them in float.
-    ``layer_norm=False`` leaves LayerNorm as it is."""
+    LayerNorm is written with are tagged (``keeps_float``): a quantizer must leave them in float."""
     module = program.module()
-    rewrites = (attention_as_bmm, views_as_reshape) + ((layer_norm_as_mean,) if layer_norm else ())
-    changed = [rewrite(module) for rewrite in rewrites]
+    changed = [rewrite(module) for rewrite in (attention_as_bmm, views_as_reshape, layer_norm_as_mean)]
     if not any(changed):
         return program
     module.graph.eliminate_dead_code()
