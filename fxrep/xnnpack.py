@@ -33,6 +33,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .equivalence import EquivalenceError, compare_outputs
 from .errors import InternalError
 from .ir import bind
+from .ir.aten_core import recorded_shape
 from .program import dynamic_shapes_of
 
 aten = torch.ops.aten
@@ -65,10 +66,6 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
     return rewritten
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _ints(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
@@ -85,11 +82,12 @@ def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
     graph.erase_node(old)
 
 
-def _sizes(value) -> list | None:
-    """A reshape target for ``value``'s shape: its sizes, with -1 for the one symbolic (batch) size."""
-    if value is None:
+def _sizes(node: fx.Node) -> list | None:
+    """A reshape target for ``node``'s recorded shape: its sizes, with -1 for the one symbolic (batch) size."""
+    shape = recorded_shape(node)
+    if shape is None:
         return None
-    sizes = [s if isinstance(s, int) else -1 for s in value.shape]
+    sizes = [s if isinstance(s, int) else -1 for s in shape]
     return sizes if sizes.count(-1) <= 1 else None
 
 
@@ -105,24 +103,24 @@ def _plain_attention(node: fx.Node):
     if options.get("attn_mask") is not None or options.get("is_causal") or options.get("dropout_p") or \
             options.get("enable_gqa"):
         return None
-    qv, kv, vv = _val(q), _val(k), _val(v)
-    if qv is None or kv is None or vv is None or not qv.dim() == kv.dim() == vv.dim() == 4:
+    qs, ks, vs = recorded_shape(q), recorded_shape(k), recorded_shape(v)
+    if qs is None or ks is None or vs is None or not len(qs) == len(ks) == len(vs) == 4:
         return None
-    if not _ints(*qv.shape[1:], *kv.shape[1:], *vv.shape[1:]) or not _same(qv.shape[0], kv.shape[0]) or \
-            not _same(qv.shape[0], vv.shape[0]) or kv.shape[2] != vv.shape[2] or vv.shape[1] != qv.shape[1]:
+    if not _ints(*qs[1:], *ks[1:], *vs[1:]) or not _same(qs[0], ks[0]) or not _same(qs[0], vs[0]) or \
+            ks[2] != vs[2] or vs[1] != qs[1]:
         return None
-    if kv.shape[1] not in (1, qv.shape[1]):
+    if ks[1] not in (1, qs[1]):
         return None
     scale = options.get("scale")
-    return q, k, v, (qv.shape[-1] ** -0.5 if scale is None else scale)
+    return q, k, v, (qs[-1] ** -0.5 if scale is None else scale)
 
 
 def _shared_key(k: fx.Node, batch) -> fx.Node | None:
     """The (batch, 1, tokens, dim) tensor behind a key every head reads alike (broadcast or expanded)."""
-    while k.target in (aten.expand.default, aten.expand_as.default) and _val(k.args[0]) is not None and \
-            _val(k.args[0]).dim() == 4:
+    while k.target in (aten.expand.default, aten.expand_as.default) and len(recorded_shape(k.args[0]) or ()) == 4:
         k = k.args[0]
-    return k if _val(k).shape[1] == 1 and _same(_val(k).shape[0], batch) else None
+    shape = recorded_shape(k)
+    return k if shape[1] == 1 and _same(shape[0], batch) else None
 
 
 def _head_sum(node: fx.Node) -> fx.Node | None:
@@ -138,8 +136,8 @@ def _head_sum(node: fx.Node) -> fx.Node | None:
 
 def _rewrite_attention(graph: fx.Graph, node: fx.Node, q, k, v, scale) -> None:
     call = graph.call_function
-    (_, heads, n, d), m, dv = _val(q).shape, _val(k).shape[2], _val(v).shape[-1]
-    shared = _shared_key(k, _val(q).shape[0])
+    (batch, heads, n, d), m, dv = recorded_shape(q), recorded_shape(k)[2], recorded_shape(v)[-1]
+    shared = _shared_key(k, batch)
     with graph.inserting_before(node):
         if scale != 1.0:
             q = call(aten.mul.Tensor, (q, float(scale)))
@@ -175,9 +173,9 @@ def attention_as_bmm(gm: fx.GraphModule) -> bool:
 
 # --- views ----------------------------------------------------------------------------------------------------
 
-def _slice_as(graph: fx.Graph, source: fx.Node, dim: int, index: int, result) -> fx.Node | None:
+def _slice_as(graph: fx.Graph, source: fx.Node, dim: int, index: int, result: fx.Node) -> fx.Node | None:
     """``source[..., index, ...]`` on axis ``dim``, written as slice then reshape to ``result``'s shape."""
-    sizes, size = _sizes(result), _val(source).shape[dim]
+    sizes, size = _sizes(result), recorded_shape(source)[dim]
     if sizes is None or not isinstance(size, int):
         return None
     index %= size
@@ -189,19 +187,19 @@ def views_as_reshape(gm: fx.GraphModule) -> bool:
     """``squeeze``/``unsqueeze`` as ``reshape``; ``select`` and ``unbind`` items as ``slice`` + ``reshape``."""
     graph, changed = gm.graph, False
     for node in list(graph.nodes):
-        out = _val(node)
+        source = recorded_shape(node.args[0]) if node.args else None
         with graph.inserting_before(node):
-            if node.target in (aten.squeeze.dims, aten.squeeze.dim, aten.unsqueeze.default) and _sizes(out):
-                new = graph.call_function(aten.reshape.default, (node.args[0], _sizes(out)))
-            elif _val(node.args[0] if node.args else None) is None:
+            if node.target in (aten.squeeze.dims, aten.squeeze.dim, aten.unsqueeze.default) and _sizes(node):
+                new = graph.call_function(aten.reshape.default, (node.args[0], _sizes(node)))
+            elif source is None:
                 continue
             elif node.target is aten.select.int:
-                new = _slice_as(graph, node.args[0], node.args[1] % _val(node.args[0]).dim(), node.args[2], out)
+                new = _slice_as(graph, node.args[0], node.args[1] % len(source), node.args[2], node)
             elif node.target is aten.unbind.int and all(u.target is operator.getitem for u in node.users):
-                dim = (node.args[1] if len(node.args) > 1 else 0) % _val(node.args[0]).dim()
+                dim = (node.args[1] if len(node.args) > 1 else 0) % len(source)
                 for item in list(node.users):
                     with graph.inserting_before(item):
-                        new = _slice_as(graph, node.args[0], dim, item.args[1], _val(item))
+                        new = _slice_as(graph, node.args[0], dim, item.args[1], item)
                     if new is not None:
                         _replace(graph, item, new)
                         changed = True
@@ -236,9 +234,9 @@ def layer_norm_as_mean(gm: fx.GraphModule) -> bool:
     trailing axes of a 4-d view (the form XNNPACK's mean takes)."""
     graph, changed = gm.graph, False
     for node in list(graph.nodes):
-        if node.target is not aten.layer_norm.default or _val(node) is None or _val(node).dim() != 3:
+        if node.target is not aten.layer_norm.default or len(recorded_shape(node) or ()) != 3:
             continue
-        args, sizes = bind(node) or {}, _sizes(_val(node))
+        args, sizes = bind(node) or {}, _sizes(node)
         x, weight, bias, eps = args.get("input"), args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
         if x is None or len(args.get("normalized_shape", ())) != 1 or sizes is None:
             continue
