@@ -40,11 +40,10 @@ COMMON = dict(num_classes=10, img_size=28, patch_size=7, in_chans=1)
 
 def int8_row(fused, train_set, eval_set, path: Path) -> dict:
     """int8 ExecuTorch program of ``fused``: its eval accuracy and predictions changed against fp32."""
-    from fxrep.export import load_executorch, run_executorch, to_executorch
+    from fxrep.export import calibration_inputs, load_executorch, run_executorch, to_executorch
 
     images, labels = eval_set.tensors
-    calibration = [(train_set[i][0].unsqueeze(0),) for i in range(0, len(train_set), len(train_set) // 200)]
-    to_executorch(fused, (images[:1],), path, quantize="int8", calibration=calibration)
+    to_executorch(fused, (images[:1],), path, quantize="int8", calibration=calibration_inputs(train_set))
     method = load_executorch(path)
     with torch.no_grad():
         fp32 = torch.cat([fused(images[i:i + 256]) for i in range(0, len(images), 256)]).argmax(-1)

@@ -66,15 +66,14 @@ def _fuse(args) -> int:
     print(fused.meta["fxrep_report"])
     print(f"fused model written to {args.out}")
     if args.executorch:
-        from fxrep.export import to_executorch
+        from fxrep.export import calibration_inputs, to_executorch
         from fxrep.training import load_mnist_idx
 
         calibration = None
         if args.int8:
             if args.calibration is None:
                 raise SystemExit("--int8 needs --calibration DIR (an MNIST IDX directory of real inputs).")
-            data = load_mnist_idx(args.calibration, "train")
-            calibration = [(data[i][0].unsqueeze(0),) for i in range(0, len(data), max(1, len(data) // 200))]
+            calibration = calibration_inputs(load_mnist_idx(args.calibration, "train"))
         path = to_executorch(fused, (torch.randn(shape),), args.executorch,
                              quantize="int8" if args.int8 else None, calibration=calibration)
         print(f"ExecuTorch program (XNNPACK{', int8' if args.int8 else ''}) written to {path}")

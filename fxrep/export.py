@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .mobile import load_executorch, quantize_int8, run_executorch, to_executorch
+from .mobile import calibration_inputs, load_executorch, quantize_int8, run_executorch, to_executorch
 
 __all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8",
-           "load_executorch", "run_executorch"]
+           "calibration_inputs", "load_executorch", "run_executorch"]
 
 
 def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:

@@ -52,6 +52,13 @@ def _program(model, example_inputs: tuple) -> torch.export.ExportedProgram:
         return torch.export.export(model, example_inputs)
 
 
+def calibration_inputs(dataset, count: int = 200) -> list[tuple]:
+    """``count`` inputs spread evenly over ``dataset`` (items ``(image, label)``), each a one-image batch:
+    calibration data for ``quantize_int8``."""
+    step = max(1, len(dataset) // count)
+    return [(dataset[i][0].unsqueeze(0),) for i in range(0, len(dataset), step)][:count]
+
+
 def quantize_int8(program: torch.export.ExportedProgram, example_inputs: tuple, calibration) -> \
         torch.export.ExportedProgram:
     """PT2E int8 post-training quantization for XNNPACK (symmetric, per-channel weights), calibrated on

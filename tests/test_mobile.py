@@ -11,7 +11,7 @@ import torch
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import relative_error
-from fxrep.export import run_executorch, to_executorch
+from fxrep.export import calibration_inputs, run_executorch, to_executorch
 from fxrep.models.registry import _create
 from fxrep.training import TrainConfig, load_mnist_idx, train
 
@@ -65,7 +65,8 @@ def trained_d3b4():
 def test_int8_program_agrees_with_fp32_and_is_smaller(trained_d3b4, tmp_path):
     fused, train_set, eval_set = trained_d3b4
     x = train_set[0][0].unsqueeze(0)
-    calibration = [(train_set[i][0].unsqueeze(0),) for i in range(0, 8000, 40)]  # 200 training images
+    calibration = calibration_inputs(train_set)  # 200 training images
+    assert len(calibration) == 200 and calibration[1][0].shape == (1, 1, 28, 28)
     fp32 = to_executorch(fused, (x,), tmp_path / "fp32.pte")
     int8 = to_executorch(fused, (x,), tmp_path / "int8.pte", quantize="int8", calibration=calibration)
     assert fp32.stat().st_size >= 3 * int8.stat().st_size, (fp32.stat().st_size, int8.stat().st_size)
