@@ -16,6 +16,7 @@ import math
 import statistics
 import time
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -52,7 +53,7 @@ def time_fuse(model, repeats: int) -> tuple[float, int]:
 
 def time_export_fuse(repeats: int) -> tuple[float, float]:
     """(export seconds, fxrep.fuse(program) seconds), medians, for the registered d3b4 with a dynamic batch."""
-    model = _create("fxrep_deit_tiny_d3b4").eval()
+    model = timm.create_model("fxrep_deit_tiny_d3b4").eval()
     set_join(model, 1.0)
     x = (torch.randn(2, 3, 224, 224),)
     batch = torch.export.Dim("batch", min=1)

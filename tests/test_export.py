@@ -5,6 +5,7 @@ tests/test_conformance.py ("exported" flow, Hugging Face rows)."""
 import inspect
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from torch.export import Dim
@@ -14,13 +15,12 @@ import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import assert_equivalent
 from fxrep.ir.aten import DROP, IDENTITY, TABLE, _Call
-from fxrep.models.registry import _create
 
 
 def _d3b4():
     torch.manual_seed(0)
-    model = _create("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32, patch_size=8,
-                    depth=3).eval()
+    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32,
+                              patch_size=8).eval()
     model.set_join(1.0)
     return model
 

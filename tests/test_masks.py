@@ -8,7 +8,6 @@ import torch
 
 import fxrep
 import fxrep.models  # noqa: F401
-from fxrep.models.registry import _create
 from fxrep.testing import AttentionSpec, GeneratedAttentionBlock, assert_fused_equivalent, make_inputs
 
 N_TOKENS = 17  # 32 px, patch 8, plus the class token
@@ -16,8 +15,8 @@ N_TOKENS = 17  # 32 px, patch 8, plus the class token
 
 def _models():
     return {
-        "fxrep_d3b4": lambda: _create("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32,
-                                      patch_size=8, depth=3),
+        "fxrep_d3b4": lambda: timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5,
+                                                  img_size=32, patch_size=8),
         "timm_deit_tiny": lambda: timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32, patch_size=8,
                                                     num_classes=5),
         "timm_vit_small_18x2": lambda: timm.create_model("vit_small_patch16_18x2_224", depth=2, img_size=32,

@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import relative_error
 from fxrep.export import calibration_inputs, run_executorch, to_executorch
-from fxrep.models.registry import _create
 from fxrep.training import TrainConfig, load_mnist_idx, train
 
 pytest.importorskip("executorch", reason="the mobile extra (executorch) is installed by make test")
@@ -24,7 +24,7 @@ PER_HEAD = fxrep.default_registry().without("rank_aware_attention")
 
 def _fused(name: str, per_head: bool):
     torch.manual_seed(0)
-    model = _create(name, **SMALL).eval()
+    model = timm.create_model(name, **SMALL).eval()
     model.set_join(1.0)
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return model, fxrep.fuse(model, example_inputs=(x,), patterns=PER_HEAD if per_head else None), x
@@ -56,7 +56,7 @@ def trained_d3b4():
     """A small d3b4 trained with progressive joining on the MNIST train split, fused."""
     train_set, eval_set = load_mnist_idx(MNIST, "train"), load_mnist_idx(MNIST, "eval")
     torch.manual_seed(0)
-    model = _create("fxrep_deit_tiny_d3b4", embed_dim=64, num_heads=2, num_classes=10, img_size=28, patch_size=7,
+    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=64, num_heads=2, num_classes=10, img_size=28, patch_size=7,
                     in_chans=1)
     result = train(model, train_set, None, TrainConfig(steps=150, batch_size=64, progress=False))
     return result.fused, train_set, eval_set

@@ -154,15 +154,15 @@ def test_xnnpack_takes_the_whole_fused_model():
     batch runs outside it (without them: 17 delegates, with safe-softmax checks, expand copies, sums and
     LayerNorms between them)."""
     pytest.importorskip("executorch")
+    import timm
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     import fxrep
     import fxrep.models  # noqa: F401
-    from fxrep.models.registry import _create
 
     torch.manual_seed(0)
-    model = _create("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32, patch_size=8)
+    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32, patch_size=8)
     model.eval().set_join(1.0)
     x = torch.randn(1, 3, 32, 32)
     fused = fxrep.fuse(model, example_inputs=(x,))

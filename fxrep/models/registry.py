@@ -34,14 +34,17 @@ class BranchedVisionTransformer(VisionTransformer):
         return get_join(self)
 
 
-def _create(variant: str, pretrained: bool = False, branches: int = 2, **kwargs):
+def _create(variant: str, pretrained: bool = False, *, depth: int, branches: int, **kwargs):
+    """A BranchedVisionTransformer of ``depth`` blocks of ``branches`` branches; the rest of timm's
+    VisionTransformer arguments default to timm's (ViT-Base). ``variant`` names the timm config only: it does not
+    set the shape (``timm.create_model("fxrep_deit_tiny_d3b4")`` builds the registered d3b4)."""
     if pretrained:
         raise ValueError(f"{variant} has no pretrained weights (fxrep never downloads weights); create it "
                          "with pretrained=False and train it, or build it from a trained ViT with "
                          "fxrep.models.branch_from")
     block_fn = partial(BranchedBlock, branches=branches, head_dim=kwargs.pop("head_dim", None))
     return build_model_with_cfg(BranchedVisionTransformer, variant, pretrained=False, block_fn=block_fn,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+                                pretrained_filter_fn=checkpoint_filter_fn, depth=depth, **kwargs)
 
 
 def _register(variant: str):
@@ -54,7 +57,8 @@ def _register(variant: str):
         # (README). It folds into the fused Linears; pass init_values=0 for plain branch sums (timm drops None).
         args = dict(DEIT_TINY, depth=depth, init_values=1.0 / branches if branches > 1 else None)
         args.update(kwargs)
-        return _create(name, pretrained, branches=branches, **args)
+        args.setdefault("branches", branches)
+        return _create(name, pretrained, **args)
 
     entry.__name__ = name
     entry.__doc__ = (f"DeiT-Tiny shape, {depth} blocks of {branches} parallel branches (fuses to {depth} layers)"
