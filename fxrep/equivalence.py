@@ -56,8 +56,10 @@ def check_inputs(inputs) -> tuple:
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     for t in inputs:
-        if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.dtype in (torch.long, torch.int)):
-            raise InputError(f"inputs of dtype {t.dtype} are not supported; use a float tensor")
+        if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.dtype in (torch.long, torch.int,
+                                                                                      torch.bool)):
+            raise InputError(f"inputs of dtype {t.dtype} are not supported; use float tensors (integer or boolean "
+                             "tensors for indices and masks)")
     return tuple(inputs)
 
 

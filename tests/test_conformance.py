@@ -2,9 +2,8 @@
 every flow they can be captured in (the module, a graph the user traced with plain ``torch.fx.symbolic_trace``,
 and a ``torch.export`` program with a dynamic batch, some also in core ATen after ``run_decompositions()``), exact
 at the example batch and at another one, with one attention and one activation per block where the branches
-conform. Decomposed SDPA with a mask (Hugging Face's sdpa models) is not read yet: those run in core ATen as
-eager only. Hugging Face ``transformers`` 5.x models
-cannot be fx-traced: they run in the exported flow only."""
+conform. Hugging Face ``transformers`` 5.x models cannot be fx-traced: they run in the exported flows only (their
+sdpa models pass an all-True boolean mask, which core ATen adds to the logits as ``where(mask, 0, -inf)``)."""
 
 import pytest
 import timm
@@ -103,12 +102,12 @@ CASES = {
     # exported, nn.MultiheadAttention is inlined with its input transposed to (tokens, batch, dim) before the
     # in-projection: each attention lifts, but the lift has no tokens-first form yet, so branches do not widen
     "torchvision_blocks_x3": (lambda: TorchvisionBranches(3), "tokens", 1, ("module", "traced")),
-    **{f"hf_{name}_{impl}": (_hugging_face(*classes, impl), "image", 2, EXPORTED + (CORE if impl == "eager" else ()))
+    **{f"hf_{name}_{impl}": (_hugging_face(*classes, impl), "image", 2, EXPORTED + CORE)
        for name, classes in (("vit", (ViTForImageClassification, ViTConfig)),
                              ("deit", (DeiTForImageClassification, DeiTConfig)), ("dinov2", (Dinov2Model, Dinov2Config)))
        for impl in ("eager", "sdpa")},
     **{f"hf_blocks_x{b}_{impl}": (lambda b=b, impl=impl: HuggingFaceBranches(b, impl), "tokens", 1,
-                                  EXPORTED + (CORE if impl == "eager" else ()))
+                                  EXPORTED + CORE)
        for b in (2, 3) for impl in ("eager", "sdpa")},
 }
 FLOW_CASES = [(name, flow) for name in sorted(CASES) for flow in CASES[name][3]]

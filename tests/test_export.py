@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.export import Dim
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
@@ -130,6 +131,40 @@ def test_decompositions_fold_only_where_exact():
     code = fused.graph_module.code
     assert "aten.matmul" in code and "bmm" not in code
     assert "addmm" in code and "native_layer_norm" in code
+
+
+class ConstantMaskAttention(nn.Module):
+    """SDPA with a boolean mask built from ``arange`` (as Hugging Face's sdpa models do), or read from an input."""
+
+    def __init__(self, mask: str):
+        super().__init__()
+        self.qkv, self.mask = nn.Linear(8, 24), mask
+
+    def forward(self, x, m):  # x: (batch, 5, 8)
+        q, k, v = self.qkv(x).view(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        i = torch.arange(5)
+        mask = {"all_true": (i[None, :] >= 0).expand(x.shape[0], 1, 5, 5),
+                "empty_first_row": i[None, :] < i[:, None],  # row 0 masks every key: SDPA gives it zeros
+                "input": m}[self.mask]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(x.shape[0], 5, 8)
+
+
+@pytest.mark.parametrize("mask", ["all_true", "empty_first_row", "input"])
+def test_core_aten_safe_softmax_folds_only_under_a_finite_constant_mask(mask):
+    """Core ATen spells SDPA's softmax as ``where(row all -inf, 0, softmax(s))`` and a boolean mask as
+    ``s + where(mask, 0, -inf)``. The ``where`` is dropped only when the mask is a constant with no -inf (an
+    all-True mask); a row masked throughout, or a mask from an input, keeps it, and the output stays exact."""
+    torch.manual_seed(0)
+    model = ConstantMaskAttention(mask).eval()
+    x, m = torch.randn(2, 5, 8), torch.rand(2, 1, 5, 5) > 0.3
+    batch = Dim("batch", min=1)
+    ep = torch.export.export(model, (x, m), dynamic_shapes=({0: batch}, {0: batch})).run_decompositions()
+    fused = fxrep.fuse(ep)
+    for b in (2, 3):
+        args = (torch.randn(b, 5, 8), torch.rand(b, 1, 5, 5) > 0.3)
+        assert_equivalent(model, fused.module(), args)
+    report = fused.graph_module.meta["fxrep_report"]
+    assert report.after["sdpa"] == (1 if mask == "all_true" else 0), report
 
 
 @pytest.mark.parametrize("op", sorted(TABLE, key=str), ids=str)

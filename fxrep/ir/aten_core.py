@@ -6,7 +6,8 @@
 - ``view(bmm(view(clone?(expand(A)), [BH, n, k]), view(clone?(expand(B)), [BH, k, m])), [..., n, m])``, with
   expands that only broadcast batch axes, is ``matmul(A, B)`` (``linear(A, w)`` where B is ``w^T``);
 - ``where(rows of s all -inf, 0, _softmax(s))`` (SDPA's decomposed softmax) is ``_softmax(s)`` where ``s`` is an
-  unmasked q-k product: for finite inputs no row of it is -inf throughout, so the two agree;
+  unmasked q-k product, or one plus a constant mask with no infinite value: for finite inputs no row of it is
+  -inf throughout, so the two agree;
 - ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s`` is ``stack(xs)`` (timm's branch sums);
 - ``native_layer_norm(x, shape, w, b, eps)[0]``, its mean and rstd unread, is ``layer_norm(x, shape, w, b, eps)``.
 
@@ -21,6 +22,8 @@ import operator
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .evaluate import evaluate
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -150,10 +153,43 @@ def _safe_softmax(node):
     s = sm.args[0]
     if eq is None or eq.args[0] is not s or eq.args[1] != float("-inf") or any_.args[1] != sm.args[1]:
         return None
-    product = s
-    while _call(product, *_VIEWS) is not None:
-        product = product.args[0]
-    return sm if _call(product, aten.bmm.default, aten.matmul.default) is not None else None
+    if _call(s, aten.add.Tensor) is not None:  # a mask with no -inf anywhere leaves every row finite
+        products = [a for a, m in (s.args, s.args[::-1]) if _finite_constant(m)]
+        s = products[0] if products else s
+    return sm if _is_product(s) else None
+
+
+def _is_product(s) -> bool:
+    while _call(s, *_VIEWS) is not None:
+        s = s.args[0]
+    return _call(s, aten.bmm.default, aten.matmul.default) is not None
+
+
+def _finite_constant(node) -> bool:
+    """Whether ``node`` is computed from constants alone (Hugging Face's sdpa models build an all-True boolean
+    mask from ``arange``; core ATen adds it as ``where(mask, 0, -inf)``) and has no infinite value. Broadcasts
+    (``expand``, possibly to a symbolic batch) keep the values, so they are looked through."""
+    values: dict = {}
+
+    def value(n, budget=[64]):  # noqa: B006 - one budget for the whole evaluation
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in values:
+            budget[0] -= 1
+            if budget[0] < 0 or n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) \
+                    or torch.Tag.nondeterministic_seeded in n.target.tags:
+                raise LookupError(n.name)
+            if n.target is aten.expand.default:
+                values[n] = value(n.args[0])
+            else:
+                values[n] = evaluate(n, value)
+        return values[n]
+
+    try:
+        v = value(node)
+    except Exception:  # noqa: BLE001 - not a constant fxrep can evaluate: not folded
+        return False
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isfinite(v).all())
 
 
 _PURE = {*_VIEWS, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.permute.default, aten.t.default,
