@@ -10,11 +10,13 @@ cuts the graph into many delegate calls. In an exported ViT three spellings do t
   - a key shared by every head (fxrep's rank-aware attention reads the block input itself) is not copied per
     head: the heads are stacked as rows of one ``bmm``;
   - attention whose head outputs are summed (the rank-aware form again) becomes one ``bmm`` over the stacked
-    heads, so the sum over heads is part of the product.
+    heads, so the sum over heads is part of the product. Its queries are stacked in the (token, head) order
+    their Linear writes them, and values from a Linear no wider than its input are applied after the product
+    (``sum_h P_h (Y W_h^T + b_h) = [P_1 Y ... P_H Y] Wcat^T + sum_h b_h``), so nothing is transposed.
 - ``squeeze``, ``unsqueeze``, ``select`` and ``unbind`` (timm splits q, k and v with ``unbind``) become
   ``slice`` and ``reshape``, which XNNPACK takes.
-- ``layer_norm`` over the last axis is written with the 4-d ``mean`` XNNPACK takes (global average pooling),
-  ``sub``, ``mul``, ``add`` and ``rsqrt``.
+- ``layer_norm`` over the last axis is written with ``linear`` (its means: one output, weights ``1 / width``),
+  ``sub``, ``mul``, ``add`` and ``rsqrt``; XNNPACK's ``mean`` would need two transposes around it.
 
 Each rewrite is the same function up to float rounding: ``rewrite_for_xnnpack`` runs the program before and
 after on its example inputs and raises InternalError if they differ by more than 1e-5 relative.
@@ -30,10 +32,12 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import algebra
 from .equivalence import EquivalenceError, compare_outputs
 from .errors import InternalError
 from .ir import bind
 from .ir.aten_core import recorded_shape
+from .ir.readers import fetch_attr
 from .program import dynamic_shapes_of
 
 aten = torch.ops.aten
@@ -49,7 +53,7 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
     a rounding difference before a quantize op moves the output by whole quantization steps. The nodes a
     LayerNorm is written with are tagged (``keeps_float``): a quantizer must leave them in float."""
     module = program.module()
-    changed = [rewrite(module) for rewrite in (attention_as_bmm, views_as_reshape, layer_norm_as_mean)]
+    changed = [rewrite(module) for rewrite in (attention_as_bmm, views_as_reshape, layer_norm_with_linear_means)]
     if not any(changed):
         return program
     module.graph.eliminate_dead_code()
@@ -134,40 +138,109 @@ def _head_sum(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _rewrite_attention(graph: fx.Graph, node: fx.Node, q, k, v, scale) -> None:
+def _tokens_major(t: fx.Node) -> fx.Node | None:
+    """``src`` when ``t`` is a 4-d ``src`` of shape (batch, tokens, heads, dim) with its token and head axes
+    swapped (how heads split from a Linear's features reach attention), else None."""
+    dims = [a % 4 for a in t.args[1:3]] if t.target is aten.transpose.int else \
+        [a % 4 for a in t.args[1]] if t.target is aten.permute.default else None
+    if dims not in ([1, 2], [2, 1], [0, 2, 1, 3]) or len(recorded_shape(t.args[0]) or ()) != 4:
+        return None
+    return t.args[0]
+
+
+def _split_linear(gm: fx.GraphModule, v: fx.Node):
+    """(y, weight, bias) when ``v`` is the (batch, heads, tokens, dv) heads of ``linear(y, weight, bias)`` (its
+    features split into heads, then heads moved before tokens), weight and bias constant; else None."""
+    src = _tokens_major(v)
+    lin = src.args[0] if src is not None and src.target in (aten.unflatten.int, aten.view.default,
+                                                              aten.reshape.default) else None
+    if lin is None or lin.target is not aten.linear.default:
+        return None
+    (batch, m, width), (_, heads, _, dv) = recorded_shape(lin), recorded_shape(v)
+    if not (_same(batch, recorded_shape(src)[0]) and recorded_shape(src)[1:] == (m, heads, dv) and width == heads * dv):
+        return None  # features split as (heads, dv), batch and token axes kept
+    y, w, b = (list(lin.args) + [None])[:3]
+    if w.op != "get_attr" or (b is not None and b.op != "get_attr") or len(recorded_shape(y) or ()) != 3:
+        return None
+    return y, fetch_attr(gm, w.target), (fetch_attr(gm, b.target) if b is not None else None)
+
+
+def _summed_values(gm: fx.GraphModule, graph: fx.Graph, probs, v, heads: int, n: int, m: int, dv: int):
+    """``sum_h P_h V_h`` for probabilities stacked as (batch, tokens * heads, m) rows (token, head).
+
+    Where ``V_h = Y W_h^T + b_h`` is a split Linear of width ``dy <= dv`` this is ``[P_1 Y ... P_H Y] Wcat^T +
+    sum_h b_h`` (rows of P sum to 1): one ``bmm`` against Y itself, whose rows come out in the order the
+    Linear reads them, and one Linear with the weights side by side, so no tensor is transposed and XNNPACK
+    packs Y (dy wide) instead of V. Otherwise ``[P_1 ... P_H] [V_1; ...; V_H]``."""
+    call = graph.call_function
+    found = _split_linear(gm, v)
+    if found is None or recorded_shape(found[0])[-1] > dv:
+        return call(aten.bmm.default, (call(aten.reshape.default, (probs, [-1, n, heads * m])),
+                                       call(aten.reshape.default, (v, [-1, heads * m, dv]))))
+    y, w, b = found
+    dy = recorded_shape(y)[-1]
+    weight = w.to(algebra.f64).view(heads, dv, dy).transpose(0, 1).reshape(dv, heads * dy).to(w.dtype)
+    bias = b.to(algebra.f64).view(heads, dv).sum(0).to(b.dtype) if b is not None else None
+    z = call(aten.bmm.default, (probs, call(aten.reshape.default, (y, [-1, m, dy]))))
+    args = [call(aten.reshape.default, (z, [-1, n, heads * dy])), _constant(gm, graph, weight)]
+    return call(aten.linear.default, tuple(args + ([_constant(gm, graph, bias)] if bias is not None else [])))
+
+
+def _constant(gm: fx.GraphModule, graph: fx.Graph, value: torch.Tensor) -> fx.Node:
+    name = f"fxrep_xnnpack_{sum(1 for n, _ in gm.named_buffers() if n.startswith('fxrep_xnnpack_'))}"
+    gm.register_buffer(name, value)
+    return graph.get_attr(name)
+
+
+def _rewrite_attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale) -> None:
+    graph = gm.graph
     call = graph.call_function
     (batch, heads, n, d), m, dv = recorded_shape(q), recorded_shape(k)[2], recorded_shape(v)[-1]
-    shared = _shared_key(k, batch)
+    shared, summed, by_token = _shared_key(k, batch), _head_sum(node), _tokens_major(q)
     with graph.inserting_before(node):
-        if scale != 1.0:
-            q = call(aten.mul.Tensor, (q, float(scale)))
-        if shared is not None:  # every head against one key: heads stacked as rows, one product
+        if shared is not None and summed is not None and by_token is not None:
+            # heads stacked as rows (token, head), as the q Linear wrote them: nothing is transposed
+            q = call(aten.reshape.default, (by_token, [-1, n * heads, d]))
+            q = call(aten.mul.Tensor, (q, float(scale))) if scale != 1.0 else q
             key_t = call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
-            logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, heads * n, d])), key_t))
+            probs = call(aten._softmax.default, (call(aten.bmm.default, (q, key_t)), -1, False))
+            out = _summed_values(gm, graph, probs, v, heads, n, m, dv)
         else:
-            key_t = call(aten.reshape.default, (call(aten.transpose.int, (k, -2, -1)), [-1, d, m]))
-            logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, n, d])), key_t))
-        probs = call(aten._softmax.default, (logits, -1, False))
-        summed = _head_sum(node)
-        if summed is not None:  # sum over heads of P_h V_h = [P_1 ... P_H] [V_1; ...; V_H]
-            by_token = call(aten.permute.default, (call(aten.reshape.default, (probs, [-1, heads, n, m])),
-                                                   [0, 2, 1, 3]))
-            out = call(aten.bmm.default, (call(aten.reshape.default, (by_token, [-1, n, heads * m])),
-                                          call(aten.reshape.default, (v, [-1, heads * m, dv]))))
-        else:
-            out = call(aten.bmm.default, (call(aten.reshape.default, (probs, [-1, n, m])),
-                                          call(aten.reshape.default, (v, [-1, m, dv]))))
-            out = call(aten.reshape.default, (out, [-1, heads, n, dv]))
+            out = _heads_first_attention(graph, q, k, v, scale, shared, summed, (heads, n, d, m, dv))
     _replace(graph, summed or node, out)
     if summed is not None:
         graph.erase_node(node)
+
+
+def _heads_first_attention(graph, q, k, v, scale, shared, summed, sizes):
+    """Attention on (batch, heads, tokens, dim) operands, heads stacked as rows of one product where every
+    head reads one key."""
+    call = graph.call_function
+    heads, n, d, m, dv = sizes
+    if scale != 1.0:
+        q = call(aten.mul.Tensor, (q, float(scale)))
+    if shared is not None:  # every head against one key: heads stacked as rows, one product
+        key_t = call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
+        logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, heads * n, d])), key_t))
+    else:
+        key_t = call(aten.reshape.default, (call(aten.transpose.int, (k, -2, -1)), [-1, d, m]))
+        logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, n, d])), key_t))
+    probs = call(aten._softmax.default, (logits, -1, False))
+    if summed is not None:  # sum over heads of P_h V_h = [P_1 ... P_H] [V_1; ...; V_H]
+        by_token = call(aten.permute.default, (call(aten.reshape.default, (probs, [-1, heads, n, m])),
+                                               [0, 2, 1, 3]))
+        return call(aten.bmm.default, (call(aten.reshape.default, (by_token, [-1, n, heads * m])),
+                                       call(aten.reshape.default, (v, [-1, heads * m, dv]))))
+    out = call(aten.bmm.default, (call(aten.reshape.default, (probs, [-1, n, m])),
+                                  call(aten.reshape.default, (v, [-1, m, dv]))))
+    return call(aten.reshape.default, (out, [-1, heads, n, dv]))
 
 
 def attention_as_bmm(gm: fx.GraphModule) -> bool:
     """Every plain SDPA call written with ``bmm`` and ``_softmax``. Returns whether anything changed."""
     found = [(node, parts) for node in gm.graph.nodes if (parts := _plain_attention(node)) is not None]
     for node, parts in found:
-        _rewrite_attention(gm.graph, node, *parts)
+        _rewrite_attention(gm, node, *parts)
     return bool(found)
 
 
@@ -229,9 +302,10 @@ def keeps_float(node: fx.Node) -> bool:
     return bool(node.meta.get("custom", {}).get(FLOAT_TAG))
 
 
-def layer_norm_as_mean(gm: fx.GraphModule) -> bool:
-    """``layer_norm`` over the last axis as ``(x - mean) * rsqrt(var + eps) * w + b``, its means taken over the
-    trailing axes of a 4-d view (the form XNNPACK's mean takes)."""
+def layer_norm_with_linear_means(gm: fx.GraphModule) -> bool:
+    """``layer_norm`` over the last axis as ``(x - mean) * rsqrt(var + eps) * w + b``, each mean a Linear with
+    one output and weights ``1 / width``. (XNNPACK's own mean reduces the two inner axes of a 4-d tensor in
+    NHWC layout, which puts two transposes around every LayerNorm.)"""
     graph, changed = gm.graph, False
     for node in list(graph.nodes):
         if node.target is not aten.layer_norm.default or len(recorded_shape(node) or ()) != 3:
@@ -242,11 +316,11 @@ def layer_norm_as_mean(gm: fx.GraphModule) -> bool:
             continue
         call = functools.partial(_tagged_call, graph)
         with graph.inserting_before(node):
-            x4 = call(aten.unsqueeze.default, (x, -1))
-            centred = call(aten.sub.Tensor, (x4, call(aten.mean.dim, (x4, [-2, -1], True))))
-            var = call(aten.mean.dim, (call(aten.mul.Tensor, (centred, centred)), [-2, -1], True))
+            width = sizes[-1]
+            ones = _constant(gm, graph, torch.full((1, width), 1.0 / width, dtype=node.meta["val"].dtype))
+            centred = call(aten.sub.Tensor, (x, call(aten.linear.default, (x, ones))))
+            var = call(aten.linear.default, (call(aten.mul.Tensor, (centred, centred)), ones))
             out = call(aten.mul.Tensor, (centred, call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))))
-            out = call(aten.reshape.default, (out, sizes))
             if weight is not None:
                 out = call(aten.mul.Tensor, (out, weight))
             if bias is not None:

@@ -69,6 +69,51 @@ def test_attention_as_bmm_computes_what_sdpa_computes(case):
     assert relative_error(model(*inputs), rewritten.module()(*inputs)) <= 1e-5
 
 
+class SplitLinearAttention(torch.nn.Module):
+    """fxrep's rank-aware attention as it is exported: q and v are Linears whose features split into heads
+    (unflatten, then heads before tokens), every head's key is the block input, the heads are summed. Near
+    misses: q given as a tensor (no Linear to read its (token, head) order from), values from a Linear wider
+    than dv (applying it after the product would cost more), values split (dv, heads) instead of (heads, dv)."""
+
+    def __init__(self, heads: int, d: int, dv: int, dy: int, bias: bool, scale, near_miss: str | None):
+        super().__init__()
+        self.heads, self.scale, self.near_miss = heads, scale, near_miss
+        self.q = torch.nn.Linear(d, heads * d, bias=bias)
+        self.v = torch.nn.Linear(dy, heads * dv, bias=bias)
+
+    def forward(self, x, y):
+        h = self.heads
+        q = self.q(x).unflatten(-1, (h, -1)).transpose(-3, -2)
+        if self.near_miss == "q_tensor":
+            q = q.contiguous() * 1.5
+        v = self.v(y)
+        v = v.unflatten(-1, (-1, h)).transpose(-1, -2) if self.near_miss == "dv_major" else v.unflatten(-1, (h, -1))
+        k = x.unsqueeze(-3).expand_as(q)
+        return F.scaled_dot_product_attention(q, k, v.transpose(-3, -2), scale=self.scale).sum(-3)
+
+
+@SETTINGS
+@given(b=st.integers(1, 3), h=st.integers(1, 4), n=st.integers(1, 9), d=st.integers(1, 8), dv=st.integers(1, 8),
+       wider=st.booleans(), bias=st.booleans(), scale=st.sampled_from([None, 1.0, 0.37]),
+       near_miss=st.sampled_from([None, None, "q_tensor", "dv_major"]), seed=st.integers(0, 2**16))
+def test_rank_aware_attention_runs_without_transposes(b, h, n, d, dv, wider, bias, scale, near_miss, seed):
+    """Queries stay in the (token, head) order their Linear writes and values are applied after the product:
+    the only transpose left is the key's. Every case (near misses included) computes what SDPA computes."""
+    torch.manual_seed(seed)
+    dy = dv + 1 if wider else max(1, dv - 1)
+    model = SplitLinearAttention(h, d, dv, dy, bias, scale, near_miss).eval()
+    inputs = (torch.randn(b, n, d), torch.randn(b, n, dy))
+    rewritten = rewrite_for_xnnpack(torch.export.export(model, inputs), inputs)
+    ops = _ops(rewritten)
+    moves = ops[aten.permute.default] + ops[aten.transpose.int]
+    if near_miss is None:  # the key's transpose, plus v's own where v is wider than its input and stays
+        assert (moves, ops[aten.linear.default]) == (1 + wider, 2), ops
+    else:  # v split (dv, heads) keeps its two transposes; q from a tensor moves the probabilities too
+        assert moves == {"dv_major": 3, "q_tensor": 4}[near_miss], ops
+    with torch.no_grad():
+        assert relative_error(model(*inputs), rewritten.module()(*inputs)) <= 1e-5
+
+
 class NearMiss(torch.nn.Module):
     def __init__(self, kind: str):
         super().__init__()
@@ -121,12 +166,13 @@ class Norms(torch.nn.Module):
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("eps", [1e-6, 1e-2])
-def test_layer_norm_over_the_last_axis_is_written_with_means(affine, eps):
+def test_layer_norm_over_the_last_axis_is_written_with_linear_means(affine, eps):
     x = torch.randn(2, 5, 6) * 3 + 1
     model = Norms(affine, eps).eval()
     program = torch.export.export(model, (x,))
     rewritten = rewrite_for_xnnpack(program, (x,))
-    assert _ops(rewritten)[aten.layer_norm.default] == 1 and _ops(rewritten)[aten.mean.dim] == 2
+    ops = _ops(rewritten)
+    assert ops[aten.layer_norm.default] == 1 and ops[aten.linear.default] == 2 and aten.mean.dim not in ops
     for expected, actual in zip(model(x), rewritten.module()(x)):
         assert relative_error(expected, actual) <= 1e-5
 
@@ -185,7 +231,7 @@ def test_a_rewrite_that_changes_the_output_is_an_internal_error(monkeypatch):
                 gm.graph.erase_node(node)
         return True
 
-    monkeypatch.setattr(fxrep.xnnpack, "layer_norm_as_mean", broken)
+    monkeypatch.setattr(fxrep.xnnpack, "layer_norm_with_linear_means", broken)
     x = torch.randn(2, 5, 6) * 3 + 1
     program = torch.export.export(Norms(False, 1e-6).eval(), (x,))
     with pytest.raises(fxrep.InternalError, match="xnnpack_rewrites=False"):
