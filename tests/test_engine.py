@@ -6,11 +6,13 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import fx
 
 import fxrep
 from fxrep.models.registry import _create
 from fxrep.snapshot import ModelSnapshot
+from fxrep.stats import count_flops
 from fxrep.testing import GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, make_inputs
 from fxrep.tracing import portable_guards
 
@@ -235,3 +237,15 @@ def test_a_pattern_that_erases_nodes_is_told_to_use_replace_node():
                                    replace)
     with pytest.raises(fxrep.PatternError, match="must not erase nodes: call ctx.replace_node"):
         fxrep.fuse(_block(lam=0.5), patterns=[eraser])
+
+
+class _Sdpa(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_attention_flops_are_counted_on_the_cpu():
+    """torch's FlopCounterMode has no formula for the CPU attention kernel; fxrep's counter adds it (two
+    products of 2 * (batch * heads) * 5 * 5 * 4 FLOPs each)."""
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    assert count_flops(_Sdpa(), (q, k, v)) == 2 * (2 * 6 * 5 * 5 * 4)
