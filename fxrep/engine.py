@@ -162,11 +162,11 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
         for node in list(ctx.graph.nodes):  # match() never mutates: the list stays valid
             result = pattern.match(node, ctx)
             if isinstance(result, Skip):
-                skips.append(Skipped(pattern.name, result.reason, merge_origins(result.nodes)))
+                skips.append((Skipped(pattern.name, result.reason, merge_origins(result.nodes)), result.provisional))
             elif isinstance(result, Match):
                 if not hazards.isdisjoint(result.nodes):
-                    skips.append(Skipped(pattern.name, "a value it rewrites is written in place (or read after "
-                                         "such a write): left as it is", merge_origins(result.nodes)))
+                    skips.append((Skipped(pattern.name, "a value it rewrites is written in place (or read after "
+                                          "such a write): left as it is", merge_origins(result.nodes)), False))
                 elif taken.isdisjoint(result.nodes):
                     matches.append(result)
                     taken.update(result.nodes)
@@ -221,8 +221,8 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
 def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, after_pattern=None) -> None:
     """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy).
 
-    Skips are collected from every sweep; one is dropped when the same pattern later rewrote everything it
-    names (a candidate that became mergeable after another rewrite is not a near miss; one that shares only
+    Skips are collected from every sweep (provisional ones from the phase's last sweep only); one is dropped
+    when the same pattern later rewrote everything it names (a candidate that became mergeable after another rewrite is not a near miss; one that shares only
     a LayerNorm with a rewrite still is)."""
     ctx = FuseContext(gm)
     skips: dict = {}
@@ -233,8 +233,9 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
         for _ in range(MAX_SWEEPS):
             report.sweeps += 1
             applied, seen = _sweep(patterns, ctx, report, after_pattern)
-            for s in seen:
-                skips.setdefault((s.pattern, s.reason, s.origins), s)
+            for s, provisional in seen:
+                if not provisional or not applied:  # provisional: only as the phase's last sweep sees it
+                    skips.setdefault((s.pattern, s.reason, s.origins), s)
             if not applied:
                 ctx.graph.lint()  # a pattern that broke the graph is caught at the end of its phase
                 break

@@ -126,11 +126,15 @@ class RandomGraphModel(nn.Module):
                 y = _stacked_sum(a, b, opt % 4)
             elif op == "mha":
                 y = self.mods[idx](a, a, a, need_weights=opt % 5 == 0)[0]
-            elif op == "sdpa_masked":  # timm's attention with is_causal, or with a mask computed from data
+            elif op == "sdpa_masked":  # timm's attention with is_causal, or with a mask computed from data,
+                scores = (b @ b.transpose(-1, -2)) * 0.1  # shared by the heads (b, 1, N, N) or one per head
                 if opt % 3 == 0:
                     y = self.mods[idx](a, is_causal=True)
+                elif opt % 3 == 1:
+                    y = self.mods[idx](a, attn_mask=scores.unsqueeze(1))
                 else:
-                    y = self.mods[idx](a, attn_mask=((b @ b.transpose(-1, -2)) * 0.1).unsqueeze(1))
+                    heads = self.mods[idx].num_heads
+                    y = self.mods[idx](a, attn_mask=torch.stack([scores * (1 - h) for h in range(heads)], 1))
             elif op == "reduce_add":
                 y = functools.reduce(operator.add, [a, b, a][: 2 + opt % 2])
             elif op == "activation":

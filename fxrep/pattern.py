@@ -40,6 +40,9 @@ class Skip:
 
     nodes: Sequence[fx.Node]
     reason: str
+    # reported only if the pattern still reports it in the last sweep of its phase: for candidates that other
+    # rewrites of the same phase may still change (their reason names a state the graph passes through)
+    provisional: bool = False
 
     def __bool__(self) -> bool:
         return False

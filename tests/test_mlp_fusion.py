@@ -1,5 +1,6 @@
 """Property tests of MLP widening and joining (math doc sections 1-4) on generated branched blocks."""
 
+import pytest
 import torch
 from helpers import activations, hidden_widths, stats
 from hypothesis import given, settings
@@ -116,3 +117,19 @@ def test_a_branch_whose_pre_activation_is_read_elsewhere_is_reported():
     report = gm.meta["fxrep_report"]
     assert report.after["activation"] == 2  # the other two widen
     assert any("also read by another op" in s.reason for s in report.skipped if s.pattern == "widen_mlp")
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_joined_branches_whose_pre_activation_leaks_are_reported(lam):
+    """Partly joined (or lam = 0 written as a mix) branches whose Linear ``fc1_0`` is also an output: their
+    pre-activations stay sums of Linears, and the report says why, once (as the last sweep sees it)."""
+    model = GeneratedMlpBlock(MlpSpec(branches=3, near_miss="leak", lam=lam))
+    gm = assert_fused_equivalent(model, make_inputs(8, torch.float32))
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "widen_mlp"]
+    assert len(reasons) == 1 and "are sums of Linears" in reasons[0] and "also read elsewhere" in reasons[0], reasons
+
+
+def test_partly_joined_branches_that_widen_leave_no_provisional_reason():
+    model = GeneratedMlpBlock(MlpSpec(branches=3, lam=0.5))
+    gm = assert_fused_equivalent(model, make_inputs(8, torch.float32))
+    assert not [s for s in gm.meta["fxrep_report"].skipped if "sums of Linears" in s.reason]

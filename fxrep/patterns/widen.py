@@ -22,6 +22,7 @@ from .. import algebra
 from ..affine import AffineAnalysis, affine_analysis
 from ..ir import (
     activation_key,
+    arith_kind,
     as_layer_norm,
     as_linear,
     attention_view,
@@ -54,6 +55,28 @@ def _describe_inputs(xs) -> str:
     return "branches read different tensors (" + ", ".join(sorted({x.name for x in xs})) + ")"
 
 
+def _describe_mixed(nodes) -> str:
+    """Why branches whose pre-activations are sums of Linears (partly joined, 0 < lam < 1, or lam = 0 written
+    as a mix) stay apart: merge_affine writes such a sum as one Linear unless one of its Linears is also read
+    elsewhere, which is then named."""
+    leaks = set()
+    for n in nodes:
+        todo, seen = [n.args[0]], set()
+        while todo:
+            a = todo.pop()
+            if a in seen or not isinstance(a, fx.Node):
+                continue
+            seen.add(a)
+            if as_linear(a) is not None:
+                leaks |= {a.name for u in a.users if u not in seen and arith_kind(u) is None and u not in nodes}
+            elif arith_kind(a) is not None:
+                todo += [b for b in a.args if isinstance(b, fx.Node)]
+    pres = ", ".join(dict.fromkeys(n.args[0].name for n in nodes))
+    why = f": {', '.join(sorted(leaks))} {'is' if len(leaks) == 1 else 'are'} also read elsewhere, so fxrep " \
+        "keeps the sum as written" if leaks else ""
+    return f"pre-activations {pres} are sums of Linears, not one Linear each{why}; these branches do not widen"
+
+
 def _masking_key(att) -> tuple:
     """Attention ops merge only with the same mask node, the same ``is_causal`` and, with a mask, the same
     heads per tiling of a per-head mask (math doc section 5b)."""
@@ -81,11 +104,14 @@ def sibling_groups(ctx, kind: str):
         analysis = affine_analysis(ctx)
         groups: dict = {}
         shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
+        mixed_pre: dict = {}   # MLP branches whose pre-activation is arithmetic on Linears, not one Linear
         for n in ctx.graph.nodes:
             if kind == "mlp":
                 key = activation_key(n)
                 pre = as_linear(n.args[0]) if key is not None else None
                 if pre is None:
+                    if key is not None and isinstance(n.args[0], fx.Node) and arith_kind(n.args[0]) is not None:
+                        mixed_pre.setdefault((_owner(n, analysis), key), []).append(n)
                     continue
                 x, dtype = pre.input, pre.weight.dtype
                 if len(pre.node.users) != 1:
@@ -106,6 +132,11 @@ def sibling_groups(ctx, kind: str):
             if x in groups.get((owner, key, dtype), {}):
                 skipped.append(Skip([n], f"this branch's pre-activation {n.args[0].name} is also read by "
                                          "another op: it cannot widen with the branches beside it"))
+        for (owner, key), nodes in mixed_pre.items():
+            beside = sum(len(ns) for (o, k, _), by_input in groups.items() if (o, k) == (owner, key)
+                         for ns in by_input.values())
+            if owner is not None and len(nodes) + beside > 1:
+                skipped.append(Skip(nodes, _describe_mixed(nodes), provisional=True))
         for by_input in groups.values():
             for nodes in by_input.values():
                 parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
