@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from . import cost
 from .devices import CPU, cpu_twin, model_device, to_device
 from .equivalence import assert_equivalent, signature
 from .errors import (
@@ -292,7 +293,9 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     gm, reference, flops = _prepare(model, example_inputs, concrete_args)
     report = FuseReport(specialized=dict(gm.meta.get("fxrep_specialized", {})))
     report.before = graph_stats(gm, flops=flops)
+    gm.meta[cost.DEVICE_KEY] = device  # where the fused model runs: widening is timed only for the CPU
     run_patterns(gm, registry, report)
+    gm.meta.pop(cost.DEVICE_KEY)
     _drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()

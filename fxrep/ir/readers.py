@@ -203,6 +203,16 @@ class LayerNormView:
     eps: float
 
 
+def known_shape(node: fx.Node) -> tuple | None:
+    """The shape ShapeProp recorded for ``node`` (``meta["tensor_meta"]``), looking through LayerNorms fxrep
+    built after ShapeProp ran (a LayerNorm keeps its input's shape); None where unknown."""
+    meta = node.meta.get("tensor_meta")
+    while meta is None and as_layer_norm(node) is not None:
+        node = as_layer_norm(node).input
+        meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 def as_layer_norm(node) -> LayerNormView | None:
     """``F.layer_norm``/``torch.layer_norm`` with constant (or no) affine and a literal shape, or a computed one
     (``x.shape[-1:]``) where the affine's shape fixes it; else None."""

@@ -15,10 +15,12 @@ output is a Linear whose result flows (through scales and sums only) into one an
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import fx
 
-from .. import algebra
+from .. import algebra, cost
 from ..affine import AffineAnalysis, affine_analysis
 from ..ir import (
     activation_key,
@@ -184,13 +186,50 @@ def _match_group(node, ctx, cache_key: str, groups, summary):
     return None
 
 
+def _out_features(node: fx.Node) -> int:
+    """The summed width of the Linears that read ``node`` (every reader of a widen candidate is a Linear)."""
+    return sum(as_linear(u).out_features for u in node.users)
+
+
+def _activation_fn(node: fx.Node, ctx):
+    """``node``'s activation as a function of its input, for timing."""
+    if node.op == "call_module":
+        return ctx.gm.get_submodule(node.target)
+    if node.op == "call_method":
+        return lambda t: getattr(t, node.target)(*node.args[1:], **node.kwargs)
+    return lambda t: node.target(t, *node.args[1:], **node.kwargs)
+
+
+def _priced(found, ctx, timing):
+    """The Match with its timing (or why it was not timed) in the summary, or a Skip where the wide form is
+    clearly slower."""
+    if not isinstance(found, Match):
+        return found
+    if isinstance(timing, str):  # why it was not timed
+        return dataclasses.replace(found, summary=f"{found.summary} ({timing})")
+    if not timing.pays:
+        return Skip(found.nodes, f"widening would be slower at this shape: {timing.describe()}; the branches "
+                                 "stay apart")
+    return dataclasses.replace(found, summary=f"{found.summary} ({timing.describe()})")
+
+
 class WidenMLP:
     name = "widen_mlp"
     phase = "fuse"
 
     def match(self, node, ctx):
-        return _match_group(node, ctx, self.name, lambda: sibling_groups(ctx, "mlp"), lambda nodes: (
+        found = _match_group(node, ctx, self.name, lambda: sibling_groups(ctx, "mlp"), lambda nodes: (
             f"{len(nodes)} parallel {activation_key(nodes[0])[0]} MLP branches -> one wider MLP"))
+        return _priced(found, ctx, self._timing(found.nodes, ctx) if isinstance(found, Match) else None)
+
+    @staticmethod
+    def _timing(acts, ctx):
+        pres = [as_linear(a.args[0]) for a in acts]
+        shape = cost.input_shape(ctx, pres[0].input)
+        if shape is None:
+            return cost.untimed_note(ctx)
+        return cost.mlp_timing(ctx, shape, [p.out_features for p in pres], _out_features(acts[0]),
+                               (activation_key(acts[0]), _activation_fn(acts[0], ctx)), pres[0].weight.dtype)
 
     def replace(self, match, ctx):
         acts = list(match.nodes)
@@ -300,7 +339,22 @@ class _MergeAttention:
         return out, []
 
     def match(self, node, ctx):
-        return _match_group(node, ctx, self.name, lambda: self.groups(ctx), self._summary)
+        found = _match_group(node, ctx, self.name, lambda: self.groups(ctx), self._summary)
+        if self.mode != "widen" or not isinstance(found, Match):
+            return found  # collapsing shares one softmax: fewer FLOPs at any shape
+        return _priced(found, ctx, self._timing(found.nodes, ctx))
+
+    @staticmethod
+    def _timing(nodes, ctx):
+        atts = [attention_view(n) for n in nodes]
+        shape = cost.input_shape(ctx, atts[0].input)
+        if shape is None:
+            return cost.untimed_note(ctx)
+        params, heads, _, total, _ = _merge_heads(atts, "widen")
+        branches = [(a.params(), a.num_heads, a.num_heads * a.head_widths()[2]) for a in atts]
+        options = {"is_causal": atts[0].is_causal is True, "tokens_first": atts[0].tokens_first}
+        return cost.attention_timing(ctx, shape, branches, (params, heads, total), _out_features(nodes[0]),
+                                     options, atts[0].dtype)
 
     def _summary(self, nodes) -> str:
         if self.mode == "collapse":
