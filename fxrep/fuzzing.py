@@ -60,6 +60,29 @@ class GraphSpec:
     seed: int = 0
 
 
+def _masked_sdpa(attn, a, b, opt: int):
+    """timm's attention of ``a`` with ``is_causal``, or a mask computed from ``b``: shared by the heads
+    (batch, 1, N, N) or one per head (batch, heads, N, N)."""
+    scores = (b @ b.transpose(-1, -2)) * 0.1
+    if opt % 3 == 0:
+        return attn(a, is_causal=True)
+    if opt % 3 == 1:
+        return attn(a, attn_mask=scores.unsqueeze(1))
+    return attn(a, attn_mask=torch.stack([scores * (1 - h) for h in range(attn.num_heads)], 1))
+
+
+def _mha_masks(m: nn.MultiheadAttention, a, opt: int) -> dict:
+    """No mask, an (L, L) float ``attn_mask``, or a boolean ``key_padding_mask`` (True: do not attend) that never
+    masks key 0, all computed from ``a`` in ``m``'s layout."""
+    tokens = a if m.batch_first else a.transpose(0, 1)  # (batch, L, d)
+    if opt % 3 == 1:
+        return {"attn_mask": (tokens[0] @ tokens[0].transpose(0, 1)) * 0.1}
+    if opt % 3 == 2:
+        padded = tokens.sum(-1) > 0.5
+        return {"key_padding_mask": torch.cat([torch.zeros_like(padded[:, :1]), padded[:, 1:]], dim=1)}
+    return {}
+
+
 class RandomGraphModel(nn.Module):
     def __init__(self, spec: GraphSpec):
         super().__init__()
@@ -124,17 +147,10 @@ class RandomGraphModel(nn.Module):
                 y = F.layer_norm(a, a.shape[-1:], m.weight, m.bias, m.eps)
             elif op == "stack_sum":  # timm's ParallelThingsBlock joins branches this way
                 y = _stacked_sum(a, b, opt % 4)
-            elif op == "mha":
-                y = self.mods[idx](a, a, a, need_weights=opt % 5 == 0)[0]
-            elif op == "sdpa_masked":  # timm's attention with is_causal, or with a mask computed from data,
-                scores = (b @ b.transpose(-1, -2)) * 0.1  # shared by the heads (b, 1, N, N) or one per head
-                if opt % 3 == 0:
-                    y = self.mods[idx](a, is_causal=True)
-                elif opt % 3 == 1:
-                    y = self.mods[idx](a, attn_mask=scores.unsqueeze(1))
-                else:
-                    heads = self.mods[idx].num_heads
-                    y = self.mods[idx](a, attn_mask=torch.stack([scores * (1 - h) for h in range(heads)], 1))
+            elif op == "mha":  # with a float attn_mask or a boolean key_padding_mask computed from data
+                y = self.mods[idx](a, a, a, need_weights=opt % 5 == 0, **_mha_masks(self.mods[idx], a, opt))[0]
+            elif op == "sdpa_masked":
+                y = _masked_sdpa(self.mods[idx], a, b, opt)
             elif op == "reduce_add":
                 y = functools.reduce(operator.add, [a, b, a][: 2 + opt % 2])
             elif op == "activation":

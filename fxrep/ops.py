@@ -40,6 +40,26 @@ def repeat_mask_heads(mask, repeats: int):
     return mask.repeat(*([1] * (mask.dim() - 3)), repeats, 1, 1)
 
 
+def multihead_attention_mask(attn_mask, key_padding_mask, num_heads: int, query):
+    """``nn.MultiheadAttention``'s two masks as the one mask SDPA takes, merged as
+    ``F.multi_head_attention_forward`` merges them: a boolean mask (True: do not attend, the opposite of SDPA's)
+    becomes a float mask with -inf there, ``attn_mask`` (L, S) or (batch * heads, L, S) gets a head axis, and
+    ``key_padding_mask`` (batch, S) is added over every head and query. ``query`` is the (batched or
+    unbatched, batch-first) input, for its dtype and rank."""
+    padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                target_type=query.dtype)
+    mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                             target_type=query.dtype, check_other=False)
+    batched = query.dim() == 3
+    if mask is not None and batched and mask.dim() == 3 and mask.shape[0] != 1:
+        mask = mask.view(-1, num_heads, *mask.shape[-2:])  # (batch * heads, L, S) -> (batch, heads, L, S)
+    if padding is not None:
+        padding = padding.view(padding.shape[0], 1, 1, -1) if batched else padding.view(1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    return mask
+
+
 def reference_attention(x: torch.Tensor, params: dict, num_heads: int, project=F.linear,
                         causal: bool = False) -> torch.Tensor:
     """The same computation (without a mask, or with the causal one) written with an explicit softmax, used to

@@ -71,17 +71,80 @@ class Mha(nn.Module):
             return self.attn(x, self.mem.expand(2, -1, -1), self.mem.expand(2, -1, -1))[0]
         if self.how == "kdim":
             return self.attn(x, self.mem.expand(2, -1, -1), self.mem.expand(2, -1, -1))[0]
-        if self.how == "mask":
-            return self.attn(x, x, x, attn_mask=torch.zeros(5, 5))[0]
         return self.attn(x, x, x)[0]
 
 
 @pytest.mark.parametrize("how, reason", [
     ("weights", "attention weights"), ("cross", "cross-attention"), ("bias_kv", "add_bias_kv"),
-    ("zero_attn", "add_zero_attn"), ("mask", "attn_mask"), ("kdim", "cross-attention"),
+    ("zero_attn", "add_zero_attn"), ("kdim", "cross-attention"),
 ])
 def test_what_cannot_be_lifted_is_a_skip_with_the_reason(how, reason):
     gm = assert_fused_equivalent(Mha(how).eval(), (torch.randn(2, 5, 8),))
     report = gm.meta["fxrep_report"]
     assert report.count("lift_multihead_attention") == 0
     assert any(reason in s.reason for s in report.skipped), [s.reason for s in report.skipped]
+
+
+class MaskedMhaBranches(nn.Module):
+    """Parallel ``nn.MultiheadAttention`` branches that all read the model's mask inputs: ``names`` says which
+    of ``attn_mask`` and ``key_padding_mask`` the inputs after ``x`` are."""
+
+    def __init__(self, branches, dim, heads, batch_first, need_weights, names):
+        super().__init__()
+        self.need_weights, self.names = need_weights, names
+        self.attns = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+                                   for _ in range(branches))
+
+    def forward(self, x, first=None, second=None):
+        masks = dict(zip(self.names, (first, second)))
+        return x + sum(a(x, x, x, **masks, need_weights=self.need_weights)[0] for a in self.attns)
+
+
+def _masks(kind_attn, kind_pad, batch, heads, n, g):
+    """Random masks of nn.MultiheadAttention's forms in which key 0 is never masked (no row is empty)."""
+    lead = () if batch is None else (batch * heads,)
+    attn = None
+    if kind_attn != "none":
+        shape = ((heads,) if batch is None else lead) + (n, n) if kind_attn.endswith("3d") else (n, n)
+        if kind_attn.startswith("bool"):
+            attn = torch.rand(shape, generator=g) < 0.3
+            attn[..., 0] = False
+        else:
+            attn = torch.randn(shape, generator=g)
+    pad = None
+    if kind_pad != "none":
+        shape = (n,) if batch is None else (batch, n)
+        pad = (torch.rand(shape, generator=g) < 0.3) if kind_pad == "bool" else torch.randn(shape, generator=g)
+        if kind_pad == "bool":
+            pad[..., 0] = False
+    return attn, pad
+
+
+@given(branches=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 4), batch_first=st.booleans(),
+       need_weights=st.booleans(), batch=st.sampled_from([None, 2]),
+       kind_attn=st.sampled_from(["none", "bool_2d", "float_2d", "bool_3d", "float_3d"]),
+       kind_pad=st.sampled_from(["none", "bool", "float"]), seed=st.integers(0, 1000))
+def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, batch_first, need_weights,
+                                                            batch, kind_attn, kind_pad, seed):
+    """Boolean masks mean "do not attend" here (the opposite of SDPA's); fxrep merges both masks as torch does,
+    at run time, so the fused model is exact for other mask values and another batch size too."""
+    if kind_attn.startswith("bool") and kind_pad == "float" or kind_attn.startswith("float") and kind_pad == "bool":
+        kind_pad = "none"  # mixing a boolean and a float mask is deprecated in torch
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    dim, n = heads * head_dim, 5
+    names = [name for name, kind in (("attn_mask", kind_attn), ("key_padding_mask", kind_pad)) if kind != "none"]
+    model = MaskedMhaBranches(branches, dim, heads, batch_first, need_weights, names).eval()
+
+    def inputs(b):
+        x = torch.randn(n, dim, generator=g) if batch is None else \
+            torch.randn((b, n, dim) if batch_first else (n, b, dim), generator=g)
+        return (x, *(m for m in _masks(kind_attn, kind_pad, None if batch is None else b, heads, n, g)
+                     if m is not None))
+    gm = assert_fused_equivalent(model, inputs(batch))
+    report = gm.meta["fxrep_report"]
+    assert report.count("lift_multihead_attention") == branches, report
+    assert report.after["sdpa"] == 1, report
+    if batch is not None:
+        other = inputs(3)
+        torch.testing.assert_close(gm(*other), model(*other), rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -6,9 +6,12 @@ branches widen, collapse and lower like every other attention.
 ``q = x W_q^T + b_q`` (rows of the packed ``in_proj_weight``, or ``q_proj_weight``), heads as consecutive
 blocks of ``d_h`` rows, then ``out_proj``. The scale is folded into the q weights (float64, cast back).
 With ``batch_first=False`` the tokens are on dim 0: the op is told so (``tokens_first``), so its input and output
-keep the caller's layout and the LayerNorm before it and the Linears after it merge as for any attention. Skipped with the reason: cross-attention, masks (its boolean
-masks mean "do not attend", the opposite of SDPA's; left to a later version), ``is_causal``, ``add_bias_kv``,
-``add_zero_attn``, other key/value widths, and attention weights that are read.
+keep the caller's layout and the LayerNorm before it and the Linears after it merge as for any attention.
+``attn_mask`` and ``key_padding_mask`` (boolean, where True means "do not attend", the opposite of SDPA's, or
+float) are merged into one SDPA mask at run time by ``ops.multihead_attention_mask``, exactly as
+``F.multi_head_attention_forward`` merges them; branches passing the same masks share that node and merge.
+Skipped with the reason: cross-attention, ``is_causal``, ``add_bias_kv``, ``add_zero_attn``, other key/value
+widths, and attention weights that are read.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from .. import algebra
 from ..ir import bind, emit_attention, emit_linear, fetch_attr
+from ..ops import multihead_attention_mask
 from ..pattern import Match, Skip
 
 f64 = algebra.f64
@@ -28,9 +32,6 @@ def _unsupported(m: nn.MultiheadAttention, args: dict) -> str | None:
     """Why this call cannot be lifted, or None."""
     if not (args.get("query") is args.get("key") is args.get("value")):
         return "nn.MultiheadAttention with different query, key and value (cross-attention)"
-    for name in ("key_padding_mask", "attn_mask"):
-        if args.get(name) is not None:
-            return f"nn.MultiheadAttention with {name}: its masks are not lifted yet"
     if args.get("is_causal") is not False:
         return "nn.MultiheadAttention with is_causal"
     if m.bias_k is not None or m.add_zero_attn:
@@ -52,6 +53,16 @@ def _params(m: nn.MultiheadAttention) -> dict:
             "k_weight": ws[1], "k_bias": bs[1], "v_weight": ws[2], "v_bias": bs[2]}
 
 
+def _merged_mask(g, x, masks, m: nn.MultiheadAttention):
+    """The node computing the SDPA mask of ``masks`` (``ops.multihead_attention_mask``); branches that pass the
+    same masks read one such node, so they merge like attention ops with one shared mask."""
+    args = (*masks, m.num_heads, x)
+    for u in x.users:
+        if u.op == "call_function" and u.target is multihead_attention_mask and u.args == args:
+            return u
+    return g.call_function(multihead_attention_mask, args)
+
+
 class LiftMultiheadAttention:
     name = "lift_multihead_attention"
     phase = "lift"
@@ -70,16 +81,19 @@ class LiftMultiheadAttention:
             return Skip([node], "the output tuple of nn.MultiheadAttention is used whole")
         if any(u.args[1] == 1 and u.users for u in outs):
             return Skip([node], "the attention weights nn.MultiheadAttention returns are read")
-        return Match([node, *outs], (m, args["query"]), f"nn.MultiheadAttention, {m.num_heads} heads -> "
-                                                        "multi_head_attention + out_proj")
+        masks = (args.get("attn_mask"), args.get("key_padding_mask"))
+        masked = " with its masks merged" if masks != (None, None) else ""
+        return Match([node, *outs], (m, args["query"], masks), f"nn.MultiheadAttention, {m.num_heads} heads -> "
+                                                               f"multi_head_attention{masked} + out_proj")
 
     def replace(self, match, ctx):
-        node, (m, x) = match.nodes[0], match.data
+        node, (m, x, masks) = match.nodes[0], match.data
         g, params = ctx.graph, _params(m)
         dtype = m.out_proj.weight.dtype
         with g.inserting_before(node):
+            mask = _merged_mask(g, x, masks, m) if masks != (None, None) else None
             out = emit_attention(g, x, params, m.num_heads, dtype, node.name, (node.target,), owned=set(params),
-                                 tokens_first=not m.batch_first)
+                                 attn_mask=mask, tokens_first=not m.batch_first)
             # a copy of out_proj (not a get_attr into the module, which would keep all its parameters alive)
             b = m.out_proj.bias.detach() if m.out_proj.bias is not None else None
             out = emit_linear(g, out, m.out_proj.weight.detach(), b, dtype, f"{node.name}_out_proj")
