@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import as_layer_norm, as_linear, known_shape, merge_origins
+from ..ir import as_linear, merge_origins, shape_source
 from .probe import Probe, ProbeFailed, ShapeMismatch, decode_heads, output_chain, verify
 from .recognize import Candidate, Chain, NotAttention
 
@@ -119,12 +119,11 @@ def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: 
 def _probe_shape(x: fx.Node, d: int) -> tuple[tuple, bool, bool]:
     """The input's shape from ShapeProp where it is known, else a small (batch, tokens, d); whether it is
     known; whether the graph came from torch.export (its nodes carry fake values, ``meta["val"]``)."""
-    shape = known_shape(x)
-    if shape is None or len(shape) < 2:
+    source = shape_source(x)
+    shape = tuple(source.meta["tensor_meta"].shape) if source is not None else ()
+    if len(shape) < 2:
         return (PROBE_BATCH, PROBE_TOKENS, d), False, False
-    while "tensor_meta" not in x.meta:  # the node whose shape it is: was it exported (fake values)?
-        x = as_layer_norm(x).input
-    return shape, True, "val" in x.meta
+    return shape, True, "val" in source.meta
 
 
 def _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, cand) -> None:

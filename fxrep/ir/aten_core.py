@@ -171,12 +171,11 @@ def _finite_constant(node) -> bool:
     (``expand``, possibly to a symbolic batch) keep the values, so they are looked through."""
     values: dict = {}
 
-    def value(n, budget=[64]):  # noqa: B006 - one budget for the whole evaluation
+    def value(n):
         if not isinstance(n, fx.Node):
             return n
         if n not in values:
-            budget[0] -= 1
-            if budget[0] < 0 or n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) \
+            if len(values) > 64 or n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) \
                     or torch.Tag.nondeterministic_seeded in n.target.tags:
                 raise LookupError(n.name)
             if n.target is aten.expand.default:

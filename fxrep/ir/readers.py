@@ -203,14 +203,21 @@ class LayerNormView:
     eps: float
 
 
+def shape_source(node: fx.Node) -> fx.Node | None:
+    """The node whose ShapeProp shape (``meta["tensor_meta"]``) ``node`` has: itself, or the input of
+    LayerNorms fxrep built after ShapeProp ran (a LayerNorm keeps its input's shape); None where unknown."""
+    while not hasattr(node.meta.get("tensor_meta"), "shape"):
+        ln = as_layer_norm(node)
+        if ln is None:
+            return None
+        node = ln.input
+    return node
+
+
 def known_shape(node: fx.Node) -> tuple | None:
-    """The shape ShapeProp recorded for ``node`` (``meta["tensor_meta"]``), looking through LayerNorms fxrep
-    built after ShapeProp ran (a LayerNorm keeps its input's shape); None where unknown."""
-    meta = node.meta.get("tensor_meta")
-    while meta is None and as_layer_norm(node) is not None:
-        node = as_layer_norm(node).input
-        meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    """``node``'s shape as ShapeProp recorded it (see ``shape_source``), or None."""
+    source = shape_source(node)
+    return tuple(source.meta["tensor_meta"].shape) if source is not None else None
 
 
 def as_layer_norm(node) -> LayerNormView | None:
