@@ -15,18 +15,16 @@ import torch
 
 from .errors import InputError
 from .mobile import calibration_inputs, load_executorch, quantize_int8, run_executorch, to_executorch
+from .program import as_program
 
 __all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8",
            "calibration_inputs", "load_executorch", "run_executorch"]
 
 
 def export_program(gm: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export.export`` of a fused model (eval mode, no gradients)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    gm.eval()
-    with torch.no_grad():
-        return torch.export.export(gm, tuple(example_inputs))
+    """``torch.export.export`` of a fused model, without gradients; a model in training mode is refused
+    (``TrainingModeError``), not switched to eval mode."""
+    return as_program(gm, example_inputs)
 
 
 def save_fused(gm: torch.nn.Module, directory: str | Path, example_inputs: tuple) -> Path:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .engine import training_modules
 from .errors import InputError, MissingDependencyError
+from .program import as_program
 from .xnnpack import keeps_float, rewrite_for_xnnpack
 
 QUANTIZE_MODES = (None, "int8")
@@ -35,21 +35,6 @@ def _require_executorch():
 
 def _inputs(example_inputs) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-
-
-def _program(model, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """The model as an ExportedProgram: as is, or exported in eval mode."""
-    if isinstance(model, torch.export.ExportedProgram):
-        return model
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"to_executorch takes an nn.Module, a GraphModule or an ExportedProgram, not "
-                         f"{type(model).__name__}")
-    training = training_modules(model)
-    if training:
-        raise InputError(f"the model is in training mode (e.g. {', '.join(training[:3])}): call model.eval() "
-                         "before exporting it for a phone.")
-    with torch.no_grad():
-        return torch.export.export(model, example_inputs)
 
 
 def calibration_inputs(dataset, count: int = 200) -> list[tuple]:
@@ -102,7 +87,7 @@ def to_executorch(model, example_inputs, path: str | Path, *, quantize: str | No
     from executorch.exir import to_edge_transform_and_lower
 
     example_inputs = _inputs(example_inputs)
-    program = _program(model, example_inputs)
+    program = as_program(model, example_inputs)
     if xnnpack_rewrites:
         program = rewrite_for_xnnpack(program, example_inputs)
     if quantize == "int8":

@@ -54,6 +54,22 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
     return fused
 
 
+def as_program(model, example_inputs) -> ExportedProgram:
+    """``model`` as an ExportedProgram: a program as it is, a module exported without gradients. The module is
+    not switched to eval mode (fxrep never changes the caller's model): one in training mode is refused."""
+    if isinstance(model, ExportedProgram):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"expected an nn.Module, a GraphModule or an ExportedProgram, not {type(model).__name__}")
+    training = engine.training_modules(model)
+    if training:
+        raise TrainingModeError(f"the model is in training mode (e.g. {', '.join(training[:3])}): call "
+                                "model.eval() before exporting it.")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with torch.no_grad():
+        return torch.export.export(model, inputs)
+
+
 def _check_program(ep: ExportedProgram) -> None:
     training = _training_ops(ep)
     if training:

@@ -198,3 +198,15 @@ def test_slices_with_negative_or_large_bounds_stay_exact():
     x = torch.randn(2, 7, 4)
     fused = fxrep.fuse(torch.export.export(model, (x,)))
     assert_equivalent(model, fused.module(), (x,))
+
+
+def test_export_program_refuses_a_training_model_and_leaves_it_as_it_is():
+    from fxrep.export import export_program
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    x = torch.randn(2, 4)
+    with pytest.raises(fxrep.TrainingModeError, match=r"model.eval\(\)"):
+        export_program(model, (x,))
+    assert all(m.training for m in model.modules())  # not switched to eval mode behind the caller's back
+    program = export_program(model.eval(), x)
+    assert torch.equal(program.module()(x), model(x))

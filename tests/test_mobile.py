@@ -85,7 +85,7 @@ def test_errors_name_their_fix(tmp_path, monkeypatch):
         to_executorch(fused, (x,), tmp_path / "q.pte", quantize="int8")
     with pytest.raises(fxrep.InputError, match="choose one of"):
         to_executorch(fused, (x,), tmp_path / "q.pte", quantize="fp16")
-    with pytest.raises(fxrep.InputError, match=r"model.eval\(\)"):
+    with pytest.raises(fxrep.TrainingModeError, match=r"model.eval\(\)"):
         to_executorch(model.train(), (x,), tmp_path / "t.pte")
     with pytest.raises(fxrep.InputError, match="no ExecuTorch program"):
         run_executorch(tmp_path / "missing.pte", (x,))
