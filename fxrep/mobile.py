@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .equivalence import check_inputs
 from .errors import InputError, MissingDependencyError
 from .program import as_program
 from .xnnpack import keeps_float, rewrite_for_xnnpack
@@ -31,10 +32,6 @@ def _require_executorch():
         raise MissingDependencyError(
             f"ExecuTorch is not installed ({e}). Install the mobile extra: pip install 'fxrep[mobile]' "
             "(or pip install executorch).") from e
-
-
-def _inputs(example_inputs) -> tuple:
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 def calibration_inputs(dataset, count: int = 200) -> list[tuple]:
@@ -64,7 +61,7 @@ def quantize_int8(program: torch.export.ExportedProgram, example_inputs: tuple, 
     seen = 0
     with torch.no_grad():
         for batch in calibration:
-            prepared(*_inputs(batch))
+            prepared(*check_inputs(batch))
             seen += 1
     if seen == 0:
         raise InputError("the calibration data is empty: pass at least one input tuple.")
@@ -86,7 +83,7 @@ def to_executorch(model, example_inputs, path: str | Path, *, quantize: str | No
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    example_inputs = _inputs(example_inputs)
+    example_inputs = check_inputs(example_inputs)
     program = as_program(model, example_inputs)
     if xnnpack_rewrites:
         program = rewrite_for_xnnpack(program, example_inputs)
@@ -113,4 +110,4 @@ def load_executorch(path: str | Path):
 def run_executorch(path_or_method, inputs) -> list:
     """Run a ``.pte`` program (a path, or a method from ``load_executorch``) on ``inputs``; its outputs."""
     method = load_executorch(path_or_method) if isinstance(path_or_method, (str, Path)) else path_or_method
-    return list(method.execute(list(_inputs(inputs))))
+    return list(method.execute(list(check_inputs(inputs))))
