@@ -35,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import algebra
 from .equivalence import EquivalenceError, compare_outputs
 from .errors import InternalError
-from .ir import bind
+from .ir import bind, const_node
 from .ir.aten_core import recorded_shape
 from .ir.readers import fetch_attr
 from .program import dynamic_shapes_of
@@ -182,14 +182,16 @@ def _summed_values(gm: fx.GraphModule, graph: fx.Graph, probs, v, heads: int, n:
     weight = w.to(algebra.f64).view(heads, dv, dy).transpose(0, 1).reshape(dv, heads * dy).to(w.dtype)
     bias = b.to(algebra.f64).view(heads, dv).sum(0).to(b.dtype) if b is not None else None
     z = call(aten.bmm.default, (probs, call(aten.reshape.default, (y, [-1, m, dy]))))
-    args = [call(aten.reshape.default, (z, [-1, n, heads * dy])), _constant(gm, graph, weight)]
-    return call(aten.linear.default, tuple(args + ([_constant(gm, graph, bias)] if bias is not None else [])))
+    args = [call(aten.reshape.default, (z, [-1, n, heads * dy])), const_node(graph, weight, "xnnpack_vo_weight", True)]
+    if bias is not None:
+        args.append(const_node(graph, bias, "xnnpack_vo_bias", owned=True))
+    return call(aten.linear.default, tuple(args))
 
 
-def _constant(gm: fx.GraphModule, graph: fx.Graph, value: torch.Tensor) -> fx.Node:
-    name = f"fxrep_xnnpack_{sum(1 for n, _ in gm.named_buffers() if n.startswith('fxrep_xnnpack_'))}"
-    gm.register_buffer(name, value)
-    return graph.get_attr(name)
+def _key_transposed(graph: fx.Graph, shared: fx.Node, m: int, d: int) -> fx.Node:
+    """The (batch, d, m) transpose of a key every head reads alike."""
+    call = graph.call_function
+    return call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
 
 
 def _rewrite_attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale) -> None:
@@ -202,8 +204,8 @@ def _rewrite_attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale) -> Non
             # heads stacked as rows (token, head), as the q Linear wrote them: nothing is transposed
             q = call(aten.reshape.default, (by_token, [-1, n * heads, d]))
             q = call(aten.mul.Tensor, (q, float(scale))) if scale != 1.0 else q
-            key_t = call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
-            probs = call(aten._softmax.default, (call(aten.bmm.default, (q, key_t)), -1, False))
+            probs = call(aten._softmax.default, (call(aten.bmm.default, (q, _key_transposed(graph, shared, m, d))),
+                                                 -1, False))
             out = _summed_values(gm, graph, probs, v, heads, n, m, dv)
         else:
             out = _heads_first_attention(graph, q, k, v, scale, shared, summed, (heads, n, d, m, dv))
@@ -220,8 +222,8 @@ def _heads_first_attention(graph, q, k, v, scale, shared, summed, sizes):
     if scale != 1.0:
         q = call(aten.mul.Tensor, (q, float(scale)))
     if shared is not None:  # every head against one key: heads stacked as rows, one product
-        key_t = call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
-        logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, heads * n, d])), key_t))
+        logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, heads * n, d])),
+                                         _key_transposed(graph, shared, m, d)))
     else:
         key_t = call(aten.reshape.default, (call(aten.transpose.int, (k, -2, -1)), [-1, d, m]))
         logits = call(aten.bmm.default, (call(aten.reshape.default, (q, [-1, n, d])), key_t))
@@ -317,7 +319,8 @@ def layer_norm_with_linear_means(gm: fx.GraphModule) -> bool:
         call = functools.partial(_tagged_call, graph)
         with graph.inserting_before(node):
             width = sizes[-1]
-            ones = _constant(gm, graph, torch.full((1, width), 1.0 / width, dtype=node.meta["val"].dtype))
+            ones = const_node(graph, torch.full((1, width), 1.0 / width, dtype=node.meta["val"].dtype),
+                              "xnnpack_mean_weight", owned=True)  # bitwise-equal ones are registered once
             centred = call(aten.sub.Tensor, (x, call(aten.linear.default, (x, ones))))
             var = call(aten.linear.default, (call(aten.mul.Tensor, (centred, centred)), ones))
             out = call(aten.mul.Tensor, (centred, call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))))
