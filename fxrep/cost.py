@@ -120,13 +120,15 @@ def mlp_timing(ctx, shape: tuple, hidden: list, out_features: int, activation: t
                   build)
 
 
-def attention_timing(ctx, shape: tuple, branches: list, merged: tuple, out_features: int, options: dict,
+def attention_timing(ctx, shape: tuple, branches: list, merge, out_features: int, options: dict,
                      dtype) -> Timing | str:
     """Each branch's attention and the Linear that reads it, against the merged attention and one Linear.
-    ``branches``: (params, heads, output width) per branch; ``merged``: (params, heads, output width). Masks
-    are left out (they cost the same either way); ``options`` are ``is_causal`` and ``tokens_first``. A string
-    says why it was not timed."""
+    ``branches``: (params, heads, output width) per branch; ``merge()`` gives the merged (params, heads,
+    output width), built only when the group is timed (it follows from the branches). Masks are left out
+    (they cost the same either way); ``options`` are ``is_causal`` and ``tokens_first``. A string says why it
+    was not timed."""
     tokens = shape[0] if options.get("tokens_first") else (shape[-2] if len(shape) > 1 else 1)
+    # per row of the input: the q/k/v projections, the output Linear, and the two attention products
     projections = sum(sum(v.shape[0] for k, v in p.items() if k.endswith("weight")) * shape[-1] + w * out_features
                       + tokens * (p["q_weight"].shape[0] + w) for p, _, w in branches)
     small = too_small(_rows(shape) * projections)
@@ -144,8 +146,8 @@ def attention_timing(ctx, shape: tuple, branches: list, merged: tuple, out_featu
             w = _random(out_features, width, dtype=dtype)
             return lambda: F.linear(multi_head_attention(x, **p, num_heads=heads, **options), w)
         apart = [form(*b) for b in branches]
-        wide = form(*merged)
+        wide = form(*merge())
         return (lambda: sum(f() for f in apart)), wide
-    key = ("attention", shape, tuple((shapes(p), h, w) for p, h, w in branches), shapes(merged[0]), merged[1],
-           out_features, tuple(sorted(options.items())), dtype)
+    key = ("attention", shape, tuple((shapes(p), h, w) for p, h, w in branches), out_features,
+           tuple(sorted(options.items())), dtype)
     return _timed(ctx, key, shape, len(branches), build)

@@ -350,11 +350,13 @@ class _MergeAttention:
         shape = cost.input_shape(ctx, atts[0].input)
         if shape is None:
             return cost.untimed_note(ctx)
-        params, heads, _, total, _ = _merge_heads(atts, "widen")
         branches = [(a.params(), a.num_heads, a.num_heads * a.head_widths()[2]) for a in atts]
         options = {"is_causal": atts[0].is_causal is True, "tokens_first": atts[0].tokens_first}
-        return cost.attention_timing(ctx, shape, branches, (params, heads, total), _out_features(nodes[0]),
-                                     options, atts[0].dtype)
+
+        def merge():
+            params, heads, _, total, _ = _merge_heads(atts, "widen")
+            return params, heads, total
+        return cost.attention_timing(ctx, shape, branches, merge, _out_features(nodes[0]), options, atts[0].dtype)
 
     def _summary(self, nodes) -> str:
         if self.mode == "collapse":
