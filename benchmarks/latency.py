@@ -21,9 +21,11 @@ and fused without each widening, to see what widening buys per shape (issue #13'
 as ExecuTorch programs lowered to XNNPACK (``fxrep.export.to_executorch``), fp32 and int8 (PT2E; calibrated on
 random images, which sets the scales but not the speed), batch 1, 224 px, run with ``executorch.runtime`` on
 this CPU, interleaved: medians, min-max and ``.pte`` sizes (issue #15's targets: fused d3b4 fp32 <= 0.35x and
-int8 <= 0.25x the deep fp32 program). Every program gets fxrep's XNNPACK rewrites (``fxrep.xnnpack``), the
-deep baseline too, and the ratios compare programs lowered alike; the deep model lowered as exported (what
-``to_edge_transform_and_lower`` does by itself) is listed for reference.
+int8 <= 0.25x the deep fp32 program). Every program gets fxrep's XNNPACK rewrites (``fxrep.xnnpack``) and
+computes only the rows its output reads (``fxrep.rows``: the last block for the class token alone), the deep
+baseline too, and the ratios compare programs lowered alike. Listed for reference: the deep model and the
+fused d3b4 with every row computed (``prune_rows=False``), and the deep model lowered as exported (what
+``to_edge_transform_and_lower`` does by itself).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def parallel_vit(threads: int, repeats: int) -> str:
 
 
 AS_EXPORTED = "deep DeiT-Tiny-12, lowered as exported"
+ALL_ROWS = ", all rows"
 
 
 def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
@@ -119,13 +122,17 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
     for v in ("d6b2", "d4b3", "d3b4"):
         models[f"fused {v}, rank-aware"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True)
     models["fused d3b4, per-head"] = fused("fxrep_deit_tiny_d3b4", 1.0, x, False)
+    # what computing only the class token's rows in the last block (fxrep.rows) buys: fp32 without it
+    models["deep DeiT-Tiny-12" + ALL_ROWS] = models["deep DeiT-Tiny-12"]
+    models["fused d3b4, rank-aware" + ALL_ROWS] = models["fused d3b4, rank-aware"]
     models[AS_EXPORTED] = models["deep DeiT-Tiny-12"]
     out = Path(tempfile.mkdtemp(prefix="fxrep_pte_"))
     programs, sizes = {}, {}
     for name, model in models.items():
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32",) if name.endswith(ALL_ROWS) else ("fp32", "int8"):
             path = to_executorch(model, (x,), out / f"{len(programs)}.pte", quantize=None if precision == "fp32"
-                                 else "int8", calibration=calibration, xnnpack_rewrites=name != AS_EXPORTED)
+                                 else "int8", calibration=calibration, xnnpack_rewrites=name != AS_EXPORTED,
+                                 prune_rows=name != AS_EXPORTED and not name.endswith(ALL_ROWS))
             method = load_executorch(path)
             programs[f"{name}|{precision}"] = lambda t, m=method: m.execute([t])
             sizes[f"{name}|{precision}"] = path.stat().st_size

@@ -19,6 +19,7 @@ import torch
 from .equivalence import check_inputs
 from .errors import InputError, MissingDependencyError
 from .program import as_program
+from .rows import prune_unread_rows
 from .xnnpack import keeps_float, rewrite_for_xnnpack
 
 QUANTIZE_MODES = (None, "int8")
@@ -71,12 +72,13 @@ def quantize_int8(program: torch.export.ExportedProgram, example_inputs: tuple, 
 
 
 def to_executorch(model, example_inputs, path: str | Path, *, quantize: str | None = None,
-                  calibration=None, xnnpack_rewrites: bool = True) -> Path:
+                  calibration=None, xnnpack_rewrites: bool = True, prune_rows: bool = True) -> Path:
     """Write ``model`` (a fused GraphModule, any nn.Module, or an ExportedProgram) as an XNNPACK-lowered
     ExecuTorch program (``.pte``) at ``path``; ``quantize="int8"`` quantizes it first (see ``quantize_int8``).
     ``xnnpack_rewrites`` first spells attention, views and LayerNorm so that XNNPACK takes the whole graph
     (``fxrep.xnnpack``; about half the latency of the program as exported); False lowers it as exported.
-    Returns the path."""
+    ``prune_rows`` computes only the token rows the outputs read (``fxrep.rows``: a classifier's last block
+    for its class token alone). Both are exact, checked on ``example_inputs``. Returns the path."""
     if quantize not in QUANTIZE_MODES:
         raise InputError(f"quantize={quantize!r}: choose one of {QUANTIZE_MODES}.")
     _require_executorch()
@@ -85,6 +87,8 @@ def to_executorch(model, example_inputs, path: str | Path, *, quantize: str | No
 
     example_inputs = check_inputs(example_inputs)
     program = as_program(model, example_inputs)
+    if prune_rows:
+        program = prune_unread_rows(program, example_inputs)
     if xnnpack_rewrites:
         program = rewrite_for_xnnpack(program, example_inputs)
     if quantize == "int8":

@@ -1,0 +1,397 @@
+"""Rows nobody reads: compute only the token rows a program's outputs read.
+
+A ViT classifier reads one row of its last block's output, the class token (timm: ``x[:, 0]``). Everything
+after the last block's attention keys and values works token by token (Linear, LayerNorm, GELU, residual
+adds, each attention query row), so that block needs the other 196 rows for its keys and values only. This
+rewrite moves the row selection up the graph, through every op that maps rows to rows, until it meets a
+tensor that something else reads whole:
+
+    select(layer_norm(add(x, mlp(x))), 1, 0)  ->  squeeze(layer_norm(add(x[:, 0:1], mlp(x[:, 0:1]))), 1)
+    sdpa(q, k, v)[:, :, 0:1]                   ->  sdpa(q[:, :, 0:1], k, v)
+
+It is exact: each moved op computes the same numbers on fewer rows (up to a GEMM's rounding for a different
+row count). Where an op is not known to be row-wise on the selected axis, the selection stays where it is. In a
+fused d3b4 the last of three blocks is a third of the work; in DeiT-Tiny-12 the last of twelve is a twelfth.
+
+The rewrite works on ATen graphs as ``torch.export`` writes them (shapes from ``meta["val"]``):
+``prune_unread_rows`` takes and returns an ExportedProgram.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .equivalence import compare_outputs
+from .errors import InternalError
+from .ir.aten_core import recorded_shape
+from .program import dynamic_shapes_of
+
+aten = torch.ops.aten
+TOLERANCE = 1e-5
+
+#: ops that act element by element on tensors broadcast together: a row of the output is computed from the
+#: same row of every operand that has that axis (an operand of size 1 there is read whole)
+ELEMENTWISE = frozenset({
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.maximum.default,
+    aten.minimum.default, aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.neg.default, aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.clone.default, aten.alias.default, aten._to_copy.default,
+    aten.contiguous.default,
+})
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tuple) -> \
+        torch.export.ExportedProgram:
+    """A new program that computes only the rows its outputs read (see the module docstring); ``program`` is
+    not modified, and one with nothing to prune is returned as it is. The result is checked against
+    ``program`` on ``example_inputs`` (1e-5 relative); a difference raises InternalError."""
+    module = program.module()
+    if not move_row_selections_up(module.graph):
+        return program
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    try:
+        with torch.no_grad():
+            pruned = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),
+                                         strict=False)
+            before, after = program.module()(*example_inputs), pruned.module()(*example_inputs)
+        compare_outputs(before, after, TOLERANCE)
+    except Exception as e:  # noqa: BLE001 - a graph fxrep built that does not export or computes otherwise
+        raise InternalError(f"computing only the rows the outputs read broke the program ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}). This is a bug in fxrep; please report it with the "
+                            "model, and pass prune_rows=False meanwhile.") from e
+    return pruned
+
+
+# --- which rows a node asks for -------------------------------------------------------------------------------
+
+def _static_size(node, axis: int):
+    shape = recorded_shape(node)
+    return shape[axis] if shape is not None and isinstance(shape[axis], int) else None
+
+
+def row_request(node: fx.Node):
+    """``(source, axis, start, stop)`` when ``node`` selects rows ``start:stop`` of one static axis of
+    ``source`` (``slice`` with step 1, or ``select``), with the bounds normalized; else None. A slice of the
+    whole axis asks for nothing."""
+    if node.op != "call_function" or node.target not in (aten.slice.Tensor, aten.select.int):
+        return None
+    source = node.args[0]
+    shape = recorded_shape(source) if isinstance(source, fx.Node) else None
+    if shape is None:
+        return None
+    if node.target is aten.select.int:
+        axis, index = node.args[1] % len(shape), node.args[2]
+        size = _static_size(source, axis)
+        if size is None or not isinstance(index, int):
+            return None
+        index %= size
+        return source, axis, index, index + 1
+    args = list(node.args) + [None] * (5 - len(node.args))
+    axis = node.kwargs.get("dim", args[1] if len(node.args) > 1 else 0)
+    start = node.kwargs.get("start", args[2])
+    stop = node.kwargs.get("end", args[3])
+    step = node.kwargs.get("step", args[4] if len(node.args) > 4 else 1)
+    axis %= len(shape)
+    size = _static_size(source, axis)
+    if size is None or step != 1 or not all(isinstance(b, int) or b is None for b in (start, stop)):
+        return None
+    start, stop = slice(start, stop).indices(size)[:2]
+    if stop <= start or (start, stop) == (0, size):
+        return None
+    return source, axis, start, stop
+
+
+def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """``expand_as(x, node)``: reads only ``node``'s shape."""
+    return user.target is aten.expand_as.default and user.args[1] is node and user.args[0] is not node
+
+
+def _shared_request(node: fx.Node):
+    """``(axis, start, stop)`` when every reader of ``node`` asks for the same rows of it (or reads its shape
+    only); else None."""
+    keys = set()
+    for user in node.users:
+        if _reads_shape_only(user, node):
+            continue
+        request = row_request(user)
+        if request is None or request[0] is not node:
+            return None
+        keys.add(request[1:])
+    return keys.pop() if len(keys) == 1 else None
+
+
+# --- moving a request through one op --------------------------------------------------------------------------
+
+class _Builder:
+    """New nodes before ``anchor``: slices of its inputs, and the op itself on them."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph, self.anchor = graph, anchor
+
+    def rows(self, node, axis: int, start: int, stop: int) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self.graph.call_function(aten.slice.Tensor, (node, axis, start, stop))
+
+    def call(self, target, args, kwargs=None) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+
+
+def _same(a, b) -> bool:
+    return a is b or statically_known_true(a == b)
+
+
+def _elementwise(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
+    rank, size = len(recorded_shape(node)), recorded_shape(node)[axis]
+
+    def cut(arg):
+        shape = recorded_shape(arg) if isinstance(arg, fx.Node) else None
+        if not isinstance(arg, fx.Node):
+            return arg
+        if shape is None or len(shape) > rank:
+            raise _Stop
+        own = axis - (rank - len(shape))
+        if own < 0 or shape[own] == 1:  # broadcast along the axis: read whole
+            return arg
+        if not _same(shape[own], size):
+            raise _Stop
+        return b.rows(arg, own, start, stop)
+
+    return b.call(node.target, [cut(a) for a in node.args], {k: cut(v) for k, v in node.kwargs.items()})
+
+
+def _dropout(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
+    """Dropout that drops nothing (eval mode, or p = 0) is the identity; one that draws is left alone."""
+    p, train = (list(node.args) + [0.0, False])[1:3]
+    if train and p:
+        return None
+    return _elementwise(b, node, axis, start, stop)
+
+
+def _last_axis_untouched(b: _Builder, node: fx.Node, axis: int, start: int, stop: int, keep: int = 1):
+    """Ops that work along the last ``keep`` axes only (Linear, LayerNorm): cut the first argument."""
+    if axis >= len(recorded_shape(node)) - keep:
+        return None
+    return b.call(node.target, [b.rows(node.args[0], axis, start, stop), *node.args[1:]], node.kwargs)
+
+
+def _linear(b, node, axis, start, stop):
+    return _last_axis_untouched(b, node, axis, start, stop)
+
+
+def _layer_norm(b, node, axis, start, stop):
+    return _last_axis_untouched(b, node, axis, start, stop, keep=len(node.args[1]))
+
+
+def _softmax(b, node, axis, start, stop):
+    if node.args[1] % len(recorded_shape(node)) == axis:
+        return None
+    return b.call(node.target, [b.rows(node.args[0], axis, start, stop), *node.args[1:]], node.kwargs)
+
+
+def _matmul(b, node, axis, start, stop):
+    """Rows (axis -2) of ``A @ B`` are those rows of ``A``; ``A`` has the output's rank (``bmm``)."""
+    if axis != len(recorded_shape(node)) - 2 or len(recorded_shape(node.args[0]) or ()) != len(recorded_shape(node)):
+        return None
+    return b.call(node.target, [b.rows(node.args[0], axis, start, stop), node.args[1]])
+
+
+def _attention(b, node, axis, start, stop):
+    """Query rows of ``scaled_dot_product_attention``: cut the query and the mask's query axis, keep keys and
+    values. A causal mask depends on where the rows sit, and dropout draws per row, so those calls stay."""
+    rank = len(recorded_shape(node))
+    args = list(node.args)
+    causal = node.kwargs.get("is_causal", args[5] if len(args) > 5 else False)
+    dropout = node.kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+    if axis != rank - 2 or causal or dropout or len(recorded_shape(args[0]) or ()) != rank:
+        return None
+    args[0] = b.rows(args[0], axis, start, stop)
+    kwargs = dict(node.kwargs)
+    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+    if isinstance(mask, fx.Node):
+        shape = recorded_shape(mask)
+        if shape is None or len(shape) < 2:
+            return None
+        if shape[-2] != 1:
+            mask = b.rows(mask, len(shape) - 2, start, stop)
+        if "attn_mask" in kwargs:
+            kwargs["attn_mask"] = mask
+        else:
+            args[3] = mask
+    return b.call(node.target, args, kwargs)
+
+
+def _transpose(b, node, axis, start, stop):
+    rank = len(recorded_shape(node))
+    i, j = node.args[1] % rank, node.args[2] % rank
+    own = j if axis == i else i if axis == j else axis
+    return b.call(node.target, [b.rows(node.args[0], own, start, stop), *node.args[1:]])
+
+
+def _permute(b, node, axis, start, stop):
+    order = [d % len(recorded_shape(node)) for d in node.args[1]]
+    return b.call(node.target, [b.rows(node.args[0], order[axis], start, stop), node.args[1]])
+
+
+def _unflatten(b, node, axis, start, stop):
+    source_rank = len(recorded_shape(node.args[0]))
+    dim, sizes = node.args[1] % source_rank, node.args[2]
+    if dim <= axis < dim + len(sizes):
+        return None
+    own = axis if axis < dim else axis - len(sizes) + 1
+    return b.call(node.target, [b.rows(node.args[0], own, start, stop), *node.args[1:]])
+
+
+def _unsqueeze(b, node, axis, start, stop):
+    dim = node.args[1] % len(recorded_shape(node))
+    if axis == dim:
+        return None
+    return b.call(node.target, [b.rows(node.args[0], axis if axis < dim else axis - 1, start, stop), dim])
+
+
+def _view(b, node, axis, start, stop):
+    """A view that keeps the selected axis and everything before it (or everything from it on) as they were:
+    the same view of the selected rows, with that one size changed."""
+    out, source = recorded_shape(node), recorded_shape(node.args[0])
+    sizes = list(node.args[1])
+    if len(sizes) != len(out):
+        return None
+    if len(source) > axis and all(_same(p, q) for p, q in zip(out[:axis + 1], source[:axis + 1])):
+        own = axis
+    elif all(_same(p, q) for p, q in zip(out[axis:][::-1], source[::-1])) and len(source) >= len(out) - axis:
+        own = len(source) - (len(out) - axis)
+    else:
+        return None
+    sizes[axis] = stop - start
+    # reshape, not view: the selected rows of a batch are not contiguous
+    return b.call(aten.reshape.default, [b.rows(node.args[0], own, start, stop), sizes])
+
+
+def _reduction(b, node, axis, start, stop):
+    """``sum``/``mean`` over other axes: the same reduction of the selected rows."""
+    source_rank = len(recorded_shape(node.args[0]))
+    if not node.args[1]:  # all axes
+        return None
+    dims = sorted(d % source_rank for d in node.args[1])
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    kept = list(range(source_rank)) if keepdim else [d for d in range(source_rank) if d not in dims]
+    own = kept[axis]
+    if own in dims:
+        return None
+    return b.call(node.target, [b.rows(node.args[0], own, start, stop), *node.args[1:]], node.kwargs)
+
+
+def _cat(b, node, axis, start, stop):
+    """Rows of a concatenation: along another axis, the same rows of every part; along its own axis, a part
+    that holds them all (timm's class token in front of the patches)."""
+    parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0) % len(recorded_shape(node))
+    if axis != dim:
+        return b.call(node.target, [[b.rows(p, axis, start, stop) for p in parts], *node.args[1:]])
+    offset = 0
+    for part in parts:
+        size = _static_size(part, axis)
+        if size is None:
+            return None
+        if offset <= start and stop <= offset + size:
+            return b.rows(part, axis, start - offset, stop - offset) if (start - offset, stop - offset) != \
+                (0, size) else part
+        offset += size
+    return None
+
+
+RULES = {
+    aten.linear.default: _linear,
+    aten.layer_norm.default: _layer_norm,
+    aten._softmax.default: _softmax,
+    aten.softmax.int: _softmax,
+    aten.bmm.default: _matmul,
+    aten.matmul.default: _matmul,
+    aten.scaled_dot_product_attention.default: _attention,
+    aten.transpose.int: _transpose,
+    aten.permute.default: _permute,
+    aten.unflatten.int: _unflatten,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.sum.dim_IntList: _reduction,
+    aten.mean.dim: _reduction,
+    aten.cat.default: _cat,
+    aten.dropout.default: _dropout,
+    **{view: _view for view in _VIEWS},
+    **{op: _elementwise for op in ELEMENTWISE},
+}
+
+
+class _Stop(Exception):
+    """An operand the rule cannot cut: the request stays where it is."""
+
+
+def _sizes_for_shape_readers(graph: fx.Graph, node: fx.Node) -> bool:
+    """Write each ``expand_as(x, node)`` as ``expand(x, sizes)``, so that ``node`` can go; False (graph
+    unchanged) where a size is symbolic and not ``x``'s own."""
+    readers = [u for u in node.users if _reads_shape_only(u, node)]
+    plans = []
+    for user in readers:
+        source, target = recorded_shape(user.args[0]), recorded_shape(node)
+        if source is None or target is None or len(source) > len(target):
+            return False
+        source = (None,) * (len(target) - len(source)) + tuple(source)
+        sizes = [t if isinstance(t, int) else -1 if source_size is not None and _same(source_size, t) else None
+                 for source_size, t in zip(source, target)]
+        if None in sizes:
+            return False
+        plans.append((user, sizes))
+    for user, sizes in plans:
+        with graph.inserting_before(user):
+            expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
+        expanded.meta.update(user.meta)
+        user.replace_all_uses_with(expanded)
+        graph.erase_node(user)
+    return True
+
+
+def _move_up(graph: fx.Graph, node: fx.Node) -> bool:
+    """Answer the one request every reader of ``node`` makes by computing ``node``'s op on the requested rows
+    of its inputs; ``node`` and its readers' slices go. False (graph unchanged) where no rule applies."""
+    request = _shared_request(node) if node.op == "call_function" and node.users else None
+    rule = RULES.get(node.target) if request is not None else None
+    if rule is None or recorded_shape(node) is None or not _sizes_for_shape_readers(graph, node):
+        return False
+    builder = _Builder(graph, node)
+    before = set(graph.nodes)
+    try:
+        new = rule(builder, node, *request)
+    except _Stop:
+        new = None
+    if new is None:
+        for made in [n for n in graph.nodes if n not in before][::-1]:
+            graph.erase_node(made)
+        return False
+    axis = request[0]
+    for user in list(node.users):
+        if _reads_shape_only(user, node):
+            continue
+        if user.target is aten.select.int:
+            with graph.inserting_before(user):
+                user.replace_all_uses_with(graph.call_function(aten.squeeze.dims, (new, [axis])))
+        else:
+            user.replace_all_uses_with(new)
+        graph.erase_node(user)
+    graph.erase_node(node)
+    return True
+
+
+def move_row_selections_up(graph: fx.Graph) -> bool:
+    """Move every row selection (``slice``/``select`` on a static axis) up through the ops that map rows to
+    rows, as far as it goes; returns whether the graph changed. New nodes carry no ``meta["val"]``: export the
+    module again before reading shapes (``prune_unread_rows`` does)."""
+    changed = False
+    while any(_move_up(graph, node) for node in reversed(list(graph.nodes))):  # stops at the first move
+        changed = True
+    return changed
+
+
+__all__ = ["prune_unread_rows", "move_row_selections_up", "row_request", "RULES", "ELEMENTWISE"]
