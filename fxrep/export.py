@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .equivalence import check_inputs
 from .errors import InputError
 from .mobile import calibration_inputs, load_executorch, quantize_int8, run_executorch, to_executorch
 from .program import as_program
@@ -47,13 +48,12 @@ def load_fused(directory: str | Path) -> torch.nn.Module:
 
 
 def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int | None = None) -> Path:
-    """Export to ONNX with torch's exporter (needs the ``export`` extra: onnx, onnxscript)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    """Export to ONNX with torch's exporter (needs the ``export`` extra: onnx, onnxscript). Takes a module or an
+    ExportedProgram; a module in training mode is refused (``TrainingModeError``), not switched to eval mode."""
+    program = as_program(gm, check_inputs(example_inputs))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    gm.eval()
     kwargs = {"opset_version": opset} if opset else {}
     with torch.no_grad():
-        torch.onnx.export(gm, tuple(example_inputs), str(path), dynamo=True, **kwargs)
+        torch.onnx.export(program, dynamo=True, **kwargs).save(str(path))
     return path

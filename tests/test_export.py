@@ -14,7 +14,7 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 
 import fxrep
 import fxrep.models  # noqa: F401
-from fxrep.equivalence import assert_equivalent
+from fxrep.equivalence import assert_equivalent, compare_outputs
 from fxrep.ir.aten import DROP, IDENTITY, TABLE, _Call
 
 
@@ -210,3 +210,23 @@ def test_export_program_refuses_a_training_model_and_leaves_it_as_it_is():
     assert all(m.training for m in model.modules())  # not switched to eval mode behind the caller's back
     program = export_program(model.eval(), x)
     assert torch.equal(program.module()(x), model(x))
+
+
+def test_to_onnx_runs_in_onnxruntime_and_refuses_a_training_model(tmp_path):
+    """A fused d3b4 in ONNX (torch's dynamo exporter) computes what the fused module computes in ONNX Runtime;
+    a model in training mode is refused and left in training mode (to_onnx used to call .eval() on it)."""
+    ort = pytest.importorskip("onnxruntime")
+    from fxrep.export import to_onnx
+
+    model = _d3b4()
+    (x,) = _images(2)
+    fused = fxrep.fuse(model, example_inputs=(x,))
+    path = to_onnx(fused, (x,), tmp_path / "fused.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        compare_outputs(model(x), torch.from_numpy(y), 1e-5)
+    fused.train()
+    with pytest.raises(fxrep.TrainingModeError, match=r"model.eval\(\)"):
+        to_onnx(fused, (x,), tmp_path / "refused.onnx")
+    assert fused.training and not (tmp_path / "refused.onnx").exists()
