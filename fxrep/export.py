@@ -5,6 +5,7 @@
     again = fxrep.export.load_fused("deploy/")        # an nn.Module computing the same function
     fxrep.export.to_onnx(fused, (x,), "deploy/fused.onnx")
     fxrep.export.to_executorch(fused, (x,), "deploy/fused.pte")   # phones (fxrep.mobile; the mobile extra)
+    program = fxrep.export.prune_unread_rows(fxrep.export.export_program(fused, (x,)), (x,))  # fxrep.rows
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from .equivalence import check_inputs
 from .errors import InputError
 from .mobile import calibration_inputs, load_executorch, quantize_int8, run_executorch, to_executorch
 from .program import as_program
+from .rows import prune_unread_rows
 
-__all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8",
+__all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8", "prune_unread_rows",
            "calibration_inputs", "load_executorch", "run_executorch"]
 
 
