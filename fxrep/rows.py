@@ -329,28 +329,21 @@ class _Stop(Exception):
     """An operand the rule cannot cut: the request stays where it is."""
 
 
-def _sizes_for_shape_readers(graph: fx.Graph, node: fx.Node) -> bool:
-    """Write each ``expand_as(x, node)`` as ``expand(x, sizes)``, so that ``node`` can go; False (graph
-    unchanged) where a size is symbolic and not ``x``'s own."""
-    readers = [u for u in node.users if _reads_shape_only(u, node)]
+def _shape_reader_sizes(node: fx.Node) -> list | None:
+    """``[(expand_as(x, node), sizes)]``: the sizes to write each shape-only reader of ``node`` with
+    (``expand(x, sizes)``), so that ``node`` can go; None where a size is symbolic and not ``x``'s own."""
     plans = []
-    for user in readers:
+    for user in [u for u in node.users if _reads_shape_only(u, node)]:
         source, target = recorded_shape(user.args[0]), recorded_shape(node)
         if source is None or target is None or len(source) > len(target):
-            return False
+            return None
         source = (None,) * (len(target) - len(source)) + tuple(source)
-        sizes = [t if isinstance(t, int) else -1 if source_size is not None and _same(source_size, t) else None
-                 for source_size, t in zip(source, target)]
+        sizes = [t if isinstance(t, int) else -1 if s is not None and _same(s, t) else None
+                 for s, t in zip(source, target)]
         if None in sizes:
-            return False
+            return None
         plans.append((user, sizes))
-    for user, sizes in plans:
-        with graph.inserting_before(user):
-            expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
-        expanded.meta.update(user.meta)
-        user.replace_all_uses_with(expanded)
-        graph.erase_node(user)
-    return True
+    return plans
 
 
 def _move_up(graph: fx.Graph, node: fx.Node) -> bool:
@@ -358,22 +351,26 @@ def _move_up(graph: fx.Graph, node: fx.Node) -> bool:
     of its inputs; ``node`` and its readers' slices go. False (graph unchanged) where no rule applies."""
     request = _shared_request(node) if node.op == "call_function" and node.users else None
     rule = RULES.get(node.target) if request is not None else None
-    if rule is None or recorded_shape(node) is None or not _sizes_for_shape_readers(graph, node):
+    shape_readers = _shape_reader_sizes(node) if rule is not None and recorded_shape(node) is not None else None
+    if shape_readers is None:
         return False
-    builder = _Builder(graph, node)
     before = set(graph.nodes)
     try:
-        new = rule(builder, node, *request)
+        new = rule(_Builder(graph, node), node, *request)
     except _Stop:
         new = None
     if new is None:
         for made in [n for n in graph.nodes if n not in before][::-1]:
             graph.erase_node(made)
         return False
+    for user, sizes in shape_readers:
+        with graph.inserting_before(user):
+            expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
+        expanded.meta.update(user.meta)
+        user.replace_all_uses_with(expanded)
+        graph.erase_node(user)
     axis = request[0]
     for user in list(node.users):
-        if _reads_shape_only(user, node):
-            continue
         if user.target is aten.select.int:
             with graph.inserting_before(user):
                 user.replace_all_uses_with(graph.call_function(aten.squeeze.dims, (new, [axis])))

@@ -203,3 +203,19 @@ def test_a_pruned_fused_model_lowers_to_one_xnnpack_delegate():
     outside = collections.Counter(getattr(n.target, "__name__", str(n.target)) for n in lowered.graph.nodes
                                   if n.op == "call_function" and "getitem" not in str(n.target))
     assert outside.pop("executorch_call_delegate") == 1 and outside == {"aten.expand_copy.default": 1}, outside
+
+
+@pytest.mark.parametrize("name", ["cait_xxs24_224", "crossvit_tiny_240", "pit_xs_224", "xcit_nano_12_p8_224"])
+def test_models_written_by_others_prune_exactly(name):
+    """timm models with their own class-token heads (CaiT's class attention, CrossViT's two branches, PiT's
+    pooling stages, XCiT's class attention): pruned, and exact on a fresh input (benchmarks/rows_zoo.py runs the
+    whole zoo)."""
+    from fxrep.zoo import build
+
+    model, x = build("timm", name)
+    program = torch.export.export(model, (x,))
+    pruned = prune_unread_rows(program, (x,))
+    assert pruned is not program
+    fresh = torch.randn_like(x)
+    with torch.no_grad():
+        assert relative_error(model(fresh), pruned.module()(fresh)) < TOLERANCE
