@@ -74,8 +74,8 @@ def _fuse(args) -> int:
             if args.calibration is None:
                 raise SystemExit("--int8 needs --calibration DIR (an MNIST IDX directory of real inputs).")
             calibration = calibration_inputs(load_mnist_idx(args.calibration, "train"))
-        path = to_executorch(fused, (torch.randn(shape),), args.executorch,
-                             quantize="int8" if args.int8 else None, calibration=calibration)
+        path = to_executorch(fused, (torch.randn(shape),), args.executorch, quantize="int8" if args.int8 else None,
+                             calibration=calibration, prune_rows=not args.all_rows)
         print(f"ExecuTorch program (XNNPACK{', int8' if args.int8 else ''}) written to {path}")
     return 0
 
@@ -112,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--int8", action="store_true", help="quantize the ExecuTorch program to int8 (PT2E, XNNPACK)")
     f.add_argument("--calibration", default=None, metavar="DIR",
                    help="with --int8: an MNIST IDX directory whose train split (200 images) calibrates")
+    f.add_argument("--all-rows", action="store_true",
+                   help="compute every token row in the ExecuTorch program (default: only the rows the output reads)")
     return ap
 
 

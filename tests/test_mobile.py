@@ -31,7 +31,8 @@ def _fused(name: str, per_head: bool):
 
 
 # the three registered models in the rank-aware form fxrep picks for them, and d3b4 in the per-head form too
-# and lowered as exported, without fxrep.xnnpack's rewrites (lowering takes seconds a model, so not every pair)
+# and lowered as exported, without fxrep.xnnpack's rewrites and with every row computed (lowering takes seconds
+# a model, so not every pair)
 FORMS = [("fxrep_deit_tiny_d6b2", "rank_aware", True), ("fxrep_deit_tiny_d4b3", "rank_aware", True),
          ("fxrep_deit_tiny_d3b4", "rank_aware", True), ("fxrep_deit_tiny_d3b4", "per_head", True),
          ("fxrep_deit_tiny_d3b4", "rank_aware", False)]
@@ -43,7 +44,7 @@ def test_fp32_programs_match_pytorch(name, form, rewrites, tmp_path):
     model, fused, x = _fused(name, form == "per_head")
     rank_aware = sum(a.pattern == "rank_aware_attention" for a in fused.meta["fxrep_report"].applied)
     assert (rank_aware > 0) == (form == "rank_aware")
-    path = to_executorch(fused, (x,), tmp_path / f"{name}.pte", xnnpack_rewrites=rewrites)
+    path = to_executorch(fused, (x,), tmp_path / f"{name}.pte", xnnpack_rewrites=rewrites, prune_rows=rewrites)
     for seed in (1, 2):
         xs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         (y,) = run_executorch(path, (xs,))
@@ -99,12 +100,13 @@ def test_cli_writes_an_executorch_program(tmp_path):
 
     model, _, x = _fused("fxrep_deit_tiny_d3b4", per_head=False)
     torch.save(model, tmp_path / "model.pt")
-    out = tmp_path / "fused.pte"
-    assert main(["fuse", str(tmp_path / "model.pt"), "--input-shape", "1,3,32,32", "--out",
-                 str(tmp_path / "fused.pt"), "--executorch", str(out)]) == 0
-    (y,) = run_executorch(out, (x,))
-    with torch.no_grad():
-        assert relative_error(model(x), y) <= 1e-5
+    for flags in ([], ["--all-rows"]):
+        out = tmp_path / f"fused{len(flags)}.pte"
+        assert main(["fuse", str(tmp_path / "model.pt"), "--input-shape", "1,3,32,32", "--out",
+                     str(tmp_path / "fused.pt"), "--executorch", str(out), *flags]) == 0
+        (y,) = run_executorch(out, (x,))
+        with torch.no_grad():
+            assert relative_error(model(x), y) <= 1e-5
 
 
 def test_exported_programs_and_their_modules_are_accepted(tmp_path):
