@@ -133,13 +133,18 @@ def test_rows_stop_at_ops_that_mix_tokens():
             assert rows[:4] == [5, 5, 5, 5], rows
 
 
-def test_a_fused_model_runs_its_last_block_for_the_class_token_with_a_dynamic_batch():
+def _fused_d3b4(batch: int):
+    """A small registered d3b4, fully joined, fused: (model, fused, example input)."""
     torch.manual_seed(0)
     model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32,
                               patch_size=8).eval()
     model.set_join(1.0)
-    x = torch.randn(2, 3, 32, 32)
-    fused = fxrep.fuse(model, example_inputs=(x,))
+    x = torch.randn(batch, 3, 32, 32)
+    return model, fxrep.fuse(model, example_inputs=(x,)), x
+
+
+def test_a_fused_model_runs_its_last_block_for_the_class_token_with_a_dynamic_batch():
+    model, fused, x = _fused_d3b4(2)
     program = torch.export.export(fused, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
     pruned = prune_unread_rows(program, (x,))
     counts = collections.Counter(_linear_rows(pruned))
@@ -192,12 +197,7 @@ def test_a_pruned_fused_model_lowers_to_one_xnnpack_delegate():
 
     from fxrep.xnnpack import rewrite_for_xnnpack
 
-    torch.manual_seed(0)
-    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32,
-                              patch_size=8).eval()
-    model.set_join(1.0)
-    x = torch.randn(1, 3, 32, 32)
-    fused = fxrep.fuse(model, example_inputs=(x,))
+    _, fused, x = _fused_d3b4(1)
     program = rewrite_for_xnnpack(prune_unread_rows(torch.export.export(fused, (x,)), (x,)), (x,))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).exported_program()
     outside = collections.Counter(getattr(n.target, "__name__", str(n.target)) for n in lowered.graph.nodes
