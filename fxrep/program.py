@@ -17,6 +17,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from . import engine
+from .equivalence import compare_outputs
 from .errors import InputError, InternalError, TrainingModeError, UnsupportedModelError
 from .ir import bind
 
@@ -128,6 +129,24 @@ def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
             f"the program takes keyword-only inputs ({', '.join(bound.kwargs)}); fxrep fuses programs whose "
             "inputs can be passed by position.")
     return tuple(bound.args)
+
+
+def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_inputs: tuple, *, rewrite: str,
+                     switch: str, tolerance: float = 1e-5) -> ExportedProgram:
+    """``module``, a rewritten ``program.module()``, exported again with the program's dynamic dimensions and
+    checked to compute what ``program`` computes on ``example_inputs`` (``tolerance`` relative). A module that
+    does not export, or computes something else, is fxrep's bug: InternalError naming ``rewrite`` and the
+    ``switch`` that turns it off."""
+    try:
+        with torch.no_grad():
+            rewritten = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),
+                                            strict=False)
+            compare_outputs(program.module()(*example_inputs), rewritten.module()(*example_inputs), tolerance)
+    except Exception as e:  # noqa: BLE001 - a graph fxrep built that does not export or computes otherwise
+        raise InternalError(f"{rewrite} broke the program ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                            f"This is a bug in fxrep; please report it with the model, and pass {switch} "
+                            "meanwhile.") from e
+    return rewritten
 
 
 def dynamic_shapes_of(ep: ExportedProgram, module):

@@ -23,10 +23,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .equivalence import compare_outputs
-from .errors import InternalError
 from .ir.aten_core import recorded_shape
-from .program import dynamic_shapes_of
+from .program import export_rewritten
 
 aten = torch.ops.aten
 TOLERANCE = 1e-5
@@ -54,17 +52,8 @@ def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tup
         return program
     module.graph.eliminate_dead_code()
     module.recompile()
-    try:
-        with torch.no_grad():
-            pruned = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),
-                                         strict=False)
-            before, after = program.module()(*example_inputs), pruned.module()(*example_inputs)
-        compare_outputs(before, after, TOLERANCE)
-    except Exception as e:  # noqa: BLE001 - a graph fxrep built that does not export or computes otherwise
-        raise InternalError(f"computing only the rows the outputs read broke the program ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}). This is a bug in fxrep; please report it with the "
-                            "model, and pass prune_rows=False meanwhile.") from e
-    return pruned
+    return export_rewritten(program, module, example_inputs, rewrite="computing only the rows the outputs read",
+                            switch="prune_rows=False", tolerance=TOLERANCE)
 
 
 # --- which rows a node asks for -------------------------------------------------------------------------------

@@ -33,12 +33,10 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import algebra
-from .equivalence import EquivalenceError, compare_outputs
-from .errors import InternalError
 from .ir import bind, const_node
 from .ir.aten_core import recorded_shape
 from .ir.readers import fetch_attr
-from .program import dynamic_shapes_of
+from .program import export_rewritten
 
 aten = torch.ops.aten
 TOLERANCE = 1e-5
@@ -58,16 +56,8 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
         return program
     module.graph.eliminate_dead_code()
     module.recompile()
-    with torch.no_grad():
-        rewritten = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),
-                                        strict=False)
-        before, after = program.module()(*example_inputs), rewritten.module()(*example_inputs)
-    try:
-        compare_outputs(before, after, TOLERANCE)
-    except EquivalenceError as e:
-        raise InternalError(f"rewriting the program for XNNPACK changed its output ({e}). This is a bug in fxrep; "
-                            "pass xnnpack_rewrites=False to to_executorch meanwhile.") from e
-    return rewritten
+    return export_rewritten(program, module, example_inputs, rewrite="rewriting the program for XNNPACK",
+                            switch="xnnpack_rewrites=False to to_executorch", tolerance=TOLERANCE)
 
 
 def _ints(*sizes) -> bool:
