@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .ir.aten_core import recorded_shape
+from .ir.aten_core import recorded_shape, same_size
 from .program import export_rewritten
 
 aten = torch.ops.aten
@@ -131,10 +130,6 @@ class _Builder:
             return self.graph.call_function(target, tuple(args), dict(kwargs or {}))
 
 
-def _same(a, b) -> bool:
-    return a is b or statically_known_true(a == b)
-
-
 def _elementwise(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
     rank, size = len(recorded_shape(node)), recorded_shape(node)[axis]
 
@@ -147,7 +142,7 @@ def _elementwise(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
         own = axis - (rank - len(shape))
         if own < 0 or shape[own] == 1:  # broadcast along the axis: read whole
             return arg
-        if not _same(shape[own], size):
+        if not same_size(shape[own], size):
             raise _Stop
         return b.rows(arg, own, start, stop)
 
@@ -250,9 +245,9 @@ def _view(b, node, axis, start, stop):
     sizes = list(node.args[1])
     if len(sizes) != len(out):
         return None
-    if len(source) > axis and all(_same(p, q) for p, q in zip(out[:axis + 1], source[:axis + 1])):
+    if len(source) > axis and all(same_size(p, q) for p, q in zip(out[:axis + 1], source[:axis + 1])):
         own = axis
-    elif all(_same(p, q) for p, q in zip(out[axis:][::-1], source[::-1])) and len(source) >= len(out) - axis:
+    elif all(same_size(p, q) for p, q in zip(out[axis:][::-1], source[::-1])) and len(source) >= len(out) - axis:
         own = len(source) - (len(out) - axis)
     else:
         return None
@@ -327,7 +322,7 @@ def _shape_reader_sizes(node: fx.Node) -> list | None:
         if source is None or target is None or len(source) > len(target):
             return None
         source = (None,) * (len(target) - len(source)) + tuple(source)
-        sizes = [t if isinstance(t, int) else -1 if s is not None and _same(s, t) else None
+        sizes = [t if isinstance(t, int) else -1 if s is not None and same_size(s, t) else None
                  for s, t in zip(source, target)]
         if None in sizes:
             return None

@@ -30,11 +30,10 @@ import operator
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import algebra
 from .ir import bind, const_node
-from .ir.aten_core import recorded_shape
+from .ir.aten_core import recorded_shape, same_size
 from .ir.readers import fetch_attr
 from .program import export_rewritten
 
@@ -62,10 +61,6 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
 
 def _ints(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
-
-
-def _same(a, b) -> bool:
-    return a is b or statically_known_true(a == b)
 
 
 def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
@@ -100,7 +95,7 @@ def _plain_attention(node: fx.Node):
     qs, ks, vs = recorded_shape(q), recorded_shape(k), recorded_shape(v)
     if qs is None or ks is None or vs is None or not len(qs) == len(ks) == len(vs) == 4:
         return None
-    if not _ints(*qs[1:], *ks[1:], *vs[1:]) or not _same(qs[0], ks[0]) or not _same(qs[0], vs[0]) or \
+    if not _ints(*qs[1:], *ks[1:], *vs[1:]) or not same_size(qs[0], ks[0]) or not same_size(qs[0], vs[0]) or \
             ks[2] != vs[2] or vs[1] != qs[1]:
         return None
     if ks[1] not in (1, qs[1]):
@@ -114,7 +109,7 @@ def _shared_key(k: fx.Node, batch) -> fx.Node | None:
     while k.target in (aten.expand.default, aten.expand_as.default) and len(recorded_shape(k.args[0]) or ()) == 4:
         k = k.args[0]
     shape = recorded_shape(k)
-    return k if shape[1] == 1 and _same(shape[0], batch) else None
+    return k if shape[1] == 1 and same_size(shape[0], batch) else None
 
 
 def _head_sum(node: fx.Node) -> fx.Node | None:
@@ -147,7 +142,7 @@ def _split_linear(gm: fx.GraphModule, v: fx.Node):
     if lin is None or lin.target is not aten.linear.default:
         return None
     (batch, m, width), (_, heads, _, dv) = recorded_shape(lin), recorded_shape(v)
-    if not (_same(batch, recorded_shape(src)[0]) and recorded_shape(src)[1:] == (m, heads, dv) and width == heads * dv):
+    if not (same_size(batch, recorded_shape(src)[0]) and recorded_shape(src)[1:] == (m, heads, dv) and width == heads * dv):
         return None  # features split as (heads, dv), batch and token axes kept
     y, w, b = (list(lin.args) + [None])[:3]
     if w.op != "get_attr" or (b is not None and b.op != "get_attr") or len(recorded_shape(y) or ()) != 3:

@@ -35,6 +35,11 @@ def recorded_shape(node) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def same_size(a, b) -> bool:
+    """Whether two recorded sizes (ints or symbolic) are provably equal."""
+    return a is b or statically_known_true(a == b)
+
+
 def _same(a, b) -> bool:
     return a is not None and b is not None and len(a) == len(b) and \
         all(statically_known_true(x == y) for x, y in zip(a, b))
