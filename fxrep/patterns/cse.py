@@ -41,7 +41,7 @@ def _pure(node: fx.Node) -> bool:
 
 class EliminateCommonSubexpressions:
     name = "eliminate_common_subexpressions"
-    phase = ("canonicalize", "fuse")
+    phase = ("canonicalize", "fuse", "lower")  # lower: rewrites that emit one view per reader (rank-aware keys)
 
     def _first_occurrences(self, graph):
         first: dict = {}
