@@ -41,7 +41,6 @@ from timm.layers import Attention
 
 import fxrep
 import fxrep.models  # noqa: F401
-from fxrep import cost
 from fxrep.benchmarking import markdown_table, measure_latency
 
 
@@ -73,29 +72,25 @@ def build(x, dtype) -> dict:
 
 
 def parallel_vit(threads: int, repeats: int) -> str:
-    """timm's parallel ViT unfused, fused with fxrep's cost rule deciding each widen group (timed at the
-    example input's shape, fxrep.cost), with every group widened, and with no widening."""
+    """timm's parallel ViT unfused; fused with the default cost model (fxrep's kernel-time table) deciding
+    each widen group; fused with ``autotune=True`` (timed on this machine); with every group widened and with
+    none (both forced by replaying decisions)."""
     torch.set_num_threads(threads)
     rows, decisions = [], []
     for px in (224, 64):
         model = timm.create_model("vit_small_patch16_18x2_224", img_size=px, num_classes=1000).eval()
         x = torch.randn(1, 3, px, px)
-        registry = fxrep.default_registry()
         decided = fxrep.fuse(model, example_inputs=(x,))
-        margin, cost.MARGIN = cost.MARGIN, float("inf")
-        try:
-            widened = fxrep.fuse(model, example_inputs=(x,))
-        finally:
-            cost.MARGIN = margin
-        models = {"unfused": model, "fused, widening decided per layer": decided, "fused, every group widened": widened,
-                  "fused, no widening": fxrep.fuse(model, example_inputs=(x,),
-                                                   patterns=registry.without("widen_attention", "widen_mlp"))}
-        report = decided.meta["fxrep_report"]
-        for pattern in ("widen_attention", "widen_mlp"):
-            widened_here = [a.summary for a in report.applied if a.pattern == pattern]
-            apart = [s.reason for s in report.skipped if s.pattern == pattern and "would be slower" in s.reason]
-            example = (widened_here or apart or ["-"])[0]
-            decisions.append(f"{px} px, {pattern}: {len(widened_here)} widened, {len(apart)} kept apart; {example}")
+        tuned = fxrep.fuse(model, example_inputs=(x,), autotune=True)
+        keys = decided.meta["fxrep_report"].decisions
+        models = {"unfused": model, "fused, default (table) decides": decided,
+                  "fused, autotune=True decides": tuned,
+                  "fused, every group widened": fxrep.fuse(model, example_inputs=(x,),
+                                                           decisions=dict.fromkeys(keys, True)),
+                  "fused, no widening": fxrep.fuse(model, example_inputs=(x,), decisions=dict.fromkeys(keys, False))}
+        for label, gm in (("table", decided), ("autotune", tuned)):
+            for key, d in gm.meta["fxrep_report"].decisions.items():
+                decisions.append(f"{px} px, {label}: {'widen' if d.widen else 'apart'}  {key}: {d.describe()}")
         timed = measure_latency(models, (x,), repeats=repeats, warmup=3)
         base = timed["unfused"]["median"]
         rows += [(px, (px // 16) ** 2 + 1, name, f"{t['median'] * 1e3:.1f}", f"{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import torch
 from torch import fx, nn
 
-from . import cost
+from .convergence import fingerprint, not_converged_message
+from .cost import ReplayedCostModel, cost_model_for
 from .devices import CPU, cpu_twin, model_device, to_device
 from .equivalence import assert_equivalent, signature
 from .errors import (
@@ -17,57 +19,16 @@ from .errors import (
     InputError,
     InternalError,
     PatternError,
-    TrainingModeError,
-    UnsupportedModelError,
 )
 from .ir import is_guard, is_inplace, merge_origins, torch_spellings, write_is_invisible
-from .pattern import PHASES, FuseContext, Match, Skip
+from .pattern import PHASES, FuseContext, FuseOptions, Match, Skip
+from .patterns import builtin_patterns
 from .registry import PatternRegistry, default_registry
 from .report import Applied, FuseReport, Skipped
 from .snapshot import stale_proxies
 from .stats import graph_stats, run_counting_flops
 from .tracing import portable_guards, trace_graph
-
-MAX_SWEEPS = 50
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def training_modules(model: nn.Module) -> list[str]:
-    """The names of the modules in training mode that change what ``model`` computes."""
-    if isinstance(model, fx.GraphModule):
-        # only the modules its graph calls matter: symbolic_trace makes the GraphModule and the containers on
-        # the way to its leaves fresh modules in training mode, which change nothing it computes (and
-        # ExportedProgram.module() is a GraphModule in training mode that cannot even be put in eval mode)
-        called = {n.target for n in model.graph.nodes if n.op == "call_module"}
-        modules = [(f"{t}.{name}".rstrip("."), m) for t in called for name, m in model.get_submodule(t).named_modules()]
-    else:
-        modules = list(model.named_modules())
-    return [name or type(model).__name__ for name, m in modules if m.training and not _is_export_guard(m)]
-
-
-def _validate(model: nn.Module) -> None:
-    training = training_modules(model)
-    if training:
-        raise TrainingModeError(
-            f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "
-            "there, so no rewrite is exact. Call model.eval() before fxrep.fuse(model).")
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_meta:
-            raise UnsupportedModelError(
-                f"'{name}' is on the meta device: it has no values to fold. Materialize the model first "
-                "(model.to_empty(device='cpu') and load a state_dict) and call fuse again.")
-        if t.is_quantized:
-            raise UnsupportedModelError(
-                f"'{name}' is a quantized tensor ({t.dtype}): fxrep folds float weights only. Fuse the float "
-                "model first, then quantize the fused model.")
-        if isinstance(t, nn.Parameter) and t.dtype not in SUPPORTED_DTYPES:
-            raise UnsupportedModelError(
-                f"parameter '{name}' has dtype {t.dtype}; fxrep supports {', '.join(map(str, SUPPORTED_DTYPES))}."
-                " Convert the model with model.float() before fusing.")
-    for name, m in model.named_modules():
-        if type(m).__module__.startswith("torch.ao.nn.quantized"):
-            raise UnsupportedModelError(
-                f"'{name}' is a quantized module ({type(m).__name__}): fuse the float model, then quantize.")
+from .validation import validate
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs) -> tuple[list, int]:
@@ -97,11 +58,6 @@ def _inputs_from_shapes(model) -> tuple | None:
         return None
     g = torch.Generator().manual_seed(0)
     return tuple(torch.randn(tuple(m.shape), generator=g).to(m.dtype) for m in metas)
-
-
-def _is_export_guard(module: nn.Module) -> bool:
-    """``ExportedProgram.module()``'s ``_guards_fn``: checks input shapes, has no mode, computes nothing."""
-    return type(module).__name__ == "GuardsFn" and type(module).__module__.startswith("torch.export")
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -219,45 +175,51 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, after_pattern=None) -> None:
-    """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy).
+def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, after_pattern=None,
+                 options: FuseOptions | None = None) -> FuseContext:
+    """Run every phase of ``registry`` on ``gm`` in place (gm must be fxrep's own copy); returns the context.
 
     Skips are collected from every sweep (provisional ones from the phase's last sweep only); one is dropped
-    when the same pattern later rewrote everything it names (a candidate that became mergeable after another rewrite is not a near miss; one that shares only
-    a LayerNorm with a rewrite still is)."""
-    ctx = FuseContext(gm)
+    when the same pattern later rewrote everything it names (a candidate that became mergeable after another
+    rewrite is not a near miss; one that shares only a LayerNorm with a rewrite still is)."""
+    ctx = FuseContext(gm, options or FuseOptions(cost_model=cost_model_for()))
+    _eliminate_dead_code(gm.graph)  # dead code (a dead in-place write, say) must not block the first phase
     skips: dict = {}
     for phase in PHASES:
         patterns = registry.in_phase(phase)
-        if not patterns:
-            continue
-        for _ in range(MAX_SWEEPS):
-            report.sweeps += 1
-            applied, seen = _sweep(patterns, ctx, report, after_pattern)
-            for s, provisional in seen:
-                if not provisional or not applied:  # provisional: only as the phase's last sweep sees it
-                    skips.setdefault((s.pattern, s.reason, s.origins), s)
-            if not applied:
-                ctx.graph.lint()  # a pattern that broke the graph is caught at the end of its phase
-                break
-        else:
-            last = report.applied[-applied:]
-            culprits = ", ".join(f"'{a.pattern}' ({a.summary} at {', '.join(a.origins[:2])})"
-                                 for a in {a.pattern: a for a in last}.values())
-            raise InternalError(
-                f"phase {phase!r} did not reach a fixed point in {MAX_SWEEPS} sweeps: still rewriting in the last "
-                f"sweep: {culprits}. A pattern's match must return None once its rewrite is done (and its "
-                f"replace must remove or change what it matched); two patterns may be undoing each other. "
-                f"This is a bug in that pattern; fuse without it meanwhile: "
-                f"patterns=fxrep.default_registry().without('{last[0].pattern}').")
+        if patterns:
+            _run_phase(phase, patterns, ctx, report, after_pattern, skips)
     done: dict = {}
     for a in report.applied:
         done.setdefault(a.pattern, set()).update(a.origins)
     report.skipped += [s for s in skips.values() if not set(s.origins) <= done.get(s.pattern, set())]
+    report.decisions.update(ctx.decisions)
+    report.cost_model = ctx.options.cost_model.describe() if ctx.options.cost_model is not None else ""
+    return ctx
+
+
+def _run_phase(phase: str, patterns: list, ctx: FuseContext, report: FuseReport, after_pattern, skips: dict):
+    """Sweep until a sweep applies nothing (the fixed point; the graph is linted there), or raise
+    InternalError with what still changes (``fxrep.convergence``)."""
+    history: list = []
+    state = fingerprint(ctx.graph)
+    for _ in range(ctx.options.max_sweeps):
+        report.sweeps += 1
+        applied, seen = _sweep(patterns, ctx, report, after_pattern)
+        for s, provisional in seen:
+            if not provisional or not applied:  # provisional: only as the phase's last sweep sees it
+                skips.setdefault((s.pattern, s.reason, s.origins), s)
+        if not applied:
+            ctx.graph.lint()  # a pattern that broke the graph is caught at the end of its phase
+            return
+        before, state = state, fingerprint(ctx.graph)
+        history.append((before, state, report.applied[-applied:]))
+    builtin = {p.name for p in builtin_patterns()}
+    raise InternalError(not_converged_message(phase, ctx.options.max_sweeps, history, builtin))
 
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
-         concrete_args: dict | None = None):
+         concrete_args: dict | None = None, autotune: bool = False, decisions=None, max_sweeps: int = 50):
     """Rewrite ``model`` into an equivalent GraphModule with parallel branches merged.
 
     Args:
@@ -276,6 +238,12 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
             ``torch.fx.symbolic_trace``). Default: optional ``None``/``bool`` arguments other than the first
             and other than those ``example_inputs`` supply as tensors (``fxrep.tracing.default_concrete_args``).
             A fixed argument keeps a runtime guard: calling the fused model with another value raises.
+        autotune: decide whether parallel branches widen by timing both forms on this machine (like cuDNN's
+            benchmark mode). Default: a table of kernel times shipped with fxrep decides, so the fused graph is
+            the same on every machine and under any load.
+        decisions: ``report.decisions`` of an earlier call (or its ``as_dict()`` values, e.g. from JSON):
+            replayed without timing, so an autotuned result can be reproduced exactly.
+        max_sweeps: how many sweeps a phase may take to reach its fixed point.
 
     Returns:
         A new ``torch.fx.GraphModule``; its ``meta["fxrep_report"]`` is a FuseReport (``print`` it).
@@ -283,7 +251,7 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     if not isinstance(model, nn.Module):
         raise FxrepError(f"fxrep.fuse takes an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
                          f"not {type(model).__name__}")
-    _validate(model)
+    validate(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     registry = patterns if isinstance(patterns, PatternRegistry) else \
@@ -293,15 +261,15 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     gm, reference, flops = _prepare(model, example_inputs, concrete_args)
     report = FuseReport(specialized=dict(gm.meta.get("fxrep_specialized", {})))
     report.before = graph_stats(gm, flops=flops)
-    gm.meta[cost.DEVICE_KEY] = device  # where the fused model runs: widening is timed only for the CPU
-    run_patterns(gm, registry, report)
-    gm.meta.pop(cost.DEVICE_KEY)
+    options = FuseOptions(device, cost_model_for(autotune, decisions), max_sweeps)
+    ctx = run_patterns(gm, registry, report, options=options)
     _drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
     if example_inputs is not None:
         flops = _run_fused(gm, example_inputs, reference,
-                           lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry))
+                           lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry,
+                                                          _replaying(options, ctx.decisions)))
     report.after = graph_stats(gm, flops=flops)
     gm.meta["fxrep_report"] = report
     if device != CPU:  # a twin of the user's model: its tensors are fxrep's own and CPU copies
@@ -322,7 +290,10 @@ def _prepare(model, example_inputs, concrete_args) -> tuple:
         gm = trace_graph(model, example_inputs, concrete_args)
     if model_device(gm) != CPU:
         gm = cpu_twin(gm)
-    gm.eval()
+    shared = {id(m) for m in model.modules()}
+    for m in gm.modules():  # fxrep's own modules only: a leaf shared with the model is validated, never set
+        if id(m) not in shared:
+            m.training = False
     if example_inputs is None:
         return gm, None, None
     reference, flops = _propagate_shapes(gm, example_inputs)
@@ -351,7 +322,12 @@ def _run_fused(gm, example_inputs, reference, locate) -> int:
         f"fixed, fuse without that pattern: {fix}.")
 
 
-def _find_breaking_pattern(model, example_inputs, concrete_args, registry) -> tuple[str | None, str]:
+def _replaying(options: FuseOptions, decisions: dict) -> FuseOptions:
+    """``options`` with the widen decisions made so far given back as they were (a replay times nothing)."""
+    return dataclasses.replace(options, cost_model=ReplayedCostModel(decisions, options.cost_model))
+
+
+def _find_breaking_pattern(model, example_inputs, concrete_args, registry, options) -> tuple[str | None, str]:
     """Replay the fuse on a fresh graph, running it after every pattern that rewrote something; return the
     first pattern after which it no longer runs (with its first rewrite), or (None, '')."""
     gm, reference, _ = _prepare(model, example_inputs, concrete_args)
@@ -372,7 +348,7 @@ def _find_breaking_pattern(model, example_inputs, concrete_args, registry) -> tu
                                       f"{', '.join(first.origins[:3])}")
 
     try:
-        run_patterns(gm, registry, FuseReport(), after_pattern=after)
+        run_patterns(gm, registry, FuseReport(), after_pattern=after, options=options)
     except Broke as b:
         return b.args
     return None, ""

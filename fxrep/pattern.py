@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import fx
 
 from .ir import mutation_hazards
@@ -75,6 +76,19 @@ class FunctionPattern:
         return f"FunctionPattern({self.name!r}, phase={self.phase!r})"
 
 
+@dataclass(frozen=True)
+class FuseOptions:
+    """What one ``fuse`` call was asked for, as the patterns see it.
+
+    ``device``: where the fused model will run. ``cost_model``: decides whether widen groups merge
+    (``fxrep.cost``; None until the front door fills in the default). ``max_sweeps``: how many sweeps a phase
+    may take to reach its fixed point."""
+
+    device: torch.device = torch.device("cpu")
+    cost_model: Any = None
+    max_sweeps: int = 50
+
+
 @dataclass
 class FuseContext:
     """What a pattern sees: the GraphModule being rewritten, a cache for analyses shared by the patterns of
@@ -84,6 +98,8 @@ class FuseContext:
     engine erases what was replaced, after each pattern's rewrites, and dead code)."""
 
     gm: fx.GraphModule
+    options: FuseOptions = field(default_factory=FuseOptions)
+    decisions: dict = field(default_factory=dict)  # widen decisions by shape key (fxrep.cost), for the report
     _cache: dict = field(default_factory=dict)
     _replaced: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)

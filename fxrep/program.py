@@ -20,29 +20,32 @@ from . import engine
 from .equivalence import compare_outputs
 from .errors import InputError, InternalError, TrainingModeError, UnsupportedModelError
 from .ir import bind
+from .validation import training_modules
 
 
 @functools.wraps(engine.fuse)
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
-         concrete_args: dict | None = None):
+         concrete_args: dict | None = None, **options):
     if isinstance(model, ExportedProgram):
         if concrete_args is not None:
             raise InputError("concrete_args fix arguments while tracing; an ExportedProgram is traced already. "
                              "Leave concrete_args out.")
-        return fuse_program(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol)
+        return fuse_program(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
+                            **options)
     return engine.fuse(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
-                       concrete_args=concrete_args)
+                       concrete_args=concrete_args, **options)
 
 
 def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, check: bool = False,
-                 rtol: float | None = None) -> ExportedProgram:
+                 rtol: float | None = None, **options) -> ExportedProgram:
     """Fuse an ExportedProgram; return a new one with the same calling convention (inputs and outputs as
     pytrees, a dynamic batch dimension stays dynamic). ``example_inputs`` (a tuple of positional arguments)
-    default to the program's own; the report is ``fused.graph_module.meta["fxrep_report"]``."""
+    default to the program's own; the report is ``fused.graph_module.meta["fxrep_report"]``. ``options``
+    (``autotune``, ``decisions``, ``max_sweeps``) are ``fxrep.fuse``'s."""
     _check_program(ep)
     module = ep.module()
     args = _positional(module, ep, example_inputs)
-    gm = engine.fuse(module, example_inputs=args, patterns=patterns, check=check, rtol=rtol)
+    gm = engine.fuse(module, example_inputs=args, patterns=patterns, check=check, rtol=rtol, **options)
     report = gm.meta["fxrep_report"]
     try:
         fused = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes_of(ep, module), strict=False)
@@ -62,7 +65,7 @@ def as_program(model, example_inputs) -> ExportedProgram:
         return model
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"expected an nn.Module, a GraphModule or an ExportedProgram, not {type(model).__name__}")
-    training = engine.training_modules(model)
+    training = training_modules(model)
     if training:
         raise TrainingModeError(f"the model is in training mode (e.g. {', '.join(training[:3])}): call "
                                 "model.eval() before exporting it.")

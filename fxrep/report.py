@@ -28,6 +28,12 @@ class FuseReport:
     after: dict = field(default_factory=dict)
     sweeps: int = 0
     specialized: dict = field(default_factory=dict)  # forward arguments fixed while tracing: name -> value
+    decisions: dict = field(default_factory=dict)  # widen decisions by shape key (fxrep.cost.Decision)
+    cost_model: str = ""  # what decided them
+
+    def decisions_as_dict(self) -> dict:
+        """``decisions`` as plain data (JSON-ready), accepted back by ``fuse(..., decisions=...)``."""
+        return {key: d.as_dict() for key, d in self.decisions.items()}
 
     def count(self, pattern: str) -> int:
         return sum(1 for a in self.applied if a.pattern == pattern)
@@ -54,6 +60,9 @@ class FuseReport:
         if self.specialized:
             fixed = ", ".join(f"{k}={v!r}" for k, v in self.specialized.items())
             lines.append(f"arguments fixed while tracing (another value raises): {fixed}")
+        if self.decisions:
+            lines.append(f"widening decided by {self.cost_model}:")
+            lines += [f"  {'widen' if d.widen else 'apart'}  {key}: {d.describe()}" for key, d in self.decisions.items()]
         lines.append("")
         lines.append(f"applied rewrites ({len(self.applied)}):")
         rows = []

@@ -22,10 +22,13 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-@functools.cache
-def _signatures(target) -> tuple:
+@functools.lru_cache(maxsize=4096)
+def _signatures(target, skip: int = 0) -> tuple:
+    """The signatures ``target`` may be called with, less its first ``skip`` parameters (a method's self)."""
     try:
         sig = inspect.signature(target)
+        if skip:
+            sig = sig.replace(parameters=list(sig.parameters.values())[skip:])
         # ATen overloads (``torch.ops.aten.linear.default``) present a generic (*args, **kwargs): their names
         # are in the schema below
         if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
@@ -62,38 +65,42 @@ def _layout(sig: inspect.Signature, n_args: int, kwarg_names: frozenset):
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(target, n_args: int, kwarg_names: frozenset):
+def _plan(target, skip: int, n_args: int, kwarg_names: frozenset):
     """The layout shared by every overload of ``target`` that accepts this call shape (names of the positions
     used, and only the defaults all of them agree on), or None when there is none or they disagree."""
-    layouts = [lay for sig in _signatures(target) if (lay := _layout(sig, n_args, kwarg_names)) is not None]
+    layouts = [lay for sig in _signatures(target, skip) if (lay := _layout(sig, n_args, kwarg_names)) is not None]
     if not layouts or any(lay[:2] != layouts[0][:2] for lay in layouts):
         return None
     common = tuple(d for d in layouts[0][2] if all(d in lay[2] for lay in layouts[1:]))
     return layouts[0][0], layouts[0][1], common
 
 
-def _callee(node: fx.Node):
+def _callee(node: fx.Node) -> tuple:
+    """(the function bound against, how many leading parameters the call does not pass). For a module call
+    that is the class's ``forward`` and its ``self``: keyed by the class, so the caches below never keep a
+    user's module alive."""
     if node.op == "call_function":
-        return node.target
+        return node.target, 0
     if node.op == "call_method":
-        return getattr(torch, node.target, None) or getattr(torch.Tensor, node.target, None)
-    if node.op == "call_module":  # the module's forward, as a bound method (``self`` is not an argument)
+        return getattr(torch, node.target, None) or getattr(torch.Tensor, node.target, None), 0
+    if node.op == "call_module":
         module = node.graph.owning_module
         for atom in node.target.split("."):
             module = getattr(module, atom, None)
-        return getattr(module, "forward", None)
-    return None
+        forward = getattr(type(module), "forward", None) if module is not None else None
+        return (forward, 1) if inspect.isfunction(forward) else (None, 0)
+    return None, 0
 
 
 def bind(node: fx.Node) -> dict | None:
     """``{parameter name: argument}`` of a ``call_function``/``call_method``/``call_module`` node, defaults
     included, or None
     when the callee has no signature torch can name (or its overloads disagree about this call's names)."""
-    callee = _callee(node)
+    callee, skip = _callee(node)
     if callee is None:
         return None
     try:
-        plan = _plan(callee, len(node.args), frozenset(node.kwargs))
+        plan = _plan(callee, skip, len(node.args), frozenset(node.kwargs))
     except TypeError:  # an unhashable callee
         return None
     if plan is None:

@@ -30,6 +30,7 @@ from ..ir import (
     attention_view,
     emit_attention,
     emit_linear,
+    known_shape,
     merge_origins,
 )
 from ..pattern import Match, Skip
@@ -191,6 +192,12 @@ def _out_features(node: fx.Node) -> int:
     return sum(as_linear(u).out_features for u in node.users)
 
 
+def _activation_name(node: fx.Node) -> str:
+    """``node``'s activation as the cost key names it: ``gelu``, ``gelu(tanh)``."""
+    name, variant = activation_key(node)
+    return name if variant is None else f"{name}({variant})"
+
+
 def _activation_fn(node: fx.Node, ctx):
     """``node``'s activation as a function of its input, for timing."""
     if node.op == "call_module":
@@ -200,17 +207,17 @@ def _activation_fn(node: fx.Node, ctx):
     return lambda t: node.target(t, *node.args[1:], **node.kwargs)
 
 
-def _priced(found, ctx, timing):
-    """The Match with its timing (or why it was not timed) in the summary, or a Skip where the wide form is
-    clearly slower."""
+def _priced(found, ctx, decision):
+    """The Match with its cost decision (or why it was not priced) in the summary, or a Skip where the cost
+    model keeps the branches apart."""
     if not isinstance(found, Match):
         return found
-    if isinstance(timing, str):  # why it was not timed
-        return dataclasses.replace(found, summary=f"{found.summary} ({timing})")
-    if not timing.pays:
-        return Skip(found.nodes, f"widening would be slower at this shape: {timing.describe()}; the branches "
-                                 "stay apart")
-    return dataclasses.replace(found, summary=f"{found.summary} ({timing.describe()})")
+    if isinstance(decision, str):  # why it was not priced
+        return dataclasses.replace(found, summary=f"{found.summary} ({decision})")
+    if not decision.widen:
+        return Skip(found.nodes, f"widening would be slower at this shape ({decision.describe()}, input "
+                                 f"{decision.key}); the branches stay apart")
+    return dataclasses.replace(found, summary=f"{found.summary} ({decision.describe()})")
 
 
 class WidenMLP:
@@ -220,16 +227,18 @@ class WidenMLP:
     def match(self, node, ctx):
         found = _match_group(node, ctx, self.name, lambda: sibling_groups(ctx, "mlp"), lambda nodes: (
             f"{len(nodes)} parallel {activation_key(nodes[0])[0]} MLP branches -> one wider MLP"))
-        return _priced(found, ctx, self._timing(found.nodes, ctx) if isinstance(found, Match) else None)
+        return _priced(found, ctx, self._decision(found.nodes, ctx) if isinstance(found, Match) else None)
 
     @staticmethod
-    def _timing(acts, ctx):
+    def _decision(acts, ctx):
         pres = [as_linear(a.args[0]) for a in acts]
-        shape = cost.input_shape(ctx, pres[0].input)
-        if shape is None:
-            return cost.untimed_note(ctx)
-        return cost.mlp_timing(ctx, shape, [p.out_features for p in pres], _out_features(acts[0]),
-                               (activation_key(acts[0]), _activation_fn(acts[0], ctx)), pres[0].weight.dtype)
+        shape = known_shape(pres[0].input)
+        note = cost.unpriced(ctx, shape)
+        if note:
+            return note
+        activation = (_activation_name(acts[0]), _activation_fn(acts[0], ctx))
+        return cost.decide(ctx, cost.mlp_group(shape, [p.out_features for p in pres], _out_features(acts[0]),
+                                               activation, pres[0].weight.dtype))
 
     def replace(self, match, ctx):
         acts = list(match.nodes)
@@ -342,21 +351,23 @@ class _MergeAttention:
         found = _match_group(node, ctx, self.name, lambda: self.groups(ctx), self._summary)
         if self.mode != "widen" or not isinstance(found, Match):
             return found  # collapsing shares one softmax: fewer FLOPs at any shape
-        return _priced(found, ctx, self._timing(found.nodes, ctx))
+        return _priced(found, ctx, self._decision(found.nodes, ctx))
 
     @staticmethod
-    def _timing(nodes, ctx):
+    def _decision(nodes, ctx):
         atts = [attention_view(n) for n in nodes]
-        shape = cost.input_shape(ctx, atts[0].input)
-        if shape is None:
-            return cost.untimed_note(ctx)
+        shape = known_shape(atts[0].input)
+        note = cost.unpriced(ctx, shape)
+        if note:
+            return note
         branches = [(a.params(), a.num_heads, a.num_heads * a.head_widths()[2]) for a in atts]
         options = {"is_causal": atts[0].is_causal is True, "tokens_first": atts[0].tokens_first}
 
         def merge():
             params, heads, _, total, _ = _merge_heads(atts, "widen")
             return params, heads, total
-        return cost.attention_timing(ctx, shape, branches, merge, _out_features(nodes[0]), options, atts[0].dtype)
+        return cost.decide(ctx, cost.attention_group(shape, branches, merge, _out_features(nodes[0]), options,
+                                                     atts[0].dtype))
 
     def _summary(self, nodes) -> str:
         if self.mode == "collapse":
