@@ -4,7 +4,7 @@ Same budget for every row (steps, batch, learning rate, seed); branched models t
 joining (lam 0 -> 1) and are then fused; the table compares accuracy before and after fuse (and how many of
 the 2,000 predictions differ), parameters, FLOPs and CPU latency (batch 1, median of interleaved runs).
 
-    python benchmarks/accuracy_mnist.py [--data ../shared/data/mnist-t10k] [--steps 500] [--out runs/accuracy]
+    python benchmarks/accuracy_mnist.py [--data data/mnist-t10k] [--steps 500] [--out runs/accuracy]
                                         [--rows 0,3] [--int8]
 
 ``--int8``: each fused model is also quantized to int8 for phones (``fxrep.export.to_executorch``: PT2E,
@@ -54,7 +54,7 @@ def int8_row(fused, train_set, eval_set, path: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"))
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data" / "mnist-t10k"))
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)

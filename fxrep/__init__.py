@@ -1,7 +1,7 @@
 """fxrep: make branched Vision Transformers shallower without changing what they compute.
 
 ``fxrep.fuse(model)`` merges parallel branches of a ``torch.fx`` graph into single wider or collapsed ops,
-applying only the exact identities of docs/reparam-math.md whose preconditions it has checked.
+applying only the exact identities of docs/identities.md whose preconditions it has checked.
 """
 
 from .errors import (

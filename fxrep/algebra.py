@@ -1,4 +1,4 @@
-"""The identities of docs/reparam-math.md as pure float64 tensor functions (no graphs here).
+"""The identities of docs/identities.md as pure float64 tensor functions (no graphs here).
 
 Every function returns float64 tensors, except where the float64 round trip provably changes nothing: pure data
 movement (``concat_rows``, ``place_columns``) keeps the weights' dtype, and ``fold_norm_affine`` multiplies in
@@ -38,7 +38,7 @@ def exact_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
 
 
 def fold_norm_affine(weight, bias, gamma, beta):
-    """``W (g * n + beta) + b = (W diag g) n + (W beta + b)`` (math doc section 1).
+    """``W (g * n + beta) + b = (W diag g) n + (W beta + b)`` (docs/identities.md §1).
 
     The new weight comes back in ``weight``'s dtype when ``exact_product`` applies (one product per element,
     rounded once either way), else in float64; the bias is float64 whenever something was added to it, and

@@ -17,7 +17,7 @@ def multi_head_attention(x, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias
     q/k/v are ``F.linear(x, W, b)`` split head-major into ``num_heads`` heads; q and k may have a different
     head width than v. No scale is applied: it is folded into ``q_weight``/``q_bias``. ``attn_mask`` and
     ``is_causal`` are SDPA's (a run-time value, possibly None); a mask with a head axis is tiled
-    ``mask_repeats`` times along it (widened branches each see their heads of it, math doc section 5b).
+    ``mask_repeats`` times along it (widened branches each see their heads of it, docs/identities.md §6).
     ``tokens_first``: ``x`` and the output are (N, ..., d), as ``nn.MultiheadAttention(batch_first=False)``
     takes them (a 2-d input is the same either way).
     """

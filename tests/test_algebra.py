@@ -1,4 +1,4 @@
-"""The pure identities of docs/reparam-math.md, each checked against the unfused computation in float64."""
+"""The pure identities of docs/identities.md, each checked against the unfused computation in float64."""
 
 import torch
 import torch.nn.functional as F

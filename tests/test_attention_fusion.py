@@ -1,4 +1,4 @@
-"""Property tests of attention recognition, widening and joining (math doc sections 2, 3, 7)."""
+"""Property tests of attention recognition, widening and joining (docs/identities.md §2, §3, §8)."""
 
 import torch
 from helpers import sdpa_calls

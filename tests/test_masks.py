@@ -1,4 +1,4 @@
-"""Attention masks (math doc section 5b) and user-traced parity: a model traced by the user with plain
+"""Attention masks (docs/identities.md §6) and user-traced parity: a model traced by the user with plain
 ``torch.fx.symbolic_trace`` keeps ``attn_mask``/``is_causal`` as inputs; fxrep merges its branches as it does
 for the module, and the fused model takes the same masks as the original."""
 

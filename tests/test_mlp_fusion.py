@@ -1,4 +1,4 @@
-"""Property tests of MLP widening and joining (math doc sections 1-4) on generated branched blocks."""
+"""Property tests of MLP widening and joining (docs/identities.md §1-4) on generated branched blocks."""
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from fxrep.training import TrainConfig, load_mnist_idx, train
 
 pytest.importorskip("executorch", reason="the mobile extra (executorch) is installed by make test")
 
-MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"
+MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist-t10k"  # shipped with the repository
 SMALL = dict(embed_dim=32, num_heads=2, num_classes=5, img_size=32, patch_size=8)
 PER_HEAD = fxrep.default_registry().without("rank_aware_attention")
 

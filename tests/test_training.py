@@ -16,7 +16,7 @@ import fxrep.models  # noqa: F401
 from fxrep.errors import InputError
 from fxrep.training import JoinSchedule, TrainConfig, load_mnist_idx, synthetic_shapes, train
 
-MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"
+MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist-t10k"  # shipped with the repository
 TINY = dict(num_classes=4, img_size=16, patch_size=8, in_chans=1, embed_dim=32, num_heads=2, init_values=0.1)
 
 
@@ -49,7 +49,6 @@ def test_missing_mnist_gets_a_clear_error(tmp_path):
         load_mnist_idx(tmp_path)
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist-t10k is not beside this checkout")
 def test_mnist_fixed_split():
     train_set, eval_set = load_mnist_idx(MNIST, "train"), load_mnist_idx(MNIST, "eval")
     assert len(train_set) == 8000 and len(eval_set) == 2000

@@ -94,7 +94,7 @@ class Logits:
             self.masks[m] = self.masks.get(m, 0.0) + c
 
     def mask(self) -> fx.Node | None:
-        """The one additive mask, added exactly once (math doc section 5b), or None; raises otherwise."""
+        """The one additive mask, added exactly once (docs/identities.md §6), or None; raises otherwise."""
         masks = {m: c for m, c in self.masks.items() if c != 0.0}
         if not masks:
             return None

@@ -1,4 +1,4 @@
-"""Branched ViT blocks with progressive joining (math doc section 3), in timm style.
+"""Branched ViT blocks with progressive joining (docs/identities.md §3), in timm style.
 
 Each block has ``branches`` parallel attention branches and ``branches`` parallel MLP branches, each with its
 own LayerNorm and LayerScale, all reading the block input. The join coefficient ``lam`` (a buffer, set for

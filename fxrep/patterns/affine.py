@@ -2,7 +2,7 @@
 
 This one pattern implements scale folding (LayerScale, constant weights, ``1/B`` averages, join coefficients),
 the merging of Linears that read the same tensor and are summed, and the collapse of joined pre-activations
-(math doc sections 3 and 4). It works on *affine forms*: for a node whose value is affine in some other
+(docs/identities.md §3 and §4). It works on *affine forms*: for a node whose value is affine in some other
 nodes (its *bases*), the form is ``sum_k T_k base_k + bias`` where each ``T_k`` is a scalar (``c * I``), a
 vector (``diag(v)``) or a matrix, all in float64. Forms are computed in topological order through
 

@@ -5,7 +5,7 @@ Recognized (after ``symbolic_trace``), in any mix:
 - ``F.scaled_dot_product_attention(q, k, v)`` (timm's fused path, explicit ``scale=`` or the default);
 - ``softmax(s * (q @ k.transpose(-2, -1)), dim=-1) @ v`` with the scale before or after the matmul, softmax as
   function, method or module, and softmax inputs that are *sums of scaled logit products*: the joined
-  branches of the math doc section 3, ``(1 - lam) * S_i + lam * mean_j S_j``;
+  branches of docs/identities.md §3, ``(1 - lam) * S_i + lam * mean_j S_j``;
 - the same with ``torch.einsum('bhqd,bhkd->bhqk', q, k)`` / ``einsum('bhqk,bhkd->bhqd', p, v)``;
 - q, k, v produced by one fused qkv Linear (reshape/permute/unbind, timm) or separate Linears (view/permute,
   Hugging Face), heads merged back by transpose/reshape (any head and feature order).

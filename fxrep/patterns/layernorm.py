@@ -1,4 +1,4 @@
-"""``extract_layernorm_affine``: move a LayerNorm's affine into the Linears that read it (math doc section 1).
+"""``extract_layernorm_affine``: move a LayerNorm's affine into the Linears that read it (docs/identities.md §1).
 
 Before::                                   After::
 

@@ -1,4 +1,4 @@
-"""``rank_aware_attention``: per layer, the cheaper of two exact forms of attention (math doc section 5).
+"""``rank_aware_attention``: per layer, the cheaper of two exact forms of attention (docs/identities.md §5).
 
 After joining, head ``h`` has a query/key width ``dq`` and value width ``dv`` that can exceed the model width
 ``d`` (``B * dh``). Then it is cheaper to store, per head,

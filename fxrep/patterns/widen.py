@@ -1,4 +1,4 @@
-"""Merging parallel nonlinear branches whose outputs are summed (math doc sections 2 and 3).
+"""Merging parallel nonlinear branches whose outputs are summed (docs/identities.md §2 and §3).
 
 - ``widen_mlp``: ``sum_i W2_i phi(W1_i x + b1_i)`` -> ``[W2_1 .. W2_B] phi([W1_1; ..; W1_B] x + [b1_1; ..])``.
 - ``collapse_attention``: attention ops on one input with bitwise-identical q/k projections (joined logits)
@@ -82,7 +82,7 @@ def _describe_mixed(nodes) -> str:
 
 def _masking_key(att) -> tuple:
     """Attention ops merge only with the same mask node, the same ``is_causal`` and, with a mask, the same
-    heads per tiling of a per-head mask (math doc section 5b)."""
+    heads per tiling of a per-head mask (docs/identities.md §6)."""
     return (att.attn_mask, att.is_causal, att.tokens_first,
             att.num_heads // att.mask_repeats if att.attn_mask is not None else None)
 

@@ -16,7 +16,8 @@ MNIST_FILES = {
     "images": ("t10k-images-idx3-ubyte.gz", "167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b"),
     "labels": ("t10k-labels-idx1-ubyte.gz", "fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c"),
 }
-DEFAULT_MNIST = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mnist-t10k"
+# shipped in the repository (data/mnist-t10k, with its source and license); an installed fxrep has no copy
+DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "data" / "mnist-t10k"
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -36,8 +37,9 @@ def load_mnist_idx(root: str | Path | None = None, split: str = "train", verify:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise InputError(f"MNIST files not found: {', '.join(missing)}. Pass --data DIR with "
-                         f"{' and '.join(n for n, _ in MNIST_FILES.values())} (the IDX files of the MNIST test set), "
-                         "or use --dataset synthetic.")
+                         f"{' and '.join(n for n, _ in MNIST_FILES.values())} (the IDX files of the MNIST test set; "
+                         "a checkout of the fxrep repository has them in data/mnist-t10k), or use --dataset "
+                         "synthetic.")
     if verify:
         for key, (_, digest) in MNIST_FILES.items():
             if hashlib.sha256(paths[key].read_bytes()).hexdigest() != digest:
