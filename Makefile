@@ -4,7 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-kernels lint bench clean
+
+# the tests whose numbers depend on the CPU's kernels, run again with other kernel sets than this machine's
+# (docs/numerics.md): what one CPU rounds differently must still pass on another
+NUMERICS_TESTS := tests/test_golden_code.py tests/test_ir.py tests/test_algebra.py tests/test_numerics.py \
+	tests/test_mlp_fusion.py tests/test_attention_fusion.py tests/test_masks.py tests/test_cost.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check fxrep tests benchmarks
 	$(PY) -m pytest
+
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(NUMERICS_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest $(NUMERICS_TESTS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fxrep tests benchmarks

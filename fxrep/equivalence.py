@@ -7,16 +7,24 @@ import torch
 from torch import nn
 
 from .errors import EquivalenceError, InputError
+from .numerics import MODEL_RTOL
 from .snapshot import ModelSnapshot
 
-DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DEFAULT_RTOL = MODEL_RTOL  # by dtype; how each was set: docs/numerics.md
 
 
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
-    """max |expected - actual| / max |expected| (computed in float64)."""
+    """max |expected - actual| / max |expected| over the finite values (computed in float64). NaNs and
+    infinities must stand in the same places with the same values (a fully masked attention row is NaN in
+    both); anywhere else they make the error infinite."""
     e, a = expected.detach().double(), actual.detach().double()
+    same = (e.isnan() & a.isnan()) | (e.isinf() & (e == a))
+    if bool(((~e.isfinite() | ~a.isfinite()) & ~same).any()):
+        return float("inf")
+    finite = e.isfinite()
+    e, a = e[finite], a[finite]
     scale = e.abs().max().item() if e.numel() else 0.0
-    return (e - a).abs().max().item() / (scale if scale > 0 else 1.0)
+    return (e - a).abs().max().item() / (scale if scale > 0 else 1.0) if e.numel() else 0.0
 
 
 def flat_tensors(x) -> list[torch.Tensor]:
@@ -38,14 +46,15 @@ def signature(outputs) -> list[tuple]:
 
 def compare_outputs(expected, actual, rtol: float | None = None) -> None:
     """Raise EquivalenceError unless the outputs have one structure and max|delta|/max|y| <= rtol each
-    (rtol by dtype when None: float32 1e-5, float64 1e-10, float16 1e-2, bfloat16 2e-2)."""
+    (``relative_error``; rtol by dtype when None, ``numerics.MODEL_RTOL``: float32 1e-5, float64 1e-10,
+    float16 1e-2, bfloat16 2e-2)."""
     expected, actual = flat_tensors(expected), flat_tensors(actual)
     if len(expected) != len(actual):
         raise EquivalenceError(f"the fused model returns {len(actual)} tensors, the original {len(expected)}")
     for i, (e, a) in enumerate(zip(expected, actual)):
         if e.shape != a.shape or e.dtype != a.dtype:
             raise EquivalenceError(f"output {i}: original {tuple(e.shape)} {e.dtype}, fused {tuple(a.shape)} {a.dtype}")
-        tol = rtol if rtol is not None else DEFAULT_RTOL.get(e.dtype, 1e-5)
+        tol = rtol if rtol is not None else DEFAULT_RTOL.get(e.dtype, DEFAULT_RTOL[torch.float32])
         err = relative_error(e, a)
         if not err <= tol:
             raise EquivalenceError(f"output {i}: max|delta|/max|y| = {err:.3g} > {tol:g}: the fused model does "

@@ -135,9 +135,9 @@ def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
 
 
 def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_inputs: tuple, *, rewrite: str,
-                     switch: str, tolerance: float = 1e-5) -> ExportedProgram:
+                     switch: str, tolerance: float | None = None) -> ExportedProgram:
     """``module``, a rewritten ``program.module()``, exported again with the program's dynamic dimensions and
-    checked to compute what ``program`` computes on ``example_inputs`` (``tolerance`` relative). A module that
+    checked to compute what ``program`` computes on ``example_inputs`` (``tolerance`` relative; by default ``numerics.MODEL_RTOL`` for the outputs' dtype). A module that
     does not export, or computes something else, is fxrep's bug: InternalError naming ``rewrite`` and the
     ``switch`` that turns it off."""
     try:

@@ -26,7 +26,6 @@ from .ir.aten_core import recorded_shape, same_size
 from .program import export_rewritten
 
 aten = torch.ops.aten
-TOLERANCE = 1e-5
 
 #: ops that act element by element on tensors broadcast together: a row of the output is computed from the
 #: same row of every operand that has that axis (an operand of size 1 there is read whole)
@@ -45,14 +44,14 @@ def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tup
         torch.export.ExportedProgram:
     """A new program that computes only the rows its outputs read (see the module docstring); ``program`` is
     not modified, and one with nothing to prune is returned as it is. The result is checked against
-    ``program`` on ``example_inputs`` (1e-5 relative); a difference raises InternalError."""
+    ``program`` on ``example_inputs`` (``numerics.MODEL_RTOL`` for its dtype); a difference raises InternalError."""
     module = program.module()
     if not move_row_selections_up(module.graph):
         return program
     module.graph.eliminate_dead_code()
     module.recompile()
     return export_rewritten(program, module, example_inputs, rewrite="computing only the rows the outputs read",
-                            switch="prune_rows=False", tolerance=TOLERANCE)
+                            switch="prune_rows=False")
 
 
 # --- which rows a node asks for -------------------------------------------------------------------------------

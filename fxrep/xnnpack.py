@@ -38,7 +38,6 @@ from .ir.readers import fetch_attr
 from .program import export_rewritten
 
 aten = torch.ops.aten
-TOLERANCE = 1e-5
 
 
 def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: tuple) -> \
@@ -56,7 +55,7 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
     module.graph.eliminate_dead_code()
     module.recompile()
     return export_rewritten(program, module, example_inputs, rewrite="rewriting the program for XNNPACK",
-                            switch="xnnpack_rewrites=False to to_executorch", tolerance=TOLERANCE)
+                            switch="xnnpack_rewrites=False to to_executorch")
 
 
 def _ints(*sizes) -> bool:

@@ -6,9 +6,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxrep import algebra
+from fxrep.numerics import gamma, layer_norm_error_bound, matmul_error_bound, unit_roundoff
 
 f64 = torch.float64
 dims = st.integers(1, 12)
+U = unit_roundoff(f64)
+GELU_SLOPE, GELU_ROUNDINGS = 1.13, 8  # max |gelu'(z)| (1.129 at z = 1.41); roundings of its erf form
+
+
+def assert_within(got, want, bound):
+    """|got - want| <= bound elementwise: each side's rounding error, bounded from its ops (docs/numerics.md)."""
+    excess = (got - want).abs() - bound
+    assert bool((excess <= 0).all()), f"off by {excess.max().item():.3g} beyond the rounding bound"
 
 
 def _rand(*shape, seed):
@@ -20,10 +29,14 @@ def test_fold_norm_affine(d, o, bias, seed):
     w, b, g, beta, x = _rand(o, d, seed=seed), _rand(o, seed=seed + 1), _rand(d, seed=seed + 2), \
         _rand(d, seed=seed + 3), _rand(5, d, seed=seed + 4)
     b = b if bias else None
-    want = F.linear(F.layer_norm(x, (d,), g, beta), w, b)
+    normed, plain = F.layer_norm(x, (d,), g, beta), F.layer_norm(x, (d,))
+    want = F.linear(normed, w, b)
     nw, nb = algebra.fold_norm_affine(w, b, g, beta)
-    got = F.linear(F.layer_norm(x, (d,)), nw, nb)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = F.linear(plain, nw, nb)
+    bound = (layer_norm_error_bound(x, g, beta, 1e-5) @ w.abs().T + matmul_error_bound(normed, w.T, b)  # want
+             + layer_norm_error_bound(x, None, None, 1e-5) @ nw.abs().T + matmul_error_bound(plain, nw.T, nb)  # got
+             + U * plain.abs() @ nw.abs().T + matmul_error_bound(beta[None], w.T, b))  # the fold's own roundings
+    assert_within(got, want, bound)
 
 
 @given(d=dims, o=dims, dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -40,7 +53,7 @@ def test_fold_norm_affine_in_the_model_dtype_is_the_float64_result(d, o, dtype, 
     if beta_zero:
         assert nb is None  # W @ 0 == 0 exactly for a finite W: no bias to add
     else:
-        torch.testing.assert_close(nb, w.double() @ beta.double(), rtol=1e-12, atol=1e-12)
+        assert_within(nb, w.double() @ beta.double(), 2 * matmul_error_bound(beta.double()[None], w.double().T)[0])
 
 
 @given(a=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64),
@@ -61,7 +74,10 @@ def test_scale_rows(d, o, per_channel, seed):
     w, b, x = _rand(o, d, seed=seed), _rand(o, seed=seed + 1), _rand(3, d, seed=seed + 2)
     c = _rand(o, seed=seed + 3) if per_channel else torch.tensor(0.37, dtype=f64)
     nw, nb = algebra.scale_rows(w, b, c)
-    torch.testing.assert_close(F.linear(x, nw, nb), c * F.linear(x, w, b), rtol=1e-12, atol=1e-12)
+    want = c * F.linear(x, w, b)
+    bound = (matmul_error_bound(x, nw.T, nb) + c.abs() * matmul_error_bound(x, w.T, b) + U * want.abs()
+             + U * (x.abs() @ nw.abs().T + nb.abs()))  # nw = c w and nb = c b, each rounded once
+    assert_within(F.linear(x, nw, nb), want, bound)
 
 
 @given(d=dims, widths=st.lists(dims, min_size=1, max_size=5), seed=st.integers(0, 10_000))
@@ -74,10 +90,16 @@ def test_concat_and_place_columns_widen_a_sum_of_mlps(d, widths, seed):
     w, b = algebra.concat_rows(w1, b1)
     h = F.gelu(F.linear(x, w, b))
     total, offset, got = sum(widths), 0, 0
-    for c, width in zip(w2, widths):
+    bound = 0
+    for a, bias, c, width in zip(w1, b1, w2, widths):
         got = got + F.linear(h, algebra.place_columns(c, total, torch.arange(offset, offset + width)))
+        z = F.linear(x, a, bias)
+        # per side: the first Linear's error through GELU's slope, GELU's own rounding, the second Linear
+        dh = GELU_SLOPE * matmul_error_bound(x, a.T, bias) + GELU_ROUNDINGS * U * z.abs()
+        bound = bound + 2 * (dh @ c.abs().T + matmul_error_bound(F.gelu(z).abs() + dh, c.T) + gamma(len(widths), f64)
+                             * F.gelu(z).abs() @ c.abs().T)
         offset += width
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_within(got, want, bound)
 
 
 @given(heads=st.integers(1, 4), dh=st.integers(1, 6), d=dims, seed=st.integers(0, 10_000))

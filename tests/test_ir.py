@@ -14,6 +14,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from fxrep import ir
 from fxrep.ir.targets import LAYOUT_RESETTING
+from fxrep.numerics import layer_norm_error_bound, matmul_error_bound
 
 
 class Params(nn.Module):
@@ -270,13 +271,21 @@ def test_mutation_hazards_cover_aliases_and_later_readers():
 @pytest.mark.parametrize("shape", [(4, 6), (3, 5, 6), (197, 192)])
 @pytest.mark.parametrize("target", sorted(LAYOUT_RESETTING, key=str))
 def test_layout_resetting_ops_do_not_see_their_input_strides(target, shape):
-    """The measurement behind ir.targets.LAYOUT_RESETTING: a transposed input gives the same values (up to
-    the GEMM's summation order: not always bit for bit) and a contiguous output."""
+    """The measurement behind ir.targets.LAYOUT_RESETTING: a transposed input gives a contiguous output and the
+    same values up to the op's summation order, which may differ by kernel and machine: each result is within
+    the op's rounding error bound of the float64 value (fxrep.numerics, docs/numerics.md)."""
     d = shape[-1]
     strided = torch.randn(*shape[:-2], d, shape[-2]).transpose(-1, -2)
-    args = (torch.randn(3, d), torch.randn(3)) if target in ir.LINEAR_TARGETS else ((d,), torch.randn(d), torch.randn(d))
+    if target in ir.LINEAR_TARGETS:
+        w, b = torch.randn(3, d), torch.randn(3)
+        args, exact = (w, b), target(strided.double(), w.double(), b.double())
+        bound = matmul_error_bound(strided, w.T, b)
+    else:
+        g, beta = torch.randn(d), torch.randn(d)
+        args, exact = ((d,), g, beta), target(strided.double(), (d,), g.double(), beta.double())
+        bound = layer_norm_error_bound(strided, g, beta, 1e-5)
     out, ref = target(strided, *args), target(strided.contiguous(), *args)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert ((out.double() - exact).abs() <= bound).all() and ((ref.double() - exact).abs() <= bound).all()
     assert out.is_contiguous()
 
 

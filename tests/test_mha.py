@@ -7,7 +7,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxrep.testing import assert_fused_equivalent
+from fxrep.testing import assert_fused_equivalent, compare_outputs
 
 
 class MhaBranches(nn.Module):
@@ -147,4 +147,4 @@ def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, hea
     assert report.after["sdpa"] == 1, report
     if batch is not None:
         other = inputs(3)
-        torch.testing.assert_close(gm(*other), model(*other), rtol=1e-5, atol=1e-5, equal_nan=True)
+        compare_outputs(model(*other), gm(*other))  # NaNs (fully masked rows) in the same places

@@ -18,11 +18,12 @@ import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import relative_error
 from fxrep.ir.aten_core import recorded_shape
+from fxrep.numerics import MODEL_RTOL
 from fxrep.rows import prune_unread_rows
 
 aten = torch.ops.aten
 SETTINGS = settings(max_examples=25, deadline=None)
-TOLERANCE = 1e-5
+TOLERANCE = MODEL_RTOL[torch.float32]  # docs/numerics.md
 
 
 class Block(nn.Module):
@@ -105,7 +106,7 @@ def test_pruned_program_computes_the_same_outputs(case):
     assert [n.format_node() for n in program.graph.nodes] == before  # the input program is left as it was
     fresh = torch.randn_like(x)
     with torch.no_grad():
-        assert relative_error(model(fresh), pruned.module()(fresh)) < TOLERANCE
+        assert relative_error(model(fresh), pruned.module()(fresh)) <= TOLERANCE
     rows, n, depth = _linear_rows(pruned), x.shape[1], len(model.blocks)
     blocks = rows[:4 * depth]  # per block: qkv, proj, fc1, fc2 (then the token mixer, if any)
     if model.pool in ("first", "last", "range") and model.mixer == "none":
@@ -125,7 +126,7 @@ def test_rows_stop_at_ops_that_mix_tokens():
         model, x = Toy(8, 2, 1, mask, mixer, "last", 5).eval(), torch.randn(2, 5, 8)
         pruned = prune_unread_rows(torch.export.export(model, (x,)), (x,))
         with torch.no_grad():
-            assert relative_error(model(x), pruned.module()(x)) < TOLERANCE
+            assert relative_error(model(x), pruned.module()(x)) <= TOLERANCE
         rows = _linear_rows(pruned)
         if mask == "causal":  # the selection stops after the attention: qkv whole, proj and MLP on one row
             assert rows == [5, 1, 1, 1], rows
@@ -153,7 +154,7 @@ def test_a_fused_model_runs_its_last_block_for_the_class_token_with_a_dynamic_ba
     for batch in (1, 3):
         y = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
-            assert relative_error(model(y), pruned.module()(y)) < TOLERANCE
+            assert relative_error(model(y), pruned.module()(y)) <= TOLERANCE
 
 
 def test_a_timm_vit_with_register_tokens_prunes_exactly():
@@ -164,7 +165,7 @@ def test_a_timm_vit_with_register_tokens_prunes_exactly():
     pruned = prune_unread_rows(torch.export.export(model, (x,)), (x,))
     assert 1 in _linear_rows(pruned)
     with torch.no_grad():
-        assert relative_error(model(x), pruned.module()(x)) < TOLERANCE
+        assert relative_error(model(x), pruned.module()(x)) <= TOLERANCE
 
 
 def test_a_program_with_nothing_to_prune_is_returned_as_it_is():
@@ -174,7 +175,7 @@ def test_a_program_with_nothing_to_prune_is_returned_as_it_is():
     program = torch.export.export(model, (x,))
     pruned = prune_unread_rows(program, (x,))
     with torch.no_grad():
-        assert relative_error(model(x), pruned.module()(x)) < TOLERANCE
+        assert relative_error(model(x), pruned.module()(x)) <= TOLERANCE
     assert 1 not in _linear_rows(pruned)
 
 
@@ -218,4 +219,4 @@ def test_models_written_by_others_prune_exactly(name):
     assert pruned is not program
     fresh = torch.randn_like(x)
     with torch.no_grad():
-        assert relative_error(model(fresh), pruned.module()(fresh)) < TOLERANCE
+        assert relative_error(model(fresh), pruned.module()(fresh)) <= TOLERANCE

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import fxrep.models  # noqa: F401
 from fxrep.errors import InputError
+from fxrep.testing import compare_outputs
 from fxrep.training import JoinSchedule, TrainConfig, load_mnist_idx, synthetic_shapes, train
 
 MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist-t10k"  # shipped with the repository
@@ -70,7 +71,7 @@ def test_train_joins_fuses_and_resumes(tmp_path):
     assert [r["step"] for r in lines] == list(range(1, 7)) and lines[0]["lam"] == 0.0
     fused = torch.load(tmp_path / "fused.pt", weights_only=False)
     x = held.tensors[0][:4]
-    assert torch.allclose(fused(x), model.eval()(x), atol=1e-5)
+    compare_outputs(model.eval()(x), fused(x))
 
     resumed = timm.create_model("fxrep_deit_tiny_d3b4", **TINY)
     cfg2 = TrainConfig(steps=8, batch_size=32, out_dir=str(tmp_path), progress=False)
