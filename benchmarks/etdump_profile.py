@@ -3,9 +3,10 @@
     python benchmarks/etdump_profile.py [--model fxrep_deit_tiny_d3b4] [--runs 30] [--threads 2]
 
 Lowers the fused model (lam = 1, rank-aware, 224 px, batch 1, random weights) three ways: fp32 with every row
-computed (``prune_rows=False``), fp32 as ``to_executorch`` writes it by default, and int8 (calibrated on random
-images, which sets the scales, not the speed). Runs each ``--runs`` times with ETDump on and prints, for the
-last run, the delegate call and the medians of XNNPACK's events by kind (``executorch.devtools.Inspector``).
+computed (``prune_rows=False``), fp32 as ``to_executorch`` writes it by default, and int8 (calibrated on
+random images, which sets the scales, not the speed). Runs each ``--runs`` times with ETDump on and prints,
+for the last run, the delegate call and the medians of XNNPACK's events by kind
+(``executorch.devtools.Inspector``).
 """
 
 from __future__ import annotations

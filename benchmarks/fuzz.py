@@ -1,4 +1,5 @@
-"""Differential fuzzing of ``fxrep.fuse`` on random, mostly non-conforming graphs (fxrep.testing.random_graphs).
+"""Differential fuzzing of ``fxrep.fuse`` on random, mostly non-conforming graphs
+(fxrep.testing.random_graphs).
 
     python benchmarks/fuzz.py [--examples 2000] [--seed 0]
 

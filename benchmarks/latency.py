@@ -1,7 +1,7 @@
 """CPU (or GPU) latency of fused branched ViTs against a deep DeiT-Tiny, side by side in one process.
 
-    python benchmarks/latency.py [--batch 1 8] [--threads 2 1] [--repeats 30] [--onnx] [--compile] [--plot FILE]
-                                 [--device cuda --dtype float16]
+    python benchmarks/latency.py [--batch 1 8] [--threads 2 1] [--repeats 30] [--onnx] [--compile]
+                                 [--plot FILE] [--device cuda --dtype float16]
     python benchmarks/latency.py --parallel-vit [--threads 2] [--repeats 20]
     python benchmarks/latency.py --executorch [--threads 2] [--repeats 30] [--plot FILE]
 
@@ -11,21 +11,22 @@ Models (random weights; fusing is exact, so weights do not change speed):
   the per-head form; and fused at lam = 0 (widened only: same FLOPs, fewer layers);
 - ``hand-written d3``: a timm VisionTransformer built directly in the shape of the fused d3b4 per-head form
   (3 blocks, 3 heads of q/k/v width 256, MLP 768), to show the fused GraphModule adds no overhead.
-Runs are interleaved (every model once per round), warm-up excluded, medians with min-max; ``torch.inference_mode``.
+Runs are interleaved (every model once per round), warm-up excluded, medians with min-max;
+``torch.inference_mode``.
 
 ``--parallel-vit``: timm's own branched ViT, ``vit_small_patch16_18x2_224`` (18 blocks of 2 parallel
-attention and MLP branches, width 384), at 224 px and at 64 px, batch 1: unfused, fused (the branches widened),
-and fused without each widening, to see what widening buys per shape (issue #13's cost question).
+attention and MLP branches, width 384), at 224 px and at 64 px, batch 1: unfused, fused (the branches
+widened), and fused without each widening, to see what widening buys per shape (issue #13's cost question).
 
-``--executorch``: phones. The 12-layer baseline and the fused d6b2, d4b3, d3b4 (rank-aware) and d3b4 (per-head)
-as ExecuTorch programs lowered to XNNPACK (``fxrep.export.to_executorch``), fp32 and int8 (PT2E; calibrated on
-random images, which sets the scales but not the speed), batch 1, 224 px, run with ``executorch.runtime`` on
-this CPU, interleaved: medians, min-max and ``.pte`` sizes (issue #15's targets: fused d3b4 fp32 <= 0.35x and
-int8 <= 0.25x the deep fp32 program). Every program gets fxrep's XNNPACK rewrites (``fxrep.xnnpack``) and
-computes only the rows its output reads (``fxrep.rows``: the last block for the class token alone), the deep
-baseline too, and the ratios compare programs lowered alike. Listed for reference: the deep model and the
-fused d3b4 with every row computed (``prune_rows=False``), and the deep model lowered as exported (what
-``to_edge_transform_and_lower`` does by itself).
+``--executorch``: phones. The 12-layer baseline and the fused d6b2, d4b3, d3b4 (rank-aware) and d3b4
+(per-head) as ExecuTorch programs lowered to XNNPACK (``fxrep.export.to_executorch``), fp32 and int8 (PT2E;
+calibrated on random images, which sets the scales but not the speed), batch 1, 224 px, run with
+``executorch.runtime`` on this CPU, interleaved: medians, min-max and ``.pte`` sizes (issue #15's targets:
+fused d3b4 fp32 <= 0.35x and int8 <= 0.25x the deep fp32 program). Every program gets fxrep's XNNPACK rewrites
+(``fxrep.xnnpack``) and computes only the rows its output reads (``fxrep.rows``: the last block for the class
+token alone), the deep baseline too, and the ratios compare programs lowered alike. Listed for reference: the
+deep model and the fused d3b4 with every row computed (``prune_rows=False``), and the deep model lowered as
+exported (what ``to_edge_transform_and_lower`` does by itself).
 """
 
 from __future__ import annotations

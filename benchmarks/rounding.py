@@ -1,11 +1,12 @@
-"""How far fused outputs are from unfused ones, per CPU kernel set: the evidence behind ``numerics.MODEL_RTOL``.
+"""How far fused outputs are from unfused ones, per CPU kernel set: the evidence behind
+``numerics.MODEL_RTOL``.
 
     python benchmarks/rounding.py [--kernels default avx2 avx512] [--seeds 3]
 
 For each model (random weights, several seeds and inputs) and each kernel set (``ATEN_CPU_CAPABILITY``, one
-subprocess each), fuse and report the largest ``max |y - y_fused| / max |y|`` over the seeds, and that error in
-units of the dtype's roundoff, against the tolerance the tests use. A kernel set the CPU lacks falls back to
-the best it has (torch prints which); the table says what ran.
+subprocess each), fuse and report the largest ``max |y - y_fused| / max |y|`` over the seeds, and that error
+in units of the dtype's roundoff, against the tolerance the tests use. A kernel set the CPU lacks falls back
+to the best it has (torch prints which); the table says what ran.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""``fxrep.export.prune_unread_rows`` on models written by others: every timm model module (its smallest model)
-and every torchvision classifier under 60 M parameters, exported at batch 1 with random weights.
+"""``fxrep.export.prune_unread_rows`` on models written by others: every timm model module (its smallest
+model) and every torchvision classifier under 60 M parameters, exported at batch 1 with random weights.
 
     python benchmarks/rows_zoo.py [--limit N] [--json FILE]
 
 Outcomes: ``pruned`` (some rows are no longer computed; outputs agree on a fresh input within 1e-5),
 ``untouched`` (nothing to prune: the program is returned as it is), ``export failed`` (torch.export, not
-fxrep), and the bad ones: ``wrong`` (outputs differ), ``internal`` (fxrep's own check caught a broken program),
-``raw`` (anything else raised).
+fxrep), and the bad ones: ``wrong`` (outputs differ), ``internal`` (fxrep's own check caught a broken
+program), ``raw`` (anything else raised).
 """
 
 from __future__ import annotations

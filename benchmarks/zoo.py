@@ -7,8 +7,9 @@ One model per timm module (the smallest by name, sized on the meta device) and e
 classification model, under the parameter cap, random weights, batch 1, default input size. Each is fused
 as a new user would, in three flows (``fxrep.fuse(model)``, ``fxrep.fuse(torch.fx.symbolic_trace(model))``
 where plain fx traces it, and ``fxrep.fuse(torch.export.export(model, (x,)))`` where export captures it),
-run, compared with the original, and the original is checked for changes (fxrep.zoo.try_fuse). Prints a table of outcomes per source and flow, every bad row, and the run time;
-writes one CSV row per (model, flow). Target: 0 broken, 0 wrong, 0 mutated, 0 fixed_point, 0 raw.
+run, compared with the original, and the original is checked for changes (fxrep.zoo.try_fuse). Prints a table
+of outcomes per source and flow, every bad row, and the run time; writes one CSV row per (model, flow).
+Target: 0 broken, 0 wrong, 0 mutated, 0 fixed_point, 0 raw.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The identities of docs/identities.md as pure float64 tensor functions (no graphs here).
 
-Every function returns float64 tensors, except where the float64 round trip provably changes nothing: pure data
-movement (``concat_rows``, ``place_columns``) keeps the weights' dtype, and ``fold_norm_affine`` multiplies in
-the model dtype when that is bitwise what float64-then-cast gives (see ``exact_product``). Callers cast back to
-the model dtype once, at the end (a no-op for tensors already in it).
+Every function returns float64 tensors, except where the float64 round trip provably changes nothing: pure
+data movement (``concat_rows``, ``place_columns``) keeps the weights' dtype, and ``fold_norm_affine``
+multiplies in the model dtype when that is bitwise what float64-then-cast gives (see ``exact_product``).
+Callers cast back to the model dtype once, at the end (a no-op for tensors already in it).
 Missing biases are passed as None and come back as None when the result has no bias either.
 """
 
@@ -70,10 +70,10 @@ def _matvec64(w: torch.Tensor, v: torch.Tensor, rows: int = 1024) -> torch.Tenso
 
 
 def scale_term(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``c * t`` for a float64 scalar or per-row ``c`` (a vector ``t`` is scaled elementwise). In ``t``'s dtype
-    when ``t`` is a model-dtype weight and ``c`` is exactly representable there: one correctly rounded product,
-    the bits of the float64 route (``exact_product``), at half the memory traffic of a LayerScale folded into a
-    large weight; else float64."""
+    """``c * t`` for a float64 scalar or per-row ``c`` (a vector ``t`` is scaled elementwise). In ``t``'s
+    dtype when ``t`` is a model-dtype weight and ``c`` is exactly representable there: one correctly rounded
+    product, the bits of the float64 route (``exact_product``), at half the memory traffic of a LayerScale
+    folded into a large weight; else float64."""
     rows = c if c.dim() == 0 or t.dim() <= 1 else c[:, None]
     if t.dtype != f64:
         c_model = rows.to(t.dtype)

@@ -1,7 +1,9 @@
-"""``make demo``: train a branched DeiT-Tiny with progressive joining, fuse it, and compare it with a deep one.
+"""``make demo``: train a branched DeiT-Tiny with progressive joining, fuse it, and compare it with a deep
+one.
 
-Runs on a 2-core CPU in a few minutes with no downloads: the data are generated (fxrep.training.synthetic_shapes).
-Writes ``runs/demo/training.png`` (join schedule and loss) and prints a table.
+Runs on a 2-core CPU in a few minutes with no downloads: the data are generated
+(fxrep.training.synthetic_shapes). Writes ``runs/demo/training.png`` (join schedule and loss) and prints a
+table.
 """
 
 from __future__ import annotations

@@ -144,8 +144,8 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
 
 
 def _cleanup(ctx: FuseContext) -> None:
-    """Erase what the rewrites replaced (``ctx.replace_node``; an in-place or impure node a pattern replaced is
-    its responsibility, and dead-code elimination would keep it), then dead code."""
+    """Erase what the rewrites replaced (``ctx.replace_node``; an in-place or impure node a pattern replaced
+    is its responsibility, and dead-code elimination would keep it), then dead code."""
     graph = ctx.graph
     replaced = {n for n in ctx.replaced_since_cleanup() if n.graph is graph}
     for node in reversed(graph.nodes):
@@ -236,11 +236,12 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
             to max |y|.
         concrete_args: for an nn.Module, the ``forward`` arguments to fix while tracing (as in
             ``torch.fx.symbolic_trace``). Default: optional ``None``/``bool`` arguments other than the first
-            and other than those ``example_inputs`` supply as tensors (``fxrep.tracing.default_concrete_args``).
-            A fixed argument keeps a runtime guard: calling the fused model with another value raises.
+            and other than those ``example_inputs`` supply as tensors
+            (``fxrep.tracing.default_concrete_args``). A fixed argument keeps a runtime guard: calling the
+            fused model with another value raises.
         autotune: decide whether parallel branches widen by timing both forms on this machine (like cuDNN's
-            benchmark mode). Default: a table of kernel times shipped with fxrep decides, so the fused graph is
-            the same on every machine and under any load.
+            benchmark mode). Default: a table of kernel times shipped with fxrep decides, so the fused graph
+            is the same on every machine and under any load.
         decisions: ``report.decisions`` of an earlier call (or its ``as_dict()`` values, e.g. from JSON):
             replayed without timing, so an autotuned result can be reproduced exactly.
         max_sweeps: how many sweeps a phase may take to reach its fixed point.

@@ -50,8 +50,9 @@ def load_fused(directory: str | Path) -> torch.nn.Module:
 
 
 def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int | None = None) -> Path:
-    """Export to ONNX with torch's exporter (needs the ``export`` extra: onnx, onnxscript). Takes a module or an
-    ExportedProgram; a module in training mode is refused (``TrainingModeError``), not switched to eval mode."""
+    """Export to ONNX with torch's exporter (needs the ``export`` extra: onnx, onnxscript). Takes a module or
+    an ExportedProgram; a module in training mode is refused (``TrainingModeError``), not switched to eval
+    mode."""
     program = as_program(gm, check_inputs(example_inputs))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

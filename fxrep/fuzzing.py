@@ -72,8 +72,8 @@ def _masked_sdpa(attn, a, b, opt: int):
 
 
 def _mha_masks(m: nn.MultiheadAttention, a, opt: int) -> dict:
-    """No mask, an (L, L) float ``attn_mask``, or a boolean ``key_padding_mask`` (True: do not attend) that never
-    masks key 0, all computed from ``a`` in ``m``'s layout."""
+    """No mask, an (L, L) float ``attn_mask``, or a boolean ``key_padding_mask`` (True: do not attend) that
+    never masks key 0, all computed from ``a`` in ``m``'s layout."""
     tokens = a if m.batch_first else a.transpose(0, 1)  # (batch, L, d)
     if opt % 3 == 1:
         return {"attn_mask": (tokens[0] @ tokens[0].transpose(0, 1)) * 0.1}
@@ -191,7 +191,8 @@ class RandomGraphModel(nn.Module):
 
 def fuzz_check(case: Case) -> dict:
     """Fuse ``case.model``: either a documented FxrepError, or the same outputs and an unchanged input model.
-    Returns {'applied': number of rewrites, 'error': str | None}; raises EquivalenceError on a wrong result."""
+    Returns {'applied': number of rewrites, 'error': str | None}; raises EquivalenceError on a wrong
+    result."""
     try:
         fused = assert_fused_equivalent(case.model, case.inputs,
                                         rtol=5e-2 if case.info["spec"].dtype == torch.bfloat16 else None)
@@ -206,8 +207,8 @@ def fuzz_check(case: Case) -> dict:
 
 def _exact_in_float64(case: Case) -> bool:
     """The same graph in float64 fuses to within 1e-10: the float32 mismatch was rounding that the graph
-    amplifies (a LayerNorm over two features divides by their difference), not a wrong rewrite. A wrong rewrite
-    is wrong in every dtype."""
+    amplifies (a LayerNorm over two features divides by their difference), not a wrong rewrite. A wrong
+    rewrite is wrong in every dtype."""
     if case.info["spec"].dtype == torch.float64:
         return False
     spec = dataclasses.replace(case.info["spec"], dtype=torch.float64)

@@ -62,7 +62,8 @@ class MlpSpec:
             return {"activations": 2, "widths": [h, h] if joined else sorted([h, (B - 1) * h])}
         if self.near_miss in ("eps", "input") and B > 1 and not joined:
             if self.lam not in (None, 0.0):
-                # 0 < lam < 1 mixes every branch's pre-activation with the odd one out: nothing shares an input
+                # 0 < lam < 1 mixes every branch's pre-activation with the odd one out: nothing shares an
+                # input
                 return {"activations": B, "widths": [h] * B}
             return {"activations": 2, "widths": sorted([h, (B - 1) * h])}
         if self.near_miss == "shared_linear" and self.norm != "per_branch" and not joined:

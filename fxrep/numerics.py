@@ -66,8 +66,8 @@ def layer_norm_error_bound(x: torch.Tensor, weight: torch.Tensor | None, bias: t
     over the last axis, computed in ``dtype`` in any summation order.
 
     With ``d`` features: the mean is off by at most ``gamma_d mean|x|``, the variance (a mean of squares of
-    the centred values) by ``gamma_(d+2) var + 2 |d mean| mean|x - mean|``, so ``1/sqrt(var + eps)`` by half its
-    relative error plus one rounding each for the square root and the division; the output adds
+    the centred values) by ``gamma_(d+2) var + 2 |d mean| mean|x - mean|``, so ``1/sqrt(var + eps)`` by half
+    its relative error plus one rounding each for the square root and the division; the output adds
     ``|x - mean|`` times that, the mean's error, and a rounding for each of the centring, scaling, weight and
     bias."""
     dtype = dtype or x.dtype

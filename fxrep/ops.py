@@ -42,9 +42,9 @@ def repeat_mask_heads(mask, repeats: int):
 
 def multihead_attention_mask(attn_mask, key_padding_mask, num_heads: int, query):
     """``nn.MultiheadAttention``'s two masks as the one mask SDPA takes, merged as
-    ``F.multi_head_attention_forward`` merges them: a boolean mask (True: do not attend, the opposite of SDPA's)
-    becomes a float mask with -inf there, ``attn_mask`` (L, S) or (batch * heads, L, S) gets a head axis, and
-    ``key_padding_mask`` (batch, S) is added over every head and query. ``query`` is the (batched or
+    ``F.multi_head_attention_forward`` merges them: a boolean mask (True: do not attend, the opposite of
+    SDPA's) becomes a float mask with -inf there, ``attn_mask`` (L, S) or (batch * heads, L, S) gets a head
+    axis, and ``key_padding_mask`` (batch, S) is added over every head and query. ``query`` is the (batched or
     unbatched, batch-first) input, for its dtype and rank."""
     padding = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                 other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
@@ -63,7 +63,8 @@ def multihead_attention_mask(attn_mask, key_padding_mask, num_heads: int, query)
 def reference_attention(x: torch.Tensor, params: dict, num_heads: int, project=F.linear,
                         causal: bool = False) -> torch.Tensor:
     """The same computation (without a mask, or with the causal one) written with an explicit softmax, used to
-    verify lifts in float64. ``project(x, w, b)`` computes the q/k/v projections (a caller may memoize them)."""
+    verify lifts in float64. ``project(x, w, b)`` computes the q/k/v projections (a caller may memoize
+    them)."""
     def split(w, b):
         return project(x, w, b).unflatten(-1, (num_heads, -1)).transpose(-3, -2)
 

@@ -137,9 +137,9 @@ def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
 def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_inputs: tuple, *, rewrite: str,
                      switch: str, tolerance: float | None = None) -> ExportedProgram:
     """``module``, a rewritten ``program.module()``, exported again with the program's dynamic dimensions and
-    checked to compute what ``program`` computes on ``example_inputs`` (``tolerance`` relative; by default ``numerics.MODEL_RTOL`` for the outputs' dtype). A module that
-    does not export, or computes something else, is fxrep's bug: InternalError naming ``rewrite`` and the
-    ``switch`` that turns it off."""
+    checked to compute what ``program`` computes on ``example_inputs`` (``tolerance`` relative; by default
+    ``numerics.MODEL_RTOL`` for the outputs' dtype). A module that does not export, or computes something
+    else, is fxrep's bug: InternalError naming ``rewrite`` and the ``switch`` that turns it off."""
     try:
         with torch.no_grad():
             rewritten = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),

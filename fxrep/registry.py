@@ -1,8 +1,8 @@
 """Pattern registries: built-in passes and user passes are registered the same way (the pattern API itself,
 ``Match``, ``Skip`` and ``FuseContext``, is in ``fxrep.pattern``).
 
-``fuse`` runs the phases in order (``canonicalize``, ``lift``, ``fuse``, ``lower``; a pattern may name a tuple of
-phases to run in several); inside a phase it sweeps
+``fuse`` runs the phases in order (``canonicalize``, ``lift``, ``fuse``, ``lower``; a pattern may name a tuple
+of phases to run in several); inside a phase it sweeps
 the graph with every pattern of that phase, in registry order, until no pattern matches (a fixed point).
 A ``Skip`` is a failed match that carries its reason; it ends up in the report.
 

@@ -10,8 +10,8 @@ tensor that something else reads whole:
     sdpa(q, k, v)[:, :, 0:1]                   ->  sdpa(q[:, :, 0:1], k, v)
 
 It is exact: each moved op computes the same numbers on fewer rows (up to a GEMM's rounding for a different
-row count). Where an op is not known to be row-wise on the selected axis, the selection stays where it is. In a
-fused d3b4 the last of three blocks is a third of the work; in DeiT-Tiny-12 the last of twelve is a twelfth.
+row count). Where an op is not known to be row-wise on the selected axis, the selection stays where it is. In
+a fused d3b4 the last of three blocks is a third of the work; in DeiT-Tiny-12 the last of twelve is a twelfth.
 
 The rewrite works on ATen graphs as ``torch.export`` writes them (shapes from ``meta["val"]``):
 ``prune_unread_rows`` takes and returns an ExportedProgram.
@@ -44,7 +44,8 @@ def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tup
         torch.export.ExportedProgram:
     """A new program that computes only the rows its outputs read (see the module docstring); ``program`` is
     not modified, and one with nothing to prune is returned as it is. The result is checked against
-    ``program`` on ``example_inputs`` (``numerics.MODEL_RTOL`` for its dtype); a difference raises InternalError."""
+    ``program`` on ``example_inputs`` (``numerics.MODEL_RTOL`` for its dtype); a difference raises
+    InternalError."""
     module = program.module()
     if not move_row_selections_up(module.graph):
         return program
@@ -54,7 +55,8 @@ def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tup
                             switch="prune_rows=False")
 
 
-# --- which rows a node asks for -------------------------------------------------------------------------------
+# --- which rows a node asks for
+# -------------------------------------------------------------------------------
 
 def _static_size(node, axis: int):
     shape = recorded_shape(node)
@@ -112,7 +114,8 @@ def _shared_request(node: fx.Node):
     return keys.pop() if len(keys) == 1 else None
 
 
-# --- moving a request through one op --------------------------------------------------------------------------
+# --- moving a request through one op
+# --------------------------------------------------------------------------
 
 class _Builder:
     """New nodes before ``anchor``: slices of its inputs, and the op itself on them."""

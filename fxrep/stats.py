@@ -20,8 +20,8 @@ CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cp
 
 
 def run_counting_flops(model, example_inputs) -> tuple:
-    """(output, total FLOPs) of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode`` (with
-    a formula for the CPU attention kernel added)."""
+    """(output, total FLOPs) of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (with a formula for the CPU attention kernel added)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:

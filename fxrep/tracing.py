@@ -125,7 +125,8 @@ class _NamingTracer(*((_FastLookups,) if FAST_PATHS else ()), fx.Tracer):
 
 def default_concrete_args(model: nn.Module, example_inputs=None) -> dict:
     """The arguments ``trace`` fixes: those with a ``None`` or ``bool`` default, except the model's first
-    argument; an argument that ``example_inputs`` supply is fixed only if the value given is None or a bool."""
+    argument; an argument that ``example_inputs`` supply is fixed only if the value given is None or a
+    bool."""
     supplied = tuple(example_inputs or ())
     concrete = {}
     positional = True
@@ -185,10 +186,11 @@ class FixedArgument(nn.Module):
     """Run-time guard of a ``forward`` argument that was fixed while tracing: raises InputError, naming the
     fix, when the fused model is called with another value.
 
-    A module rather than fx's ``_assert_is_none`` function: a GraphModule that calls ``_assert_is_none`` breaks
-    every later ``symbolic_trace`` in the process once it has been through ``torch.save``/``torch.load``
-    (KeyError 'torch.fx._symbolic_trace._assert_is_none': fx's codegen wraps it by a dotted name). A module
-    call survives re-tracing as a leaf, and ``_is_impure`` keeps dead-code elimination away from it."""
+    A module rather than fx's ``_assert_is_none`` function: a GraphModule that calls ``_assert_is_none``
+    breaks every later ``symbolic_trace`` in the process once it has been through
+    ``torch.save``/``torch.load`` (KeyError 'torch.fx._symbolic_trace._assert_is_none': fx's codegen wraps it
+    by a dotted name). A module call survives re-tracing as a leaf, and ``_is_impure`` keeps dead-code
+    elimination away from it."""
 
     _is_impure = True
 

@@ -1,7 +1,7 @@
 """ATen spellings XNNPACK can take whole, applied to a program before ExecuTorch lowers it.
 
-ExecuTorch hands XNNPACK only the ops it has kernels for and runs the rest with its own portable kernels, which
-cuts the graph into many delegate calls. In an exported ViT three spellings do that:
+ExecuTorch hands XNNPACK only the ops it has kernels for and runs the rest with its own portable kernels,
+which cuts the graph into many delegate calls. In an exported ViT three spellings do that:
 
 - ``scaled_dot_product_attention`` decomposes into matmuls and a *safe* softmax (``eq``/``any``/``where`` on
   every (heads, N, N) logit tensor, for rows masked out entirely) plus 4-d matmuls that ``expand_copy`` their
@@ -79,7 +79,8 @@ def _sizes(node: fx.Node) -> list | None:
     return sizes if sizes.count(-1) <= 1 else None
 
 
-# --- attention ------------------------------------------------------------------------------------------------
+# --- attention
+# ------------------------------------------------------------------------------------------------
 
 def _plain_attention(node: fx.Node):
     """(q, k, v, scale) of an SDPA call with no mask, dropout, causal flag or grouped heads, on 4-d tensors
@@ -133,8 +134,8 @@ def _tokens_major(t: fx.Node) -> fx.Node | None:
 
 
 def _split_linear(gm: fx.GraphModule, v: fx.Node):
-    """(y, weight, bias) when ``v`` is the (batch, heads, tokens, dv) heads of ``linear(y, weight, bias)`` (its
-    features split into heads, then heads moved before tokens), weight and bias constant; else None."""
+    """(y, weight, bias) when ``v`` is the (batch, heads, tokens, dv) heads of ``linear(y, weight, bias)``
+    (its features split into heads, then heads moved before tokens), weight and bias constant; else None."""
     src = _tokens_major(v)
     lin = src.args[0] if src is not None and src.target in (aten.unflatten.int, aten.view.default,
                                                               aten.reshape.default) else None
@@ -230,7 +231,8 @@ def attention_as_bmm(gm: fx.GraphModule) -> bool:
     return bool(found)
 
 
-# --- views ----------------------------------------------------------------------------------------------------
+# --- views
+# ----------------------------------------------------------------------------------------------------
 
 def _slice_as(graph: fx.Graph, source: fx.Node, dim: int, index: int, result: fx.Node) -> fx.Node | None:
     """``source[..., index, ...]`` on axis ``dim``, written as slice then reshape to ``result``'s shape."""
@@ -271,7 +273,8 @@ def views_as_reshape(gm: fx.GraphModule) -> bool:
     return changed
 
 
-# --- layer norm -----------------------------------------------------------------------------------------------
+# --- layer norm
+# -----------------------------------------------------------------------------------------------
 
 FLOAT_TAG = "fxrep_keep_float"
 

@@ -124,8 +124,8 @@ def _short(e: BaseException) -> str:
 
 def try_fuse(model: nn.Module, x: torch.Tensor, flow: str = "module", patterns=None,
              check_traced_again: bool = True) -> ZooResult:
-    """Fuse ``model`` as a new user would (``flow``: 'module', 'traced' with plain torch.fx, or 'exported' with
-    torch.export) and classify what happened.
+    """Fuse ``model`` as a new user would (``flow``: 'module', 'traced' with plain torch.fx, or 'exported'
+    with torch.export) and classify what happened.
 
     The original is run first for the reference output; its parameters, buffers and every module attribute
     (caches and other containers included) are fingerprinted before and compared after. With

@@ -1,9 +1,10 @@
-"""The conformance suite: ViTs and branched blocks written by others (timm, torchvision, Hugging Face), fused in
-every flow they can be captured in (the module, a graph the user traced with plain ``torch.fx.symbolic_trace``,
-and a ``torch.export`` program with a dynamic batch, some also in core ATen after ``run_decompositions()``), exact
-at the example batch and at another one, with one attention and one activation per block where the branches
-conform. Hugging Face ``transformers`` 5.x models cannot be fx-traced: they run in the exported flows only (their
-sdpa models pass an all-True boolean mask, which core ATen adds to the logits as ``where(mask, 0, -inf)``)."""
+"""The conformance suite: ViTs and branched blocks written by others (timm, torchvision, Hugging Face), fused
+in every flow they can be captured in (the module, a graph the user traced with plain
+``torch.fx.symbolic_trace``, and a ``torch.export`` program with a dynamic batch, some also in core ATen after
+``run_decompositions()``), exact at the example batch and at another one, with one attention and one
+activation per block where the branches conform. Hugging Face ``transformers`` 5.x models cannot be fx-traced:
+they run in the exported flows only (their sdpa models pass an all-True boolean mask, which core ATen adds to
+the logits as ``where(mask, 0, -inf)``)."""
 
 import pytest
 import timm

@@ -204,7 +204,8 @@ def test_the_shipped_table_covers_what_it_prices():
     assert decision.apart_ms > 0 and decision.wide_ms > 0 and decision.source == "table"
 
 
-# -- the same call gives the same graph, whatever the machine is doing ----------------------------------------
+# -- the same call gives the same graph, whatever the machine is doing
+# ----------------------------------------
 
 _FUSE_IN_A_PROCESS = textwrap.dedent("""
     import sys, timm, torch, fxrep
@@ -218,8 +219,9 @@ _FUSE_IN_A_PROCESS = textwrap.dedent("""
 
 
 def test_fuse_is_deterministic_beside_a_cpu_bound_job(tmp_path):
-    """Two processes fuse timm's parallel ViT at 64 px (whose MLP groups measured within a few percent of even),
-    one of them beside a busy loop: same code, same decisions, every tensor the same bits (one machine)."""
+    """Two processes fuse timm's parallel ViT at 64 px (whose MLP groups measured within a few percent of
+    even), one of them beside a busy loop: same code, same decisions, every tensor the same bits (one
+    machine)."""
     env = dict(os.environ, PYTHONHASHSEED="0")
     quiet = subprocess.run([sys.executable, "-c", _FUSE_IN_A_PROCESS, str(tmp_path / "a.pt")], env=env,
                            capture_output=True, text=True, timeout=600)

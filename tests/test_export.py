@@ -97,7 +97,8 @@ def _counts(program) -> dict:
 
 def test_a_core_aten_program_fuses_like_the_default_one(d3b4_program):
     # after run_decompositions a Linear is view -> addmm(b, x, permute(w)) -> view, a batched matmul
-    # expand -> clone -> view -> bmm -> view, LayerNorm native_layer_norm()[0]: ir/aten_core.py folds them back
+    # expand -> clone -> view -> bmm -> view, LayerNorm native_layer_norm()[0]: ir/aten_core.py folds them
+    # back
     model, ep = d3b4_program
     fused = fxrep.fuse(ep.run_decompositions())
     assert _counts(fused) == _counts(fxrep.fuse(ep))

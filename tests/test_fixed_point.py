@@ -73,7 +73,8 @@ def test_hugging_face_beit_in_core_aten_reaches_its_fixed_point():
     assert report.sweeps <= 12 and report.count("eliminate_common_subexpressions") > 0
 
 
-# -- when a phase does not converge, the advice works ---------------------------------------------------------
+# -- when a phase does not converge, the advice works
+# ---------------------------------------------------------
 
 def marker(x):
     return x

@@ -1,5 +1,5 @@
-"""What ``fuse`` emits for fixed models is pinned: a refactor of the engine or the patterns must not change the
-fused code, nor the fused weights beyond rounding. After an intended change, regenerate with
+"""What ``fuse`` emits for fixed models is pinned: a refactor of the engine or the patterns must not change
+the fused code, nor the fused weights beyond rounding. After an intended change, regenerate with
 ``FXREP_UPDATE_GOLDEN=1 pytest tests/test_golden_code.py`` and review the diff of ``tests/golden/``.
 
 Portable across CPUs (docs/numerics.md, "Golden files"): the models' weights are small dyadic numbers drawn

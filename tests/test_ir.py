@@ -271,9 +271,9 @@ def test_mutation_hazards_cover_aliases_and_later_readers():
 @pytest.mark.parametrize("shape", [(4, 6), (3, 5, 6), (197, 192)])
 @pytest.mark.parametrize("target", sorted(LAYOUT_RESETTING, key=str))
 def test_layout_resetting_ops_do_not_see_their_input_strides(target, shape):
-    """The measurement behind ir.targets.LAYOUT_RESETTING: a transposed input gives a contiguous output and the
-    same values up to the op's summation order, which may differ by kernel and machine: each result is within
-    the op's rounding error bound of the float64 value (fxrep.numerics, docs/numerics.md)."""
+    """The measurement behind ir.targets.LAYOUT_RESETTING: a transposed input gives a contiguous output and
+    the same values up to the op's summation order, which may differ by kernel and machine: each result is
+    within the op's rounding error bound of the float64 value (fxrep.numerics, docs/numerics.md)."""
     d = shape[-1]
     strided = torch.randn(*shape[:-2], d, shape[-2]).transpose(-1, -2)
     if target in ir.LINEAR_TARGETS:

@@ -126,8 +126,8 @@ def _masks(kind_attn, kind_pad, batch, heads, n, g):
        kind_pad=st.sampled_from(["none", "bool", "float"]), seed=st.integers(0, 1000))
 def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, batch_first, need_weights,
                                                             batch, kind_attn, kind_pad, seed):
-    """Boolean masks mean "do not attend" here (the opposite of SDPA's); fxrep merges both masks as torch does,
-    at run time, so the fused model is exact for other mask values and another batch size too."""
+    """Boolean masks mean "do not attend" here (the opposite of SDPA's); fxrep merges both masks as torch
+    does, at run time, so the fused model is exact for other mask values and another batch size too."""
     if kind_attn.startswith("bool") and kind_pad == "float" or kind_attn.startswith("float") and kind_pad == "bool":
         kind_pad = "none"  # mixing a boolean and a float mask is deprecated in torch
     torch.manual_seed(seed)

@@ -99,8 +99,9 @@ def _analysis_summary(analysis):
 @settings(max_examples=40, deadline=None)
 @given(st.one_of(branched_mlp_blocks(near_miss=None), random_graphs()))
 def test_seeded_stop_nodes_reach_the_same_fixed_point(case):
-    """merge_affine starts its stop-node fixed point from the nodes read by non-affine ops (fast with the memo);
-    stop nodes, regions and the forms of stop nodes must be what the fixed point from no stop nodes gives."""
+    """merge_affine starts its stop-node fixed point from the nodes read by non-affine ops (fast with the
+    memo); stop nodes, regions and the forms of stop nodes must be what the fixed point from no stop nodes
+    gives."""
     gm = fxrep.trace(case.model)
     early = [p for p in default_registry()
              if ({p.phase} if isinstance(p.phase, str) else set(p.phase)) & {"canonicalize", "lift"}]

@@ -209,8 +209,8 @@ def test_a_pruned_fused_model_lowers_to_one_xnnpack_delegate():
 @pytest.mark.parametrize("name", ["cait_xxs24_224", "crossvit_tiny_240", "pit_xs_224", "xcit_nano_12_p8_224"])
 def test_models_written_by_others_prune_exactly(name):
     """timm models with their own class-token heads (CaiT's class attention, CrossViT's two branches, PiT's
-    pooling stages, XCiT's class attention): pruned, and exact on a fresh input (benchmarks/rows_zoo.py runs the
-    whole zoo)."""
+    pooling stages, XCiT's class attention): pruned, and exact on a fresh input (benchmarks/rows_zoo.py runs
+    the whole zoo)."""
     from fxrep.zoo import build
 
     model, x = build("timm", name)

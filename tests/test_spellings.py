@@ -30,8 +30,8 @@ SUMS = {
 
 
 class SummedMlpBranches(nn.Module):
-    """``x + sum_i fc2_i(gelu(fc1_i(ln_i(x))))``, joined at the GELU input when ``joined``, with the branch sum
-    (and the join's mean) written in the spelling ``how``."""
+    """``x + sum_i fc2_i(gelu(fc1_i(ln_i(x))))``, joined at the GELU input when ``joined``, with the branch
+    sum (and the join's mean) written in the spelling ``how``."""
 
     def __init__(self, how: str, branches: int, d: int, h: int, joined: bool, functional_norm: str | None):
         super().__init__()

@@ -1,6 +1,7 @@
 """Nothing of the user's is touched or kept: fusing leaves every input form README lists exactly as it was
 (parameters, buffers, every attribute of every module, ``_guards_fn`` of ``ExportedProgram.module()``
-included), and after ``fuse`` returns no fxrep cache holds the user's model, its modules or the fused model."""
+included), and after ``fuse`` returns no fxrep cache holds the user's model, its modules or the fused
+model."""
 
 import gc
 import weakref

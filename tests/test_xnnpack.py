@@ -74,7 +74,8 @@ class SplitLinearAttention(torch.nn.Module):
     """fxrep's rank-aware attention as it is exported: q and v are Linears whose features split into heads
     (unflatten, then heads before tokens), every head's key is the block input, the heads are summed. Near
     misses: q given as a tensor (no Linear to read its (token, head) order from), values from a Linear wider
-    than dv (applying it after the product would cost more), values split (dv, heads) instead of (heads, dv)."""
+    than dv (applying it after the product would cost more), values split (dv, heads) instead of (heads,
+    dv)."""
 
     def __init__(self, heads: int, d: int, dv: int, dy: int, bias: bool, scale, near_miss: str | None):
         super().__init__()

@@ -1,5 +1,5 @@
-"""Affine forms of graph nodes: their algebra (``forms``), the analysis of a graph (``analysis``) and emitting a
-form as nodes (``materialize``). ``merge_affine`` and the widening patterns build on it."""
+"""Affine forms of graph nodes: their algebra (``forms``), the analysis of a graph (``analysis``) and emitting
+a form as nodes (``materialize``). ``merge_affine`` and the widening patterns build on it."""
 
 from .analysis import AffineAnalysis, Region, affine_analysis
 from .forms import Affine, FormKey, form_cost, normalized_bias

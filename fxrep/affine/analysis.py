@@ -28,8 +28,8 @@ def affine_analysis(ctx) -> AffineAnalysis:
 
 @dataclass
 class Region:
-    """Stop nodes whose forms read overlapping nodes (``cones``: stop node -> the nodes its form reads through),
-    so they are rewritten together."""
+    """Stop nodes whose forms read overlapping nodes (``cones``: stop node -> the nodes its form reads
+    through), so they are rewritten together."""
 
     stops: list
     cones: dict

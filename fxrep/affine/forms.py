@@ -1,6 +1,7 @@
-"""Affine forms and their algebra: ``sum_k T_k base_k + bias`` with each ``T_k`` a scalar, a per-channel vector
-or a matrix, all float64 (or a model-dtype weight kept as is until arithmetic needs it). Pure tensor code,
-no graph rewriting; ``fxrep.affine.analysis`` computes forms of nodes, ``fxrep.affine.materialize`` emits them.
+"""Affine forms and their algebra: ``sum_k T_k base_k + bias`` with each ``T_k`` a scalar, a per-channel
+vector or a matrix, all float64 (or a model-dtype weight kept as is until arithmetic needs it). Pure tensor
+code, no graph rewriting; ``fxrep.affine.analysis`` computes forms of nodes, ``fxrep.affine.materialize``
+emits them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ class Affine:
     """``sum_k terms[base_k] @ base_k + bias`` (see module docstring).
 
     Terms are float64, except the weight of a Linear whose form is just that Linear, and one exact product of
-    it (``algebra.scale_term``): they stay in the model's dtype (exactly representable in float64) until arithmetic
-    needs them, through ``_exact64``. Most Linears are never merged, and converting every weight of a large
-    model each analysis would dominate fuse time.
+    it (``algebra.scale_term``): they stay in the model's dtype (exactly representable in float64) until
+    arithmetic needs them, through ``_exact64``. Most Linears are never merged, and converting every weight of
+    a large model each analysis would dominate fuse time.
     """
 
     __slots__ = ("terms", "bias", "dtype", "zeros")
@@ -48,8 +49,8 @@ class LazySum:
     """A left-to-right sum of same-shape matrix terms, computed when first needed, into one float64 buffer.
 
     ``((W1 + W2) + W3) + W4`` over a chain of add nodes needs only the last sum (unless an intermediate one is
-    itself a stop node): the intermediate float64 matrices are never made, and the sum is accumulated in place,
-    which gives the same bits as the pairwise float64 sums (same order, each step rounded once)."""
+    itself a stop node): the intermediate float64 matrices are never made, and the sum is accumulated in
+    place, which gives the same bits as the pairwise float64 sums (same order, each step rounded once)."""
 
     __slots__ = ("parts", "shape", "_value")
     dtype = f64

@@ -75,8 +75,8 @@ class Probe:
         return self._load(a, env)
 
     def run(self, nodes, env, passthrough=(), overrides=None):
-        """Evaluate ``nodes`` (any order) given ``env``; nodes in ``passthrough`` copy their data input, nodes in
-        ``overrides`` are computed by ``overrides[node](env)``."""
+        """Evaluate ``nodes`` (any order) given ``env``; nodes in ``passthrough`` copy their data input, nodes
+        in ``overrides`` are computed by ``overrides[node](env)``."""
         env = dict(env)
         overrides = overrides or {}
         for n in sorted(nodes, key=self.order.__getitem__):
@@ -109,8 +109,8 @@ def _lead_rows(lead: tuple, trailing: int) -> torch.Tensor:
 def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch.Tensor:
     """Run the chain on a coded Linear output; return the (H, d) map of head rows into the Linear's rows.
 
-    The Linear's input is ``x_value`` of shape (*lead, N, d): every leading axis must stay a batch axis, so the
-    chain must end in (*lead, H, N, dh) (or (*lead, H, dh, N) when ``transposed``)."""
+    The Linear's input is ``x_value`` of shape (*lead, N, d): every leading axis must stay a batch axis, so
+    the chain must end in (*lead, H, N, dh) (or (*lead, H, dh, N) when ``transposed``)."""
     lin = chain.linear
     lead, N = tuple(x_value.shape[:-2]), x_value.shape[-2]
     F_ = lin.out_features

@@ -31,8 +31,8 @@ class Linear:
 
 @dataclass(frozen=True)
 class Attention:
-    """``batch_heads`` independent (``tokens`` x ``tokens``) softmax attentions with q/k head width ``dqk`` and
-    value head width ``dv`` (the two products and the softmax; the projections are Linears)."""
+    """``batch_heads`` independent (``tokens`` x ``tokens``) softmax attentions with q/k head width ``dqk``
+    and value head width ``dv`` (the two products and the softmax; the projections are Linears)."""
 
     batch_heads: int
     tokens: int

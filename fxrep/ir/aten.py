@@ -5,14 +5,14 @@ A graph from ``torch.export`` (``ExportedProgram.module()``) calls ATen overload
 function with the same meaning and, up to names, the same arguments. ``torch_spellings(gm)`` replaces every
 overload of the table below by that function (arguments bound on the overload's schema), so one pattern sees
 one spelling whatever captured the graph. A core ATen graph (``run_decompositions()``) has its Linear, batched
-matmul and LayerNorm decompositions folded back first (``ir.aten_core``). Overloads not in the table stay as they are: the readers treat
-them as opaque ops, exactly as any unknown function.
+matmul and LayerNorm decompositions folded back first (``ir.aten_core``). Overloads not in the table stay as
+they are: the readers treat them as opaque ops, exactly as any unknown function.
 
 ``TABLE`` maps an overload to ``(target, convert)``: ``target`` is a torch function, or a method name (a
 ``str``, called on the first argument); ``convert(a)`` takes the bound arguments (a dict keyed by the
-schema's names, the first one ``input``) and returns ``(args, kwargs)`` for ``target``, or None to leave the node alone. ``IDENTITY``
-marks overloads that return their input's values (``alias``, eval-mode ``dropout``): their uses read the
-input instead; ``DROP`` marks checks without users that are left out.
+schema's names, the first one ``input``) and returns ``(args, kwargs)`` for ``target``, or None to leave the
+node alone. ``IDENTITY`` marks overloads that return their input's values (``alias``, eval-mode ``dropout``):
+their uses read the input instead; ``DROP`` marks checks without users that are left out.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def _arith(with_alpha):
 
 
 def _slice(a):
-    """``x[start:end]`` along ``dim`` with step 1 as ``torch.narrow`` (a view), where the size is known; negative
-    and out-of-range bounds are resolved as Python slicing resolves them."""
+    """``x[start:end]`` along ``dim`` with step 1 as ``torch.narrow`` (a view), where the size is known;
+    negative and out-of-range bounds are resolved as Python slicing resolves them."""
     x, start, end = a["input"], a.get("start"), a.get("end")
     size = recorded_shape(x)
     if a.get("step", 1) != 1 or size is None:

@@ -5,11 +5,12 @@
   ``linear(x, w, b)``;
 - ``view(bmm(view(clone?(expand(A)), [BH, n, k]), view(clone?(expand(B)), [BH, k, m])), [..., n, m])``, with
   expands that only broadcast batch axes, is ``matmul(A, B)`` (``linear(A, w)`` where B is ``w^T``);
-- ``where(rows of s all -inf, 0, _softmax(s))`` (SDPA's decomposed softmax) is ``_softmax(s)`` where ``s`` is an
-  unmasked q-k product, or one plus a constant mask with no infinite value: for finite inputs no row of it is
-  -inf throughout, so the two agree;
+- ``where(rows of s all -inf, 0, _softmax(s))`` (SDPA's decomposed softmax) is ``_softmax(s)`` where ``s`` is
+  an unmasked q-k product, or one plus a constant mask with no infinite value: for finite inputs no row of it
+  is -inf throughout, so the two agree;
 - ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s`` is ``stack(xs)`` (timm's branch sums);
-- ``native_layer_norm(x, shape, w, b, eps)[0]``, its mean and rstd unread, is ``layer_norm(x, shape, w, b, eps)``.
+- ``native_layer_norm(x, shape, w, b, eps)[0]``, its mean and rstd unread, is
+  ``layer_norm(x, shape, w, b, eps)``.
 
 Every fold checks the shapes export recorded (``meta["val"]``, possibly symbolic: sizes must be provably
 equal) and that the inner nodes have no other reader; anything else stays as it is.
@@ -95,8 +96,8 @@ def _checked(out, x, weight, bias):
 
 
 def _unexpanded(node, reader):
-    """(A, expanded shape) where ``node`` is ``view(clone?(expand(A)))`` read only by ``reader`` and the expand
-    only broadcasts A's batch axes (what ``matmul`` does itself), else None."""
+    """(A, expanded shape) where ``node`` is ``view(clone?(expand(A)))`` read only by ``reader`` and the
+    expand only broadcasts A's batch axes (what ``matmul`` does itself), else None."""
     flat = _call(node, *_VIEWS)
     if flat is None or not _only_reader(flat, reader):
         return None
@@ -145,8 +146,8 @@ def _stack(out):
 
 
 def _safe_softmax(node):
-    """``softmax(s, d)`` where ``node`` is ``where(rows of s all -inf, 0, softmax(s, d))``, the decomposition of
-    SDPA's softmax, and ``s`` is a product of q and k (no mask: no row is -inf throughout), else None."""
+    """``softmax(s, d)`` where ``node`` is ``where(rows of s all -inf, 0, softmax(s, d))``, the decomposition
+    of SDPA's softmax, and ``s`` is a product of q and k (no mask: no row is -inf throughout), else None."""
     if _call(node, aten.where.self) is None:
         return None
     cond, zeros, sm = node.args

@@ -18,7 +18,8 @@ _NAME_RE = re.compile(r"[^0-9a-zA-Z_]")
 
 def fingerprint(value: torch.Tensor) -> tuple:
     """A cheap hash of a tensor's bytes: bitwise-equal tensors have equal fingerprints. The converse does not
-    hold for large tensors (only 4096 evenly spaced words are hashed): callers compare with ``bitwise_equal``."""
+    hold for large tensors (only 4096 evenly spaced words are hashed): callers compare with
+    ``bitwise_equal``."""
     raw = value.reshape(-1).contiguous().cpu().view(torch.uint8)
     if raw.numel() <= 1 << 15:
         return (hashlib.sha1(raw.numpy()).hexdigest(),)
@@ -78,8 +79,9 @@ def const_node(graph: fx.Graph, tensor: torch.Tensor, hint: str, owned: bool = F
 
 
 def _param_node(graph: fx.Graph, t: torch.Tensor, dtype: torch.dtype, hint: str, owned: bool) -> fx.Node:
-    """A constant of ``dtype`` holding ``t``: cast (a new tensor, so owned) or, in ``dtype`` already, registered
-    as is when ``owned`` (the caller made it for this node), else copied if it is not a duplicate."""
+    """A constant of ``dtype`` holding ``t``: cast (a new tensor, so owned) or, in ``dtype`` already,
+    registered as is when ``owned`` (the caller made it for this node), else copied if it is not a
+    duplicate."""
     if t.dtype != dtype:
         return const_node(graph, t.to(dtype), hint, owned=True)
     return const_node(graph, t, hint, owned=owned)

@@ -150,8 +150,8 @@ _METADATA = (("shape",), ("ndim",), ("dtype",), ("device",))
 
 
 def is_shape_read(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.ndim`` / ``x.dtype`` / ``x.device`` / ``x.size()`` / ``x.dim()``: reads metadata only,
-    never values (a value with the same shape, dtype and device may stand in)."""
+    """``x.shape`` / ``x.ndim`` / ``x.dtype`` / ``x.device`` / ``x.size()`` / ``x.dim()``: reads metadata
+    only, never values (a value with the same shape, dtype and device may stand in)."""
     return (node.op == "call_function" and node.target is getattr and node.args[1:2] in _METADATA) \
         or (node.op == "call_method" and node.target in ("size", "dim"))
 
@@ -221,8 +221,8 @@ def known_shape(node: fx.Node) -> tuple | None:
 
 
 def as_layer_norm(node) -> LayerNormView | None:
-    """``F.layer_norm``/``torch.layer_norm`` with constant (or no) affine and a literal shape, or a computed one
-    (``x.shape[-1:]``) where the affine's shape fixes it; else None."""
+    """``F.layer_norm``/``torch.layer_norm`` with constant (or no) affine and a literal shape, or a computed
+    one (``x.shape[-1:]``) where the affine's shape fixes it; else None."""
     args = _bound_call(node, LAYER_NORM_TARGETS)
     if args is None:
         return None

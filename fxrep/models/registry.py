@@ -36,8 +36,8 @@ class BranchedVisionTransformer(VisionTransformer):
 
 def _create(variant: str, pretrained: bool = False, *, depth: int, branches: int, **kwargs):
     """A BranchedVisionTransformer of ``depth`` blocks of ``branches`` branches; the rest of timm's
-    VisionTransformer arguments default to timm's (ViT-Base). ``variant`` names the timm config only: it does not
-    set the shape (``timm.create_model("fxrep_deit_tiny_d3b4")`` builds the registered d3b4)."""
+    VisionTransformer arguments default to timm's (ViT-Base). ``variant`` names the timm config only: it does
+    not set the shape (``timm.create_model("fxrep_deit_tiny_d3b4")`` builds the registered d3b4)."""
     if pretrained:
         raise ValueError(f"{variant} has no pretrained weights (fxrep never downloads weights); create it "
                          "with pretrained=False and train it, or build it from a trained ViT with "
@@ -54,7 +54,8 @@ def _register(variant: str):
     def entry(pretrained: bool = False, **kwargs):
         # LayerScale 1/B: at init a block adds the mean of its B branches, the residual update of one plain
         # block (a sum would be B times larger). Measured on MNIST: d3b4 92.95% with it, 90.30% without
-        # (README). It folds into the fused Linears; pass init_values=0 for plain branch sums (timm drops None).
+        # (README). It folds into the fused Linears; pass init_values=0 for plain branch sums (timm drops
+        # None).
         args = dict(DEIT_TINY, depth=depth, init_values=1.0 / branches if branches > 1 else None)
         args.update(kwargs)
         args.setdefault("branches", branches)

@@ -1,4 +1,5 @@
-"""``merge_affine``: every chain of Linears, scales and sums between two nonlinear ops becomes the fewest Linears.
+"""``merge_affine``: every chain of Linears, scales and sums between two nonlinear ops becomes the fewest
+Linears.
 
 This one pattern implements scale folding (LayerScale, constant weights, ``1/B`` averages, join coefficients),
 the merging of Linears that read the same tensor and are summed, and the collapse of joined pre-activations

@@ -1,4 +1,5 @@
-"""``extract_layernorm_affine``: move a LayerNorm's affine into the Linears that read it (docs/identities.md §1).
+"""``extract_layernorm_affine``: move a LayerNorm's affine into the Linears that read it (docs/identities.md
+§1).
 
 Before::                                   After::
 

@@ -5,10 +5,10 @@ branches widen, collapse and lower like every other attention.
 ``MultiheadAttention(x, x, x)`` computes per head ``softmax(q_h k_h^T / sqrt(d_h)) v_h`` with
 ``q = x W_q^T + b_q`` (rows of the packed ``in_proj_weight``, or ``q_proj_weight``), heads as consecutive
 blocks of ``d_h`` rows, then ``out_proj``. The scale is folded into the q weights (float64, cast back).
-With ``batch_first=False`` the tokens are on dim 0: the op is told so (``tokens_first``), so its input and output
-keep the caller's layout and the LayerNorm before it and the Linears after it merge as for any attention.
-``attn_mask`` and ``key_padding_mask`` (boolean, where True means "do not attend", the opposite of SDPA's, or
-float) are merged into one SDPA mask at run time by ``ops.multihead_attention_mask``, exactly as
+With ``batch_first=False`` the tokens are on dim 0: the op is told so (``tokens_first``), so its input and
+output keep the caller's layout and the LayerNorm before it and the Linears after it merge as for any
+attention. ``attn_mask`` and ``key_padding_mask`` (boolean, where True means "do not attend", the opposite of
+SDPA's, or float) are merged into one SDPA mask at run time by ``ops.multihead_attention_mask``, exactly as
 ``F.multi_head_attention_forward`` merges them; branches passing the same masks share that node and merge.
 Skipped with the reason: cross-attention, ``is_causal``, ``add_bias_kv``, ``add_zero_attn``, other key/value
 widths, and attention weights that are read.
@@ -54,8 +54,8 @@ def _params(m: nn.MultiheadAttention) -> dict:
 
 
 def _merged_mask(g, x, masks, m: nn.MultiheadAttention):
-    """The node computing the SDPA mask of ``masks`` (``ops.multihead_attention_mask``); branches that pass the
-    same masks read one such node, so they merge like attention ops with one shared mask."""
+    """The node computing the SDPA mask of ``masks`` (``ops.multihead_attention_mask``); branches that pass
+    the same masks read one such node, so they merge like attention ops with one shared mask."""
     args = (*masks, m.num_heads, x)
     for u in x.users:
         if u.op == "call_function" and u.target is multihead_attention_mask and u.args == args:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class JoinSchedule:
-    """``lam`` = 0 for the first ``warmup`` fraction of ``total_steps``, then ramps to 1 over the next ``ramp``
-    fraction (``shape`` "linear" or "cosine"), then stays 1 to the end, so the trained model is fully joined
-    and ``fxrep.fuse`` collapses it exactly."""
+    """``lam`` = 0 for the first ``warmup`` fraction of ``total_steps``, then ramps to 1 over the next
+    ``ramp`` fraction (``shape`` "linear" or "cosine"), then stays 1 to the end, so the trained model is fully
+    joined and ``fxrep.fuse`` collapses it exactly."""
 
     total_steps: int
     warmup: float = 0.1
