@@ -140,7 +140,8 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
             for k, t in timed.items()]
     if plot_path:
         plot([(threads, 1, "eager", f"{r[0]} ({r[1]})", 0, 0, 0, timed[f"{r[0]}|{r[1]}"]["median"] / base)
-              for r in rows], plot_path, "latency relative to the deep fp32 program (ExecuTorch, XNNPACK, batch 1)")
+              for r in rows], plot_path, "latency relative to the deep fp32 program (ExecuTorch, XNNPACK, "
+                                         "batch 1)")
     return (f"ExecuTorch (XNNPACK), {threads} threads, batch 1, 224 px, {repeats} interleaved rounds\n" +
             markdown_table(["model", "precision", "median ms", "min-max ms", "vs deep fp32",
                             "vs deep fp32 as exported", ".pte MB"], rows))
@@ -189,8 +190,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     x0 = torch.randn(1, 3, 224, 224)
     models = {k: m.to(device) for k, m in build(x0, dtype).items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available, "
-          f"torch {torch.__version__}, device {device}, {args.dtype}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+          f"available, torch {torch.__version__}, device {device}, {args.dtype}")
     base_name = next(iter(models))
     all_rows = []
     for threads in args.threads:
@@ -202,7 +203,8 @@ def main(argv=None) -> int:
                 for k in (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head"):
                     variants[("compile", k)] = torch.compile(models[k])
             if args.onnx and batch == 1 and device.type == "cpu" and dtype == torch.float32:
-                sel = {k: models[k] for k in (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head")}
+                names = (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head")
+                sel = {k: models[k] for k in names}
                 for k, fn in onnx_sessions(sel, x).items():
                     variants[("onnxruntime", k)] = fn
             timed = measure_latency({f"{b}|{k}": m for (b, k), m in variants.items()}, (x,),

@@ -47,7 +47,8 @@ def _train(args) -> int:
     if result.eval_accuracy is not None:
         print(f"eval accuracy {100 * result.eval_accuracy:.2f}%", end="")
         if result.fused_accuracy is not None:
-            print(f"; fused {100 * result.fused_accuracy:.2f}% ({result.prediction_mismatches} predictions differ)")
+            print(f"; fused {100 * result.fused_accuracy:.2f}% ({result.prediction_mismatches} predictions "
+                  f"differ)")
         else:
             print()
     print(f"outputs in {args.out}")
@@ -87,14 +88,16 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a branched ViT with progressive joining, then fuse it")
     t.add_argument("--model", default="fxrep_deit_tiny_d3b4")
     t.add_argument("--dataset", choices=["mnist", "synthetic", "folder"], default="synthetic")
-    t.add_argument("--data", default=None, help="MNIST IDX directory, or an ImageFolder root with train/ and val/")
+    t.add_argument("--data", default=None, help="MNIST IDX directory, or an ImageFolder root with train/ and "
+                                                "val/")
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--img-size", type=int, default=None)
     t.add_argument("--patch-size", type=int, default=8)
     t.add_argument("--init-values", type=float, default=None,
-                   help="LayerScale init (default: the model's, 1/B for fxrep's branched models; 0: no LayerScale)")
+                   help="LayerScale init (default: the model's, 1/B for fxrep's branched models; 0: no "
+                        "LayerScale)")
     t.add_argument("--join-shape", choices=["cosine", "linear"], default="cosine")
     t.add_argument("--synthetic-size", type=int, default=4096)
     t.add_argument("--teacher", default=None, help="a torch.save'd teacher model for distillation")
@@ -109,11 +112,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="fused.pt")
     f.add_argument("--executorch", default=None, metavar="OUT.pte",
                    help="also write an XNNPACK-lowered ExecuTorch program (needs the mobile extra)")
-    f.add_argument("--int8", action="store_true", help="quantize the ExecuTorch program to int8 (PT2E, XNNPACK)")
+    f.add_argument("--int8", action="store_true", help="quantize the ExecuTorch program to int8 (PT2E, "
+                                                       "XNNPACK)")
     f.add_argument("--calibration", default=None, metavar="DIR",
                    help="with --int8: an MNIST IDX directory whose train split (200 images) calibrates")
     f.add_argument("--all-rows", action="store_true",
-                   help="compute every token row in the ExecuTorch program (default: only the rows the output reads)")
+                   help="compute every token row in the ExecuTorch program (default: only the rows the "
+                        "output reads)")
     return ap
 
 

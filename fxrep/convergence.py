@@ -60,13 +60,13 @@ def not_converged_message(phase: str, max_sweeps: int, history: list, builtin: s
     elif period is not None:
         what = f"The graph returns to the same state every {period} sweeps: these patterns undo each other"
     else:
-        what = (f"The graph is still changing ({len(fingerprints)} different states) without repeating itself: "
-                f"it may only need more sweeps. Fix: fxrep.fuse(..., max_sweeps={4 * max_sweeps})")
+        what = (f"The graph is still changing ({len(fingerprints)} different states) without repeating "
+                f"itself: it may only need more sweeps. Fix: fxrep.fuse(..., max_sweeps={4 * max_sweeps})")
     users = [n for n in names if n not in builtin]
     if users:
         advice = ("To fuse without your pattern meanwhile: patterns=fxrep.default_registry().without("
                   + ", ".join(repr(n) for n in users) + ").")
     else:
         advice = "Only fxrep's own patterns are involved: this is a bug in fxrep; please report it with the model."
-    return (f"phase {phase!r} did not reach a fixed point in {max_sweeps} sweeps; still rewriting in the last "
-            f"sweep: {_culprits(last)}. {what}. {advice}")
+    return (f"phase {phase!r} did not reach a fixed point in {max_sweeps} sweeps; still rewriting in the "
+            f"last sweep: {_culprits(last)}. {what}. {advice}")

@@ -88,11 +88,12 @@ def main(argv=None) -> int:
                 f"{t['median'] / base:.2f}x")
 
     print("\n3. deep DeiT-Tiny vs the trained branched model before and after fuse "
-          f"(CPU, batch 1, {IMAGE['img_size']}px, {torch.get_num_threads()} threads, median of 40 interleaved runs)")
+          f"(CPU, batch 1, {IMAGE['img_size']}px, {torch.get_num_threads()} threads, median of 40 "
+          f"interleaved runs)")
     print(markdown_table(["model", "layers", "params", "FLOPs", "latency ms (min-max)", "vs deep"], [
         row("deep", deep, 12), row("branched", model, "3 x 4 branches"), row("fused", fused, 3)]))
-    print(f"\n   eval accuracy {100 * result.eval_accuracy:.1f}% on generated shapes; fused vs unfused on 64 images: "
-          f"max|delta|/max|y| = {diff:.2e}, same prediction on {100 * agree:.0f}%")
+    print(f"\n   eval accuracy {100 * result.eval_accuracy:.1f}% on generated shapes; fused vs unfused on 64 "
+          f"images: max|delta|/max|y| = {diff:.2e}, same prediction on {100 * agree:.0f}%")
     png = plot(result.history, Path(args.out) / "training.png")
     if png:
         print(f"   plot of the join schedule and the loss: {png}")

@@ -65,12 +65,15 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.lint()
     except Exception as e:  # noqa: BLE001 - re-raised with the fix named
         stale = stale_proxies(gm)
-        cause = (f" {', '.join(stale[:3]) if stale else 'A common cause'}: a model that caches values while it is "
-                 "traced (timm's LeViT and EfficientFormer keep an attention_bias_cache) keeps an fx Proxy, so a "
-                 "second torch.fx.symbolic_trace of it reads a node of the first trace.")
+        cause = (f" {', '.join(stale[:3]) if stale else 'A common cause'}: a model that caches values while "
+                 f"it is "
+                 "traced (timm's LeViT and EfficientFormer keep an attention_bias_cache) keeps an fx Proxy, "
+                 "so a second torch.fx.symbolic_trace of it reads a node of the first trace.")
         raise InputError(
-            f"the GraphModule's graph is malformed: {str(e).split('!')[0].splitlines()[0]}.{cause} Fix: pass the nn.Module itself to fxrep.fuse "
-            "(fxrep's tracer ignores and restores such caches), or trace a model that was never traced before.") from e
+            f"the GraphModule's graph is malformed: {str(e).split('!')[0].splitlines()[0]}.{cause} Fix: pass "
+            f"the nn.Module itself to fxrep.fuse "
+            "(fxrep's tracer ignores and restores such caches), or trace a model that was never traced "
+            "before.") from e
     graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(gm, graph, type(gm).__name__)
     new.meta = _copy_meta(getattr(gm, "meta", {}))
@@ -96,9 +99,10 @@ def _erasure_refused(graph: fx.Graph, pattern):
     never leave a later match of the same sweep holding an erased node."""
     def refuse(node):
         raise PatternError(
-            f"pattern {pattern.name!r} erased node '{node.name}' in replace(). Patterns must not erase nodes: "
-            "call ctx.replace_node(old, new) and fxrep erases old (and any node left without users) after the "
-            "pattern's rewrites.")
+            f"pattern {pattern.name!r} erased node '{node.name}' in replace(). Patterns must not erase "
+            f"nodes: "
+            "call ctx.replace_node(old, new) and fxrep erases old (and any node left without users) after "
+            "the pattern's rewrites.")
 
     graph.erase_node = refuse
     try:
@@ -122,7 +126,8 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
                 skips.append((Skipped(pattern.name, result.reason, merge_origins(result.nodes)), result.provisional))
             elif isinstance(result, Match):
                 if not hazards.isdisjoint(result.nodes):
-                    skips.append((Skipped(pattern.name, "a value it rewrites is written in place (or read after "
+                    skips.append((Skipped(pattern.name, "a value it rewrites is written in place (or read "
+                                                        "after "
                                           "such a write): left as it is", merge_origins(result.nodes)), False))
                 elif taken.isdisjoint(result.nodes):
                     matches.append(result)
@@ -250,8 +255,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
         A new ``torch.fx.GraphModule``; its ``meta["fxrep_report"]`` is a FuseReport (``print`` it).
     """
     if not isinstance(model, nn.Module):
-        raise FxrepError(f"fxrep.fuse takes an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
-                         f"not {type(model).__name__}")
+        raise FxrepError(f"fxrep.fuse takes an nn.Module, a torch.fx.GraphModule or a "
+                         f"torch.export.ExportedProgram, not {type(model).__name__}")
     validate(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -360,8 +365,8 @@ def _check(model, gm, example_inputs, rtol, report) -> None:
         example_inputs = to_device(_inputs_from_shapes(model), model_device(model))
     if example_inputs is None:
         raise InputError("fuse(check=True) needs example_inputs=(tensor, ...) with the model's input "
-                         "shapes (or a GraphModule whose placeholders carry shapes from ShapeProp), to compare "
-                         "the fused model against the original.")
+                         "shapes (or a GraphModule whose placeholders carry shapes from ShapeProp), to "
+                         "compare the fused model against the original.")
     try:
         assert_equivalent(model, gm, example_inputs, rtol=rtol)
     except EquivalenceError as e:

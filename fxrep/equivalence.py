@@ -53,11 +53,13 @@ def compare_outputs(expected, actual, rtol: float | None = None) -> None:
         raise EquivalenceError(f"the fused model returns {len(actual)} tensors, the original {len(expected)}")
     for i, (e, a) in enumerate(zip(expected, actual)):
         if e.shape != a.shape or e.dtype != a.dtype:
-            raise EquivalenceError(f"output {i}: original {tuple(e.shape)} {e.dtype}, fused {tuple(a.shape)} {a.dtype}")
+            raise EquivalenceError(f"output {i}: original {tuple(e.shape)} {e.dtype}, fused {tuple(a.shape)} "
+                                   f"{a.dtype}")
         tol = rtol if rtol is not None else DEFAULT_RTOL.get(e.dtype, DEFAULT_RTOL[torch.float32])
         err = relative_error(e, a)
         if not err <= tol:
-            raise EquivalenceError(f"output {i}: max|delta|/max|y| = {err:.3g} > {tol:g}: the fused model does "
+            raise EquivalenceError(f"output {i}: max|delta|/max|y| = {err:.3g} > {tol:g}: the fused model "
+                                   f"does "
                                    "not compute what the original computes")
 
 
@@ -67,7 +69,8 @@ def check_inputs(inputs) -> tuple:
     for t in inputs:
         if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.dtype in (torch.long, torch.int,
                                                                                       torch.bool)):
-            raise InputError(f"inputs of dtype {t.dtype} are not supported; use float tensors (integer or boolean "
+            raise InputError(f"inputs of dtype {t.dtype} are not supported; use float tensors (integer or "
+                             f"boolean "
                              "tensors for indices and masks)")
     return tuple(inputs)
 
@@ -80,7 +83,8 @@ def assert_equivalent(model: nn.Module, fused: nn.Module, inputs, *, rtol: float
     if snapshot is not None:
         changed = snapshot.diff(model)
         if changed:
-            raise EquivalenceError(f"fusing modified the input model: {changed}. fxrep must build new tensors and "
+            raise EquivalenceError(f"fusing modified the input model: {changed}. fxrep must build new "
+                                   f"tensors and "
                                    "leave the user's modules as they were (tracing included).")
     with torch.no_grad():
         try:

@@ -54,8 +54,8 @@ def quantize_int8(program: torch.export.ExportedProgram, example_inputs: tuple, 
 
     if calibration is None or not isinstance(calibration, Iterable):
         raise InputError(
-            "int8 quantization needs calibration data: pass calibration=[(x,), ...], a few hundred real inputs "
-            "(fxrep does not calibrate on random data, whose activation ranges are not the model's).")
+            "int8 quantization needs calibration data: pass calibration=[(x,), ...], a few hundred real "
+            "inputs (fxrep does not calibrate on random data, whose activation ranges are not the model's).")
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     quantizer.set_filter_function(lambda node: not keeps_float(node))  # LayerNorm statistics stay float
     prepared = prepare_pt2e(program.module(), quantizer)

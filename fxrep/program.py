@@ -28,8 +28,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
          concrete_args: dict | None = None, **options):
     if isinstance(model, ExportedProgram):
         if concrete_args is not None:
-            raise InputError("concrete_args fix arguments while tracing; an ExportedProgram is traced already. "
-                             "Leave concrete_args out.")
+            raise InputError("concrete_args fix arguments while tracing; an ExportedProgram is traced "
+                             "already. Leave concrete_args out.")
         return fuse_program(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
                             **options)
     return engine.fuse(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
@@ -51,7 +51,8 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
         fused = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes_of(ep, module), strict=False)
     except Exception as e:  # noqa: BLE001 - the graph fxrep built does not export: fxrep's bug
         raise InternalError(
-            f"the fused graph does not export again ({type(e).__name__}: {str(e).splitlines()[0][:300]}). This is a "
+            f"the fused graph does not export again ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            f"This is a "
             "bug in fxrep; please report it with the model. fxrep.fuse(program.module()) returns the fused "
             "GraphModule meanwhile.") from e
     fused.graph_module.meta["fxrep_report"] = report
@@ -64,7 +65,8 @@ def as_program(model, example_inputs) -> ExportedProgram:
     if isinstance(model, ExportedProgram):
         return model
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"expected an nn.Module, a GraphModule or an ExportedProgram, not {type(model).__name__}")
+        raise InputError(f"expected an nn.Module, a GraphModule or an ExportedProgram, not "
+                         f"{type(model).__name__}")
     training = training_modules(model)
     if training:
         raise TrainingModeError(f"the model is in training mode (e.g. {', '.join(training[:3])}): call "
@@ -146,8 +148,9 @@ def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_
                                             strict=False)
             compare_outputs(program.module()(*example_inputs), rewritten.module()(*example_inputs), tolerance)
     except Exception as e:  # noqa: BLE001 - a graph fxrep built that does not export or computes otherwise
-        raise InternalError(f"{rewrite} broke the program ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-                            f"This is a bug in fxrep; please report it with the model, and pass {switch} "
+        raise InternalError(f"{rewrite} broke the program ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}). This is a bug in fxrep; please report it with "
+                            f"the model, and pass {switch} "
                             "meanwhile.") from e
     return rewritten
 

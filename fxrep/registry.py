@@ -30,7 +30,8 @@ def _check_pattern(p) -> None:
                                "match(node, ctx) and replace(match, ctx); see fxrep.FunctionPattern.")
     phases = (p.phase,) if isinstance(p.phase, str) else tuple(p.phase)
     if not phases or any(ph not in PHASES for ph in phases):
-        raise PatternError(f"pattern {p.name!r} has phase {p.phase!r}; use one of {PHASES} (or a tuple of them).")
+        raise PatternError(f"pattern {p.name!r} has phase {p.phase!r}; use one of {PHASES} (or a tuple of "
+                           f"them).")
 
 
 class PatternRegistry:

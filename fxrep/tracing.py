@@ -174,8 +174,8 @@ def trace_graph(model: nn.Module, example_inputs=None, concrete_args: dict | Non
                 f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
                 f"{type(e).__name__}: {e}\n"
                 "Fix: data-dependent Python control flow cannot be traced. Make that module a leaf "
-                "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch with "
-                "torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
+                "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch "
+                "with torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
             ) from e
     portable_guards(gm, concrete, recompile=False)
     gm.meta["fxrep_specialized"] = dict(concrete)
@@ -221,9 +221,9 @@ def portable_guards(gm: fx.GraphModule, concrete: dict | None = None, recompile:
         name = message.split(" ", 1)[0]
         if name in concrete:
             rest = {k: v for k, v in concrete.items() if k != name}
-            message = (f"fxrep.fuse traced this model with argument '{name}' fixed to {value!r}, so the fused "
-                       f"model cannot take another value for it. To keep '{name}' an input, fuse again with "
-                       f"fxrep.fuse(model, concrete_args={rest!r}) or pass it in example_inputs.")
+            message = (f"fxrep.fuse traced this model with argument '{name}' fixed to {value!r}, so the "
+                       f"fused model cannot take another value for it. To keep '{name}' an input, fuse again "
+                       f"with fxrep.fuse(model, concrete_args={rest!r}) or pass it in example_inputs.")
         target = fresh_attribute_name(gm, f"fixed_{name}")
         gm.add_submodule(target, FixedArgument(name, value, message))
         with graph.inserting_before(node):

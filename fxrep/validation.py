@@ -28,7 +28,8 @@ def validate(model: nn.Module) -> None:
     training = training_modules(model)
     if training:
         raise TrainingModeError(
-            f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are random "
+            f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are "
+            f"random "
             "there, so no rewrite is exact. Call model.eval() before fxrep.fuse(model).")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
@@ -41,7 +42,8 @@ def validate(model: nn.Module) -> None:
                 "model first, then quantize the fused model.")
         if isinstance(t, nn.Parameter) and t.dtype not in SUPPORTED_DTYPES:
             raise UnsupportedModelError(
-                f"parameter '{name}' has dtype {t.dtype}; fxrep supports {', '.join(map(str, SUPPORTED_DTYPES))}."
+                f"parameter '{name}' has dtype {t.dtype}; fxrep supports "
+                f"{', '.join(map(str, SUPPORTED_DTYPES))}."
                 " Convert the model with model.float() before fusing.")
     for name, m in model.named_modules():
         if type(m).__module__.startswith("torch.ao.nn.quantized"):

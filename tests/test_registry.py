@@ -28,7 +28,8 @@ class FoldBatchNormIntoLinear:
             return fxrep.Skip([node], "the Linear output is also read elsewhere")
         meta = node.meta.get("tensor_meta")
         if meta is None or len(meta.shape) != 2:
-            return fxrep.Skip([node], "BatchNorm1d folds only on (batch, features) inputs: pass example_inputs")
+            return fxrep.Skip([node], "BatchNorm1d folds only on (batch, features) inputs: pass "
+                                      "example_inputs")
         return fxrep.Match([lin.node, node], lin, "BatchNorm1d folded into the Linear before it")
 
     def replace(self, match, ctx):

@@ -53,6 +53,7 @@ def check_cost(lifted: dict, results: dict) -> None:
             after[form] = lift.heads * lift.qk_width
         if sum(after.values()) > sum(before.values()):
             for a in anchors:
-                results[a] = Skip([a], "branches are joined at the softmax with 0 < lam < 1: merging would widen "
-                                       "every branch's q/k by the branch count; left as is (exact at lam 0 and 1)")
+                results[a] = Skip([a], "branches are joined at the softmax with 0 < lam < 1: merging would "
+                                       "widen every branch's q/k by the branch count; left as is (exact at "
+                                       "lam 0 and 1)")
                 del lifted[a]

@@ -140,8 +140,8 @@ def _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, c
     except (ProbeFailed, ShapeMismatch):
         return
     except NotAttention as e:
-        raise NotAttention("the attention computes differently on an input with two leading axes, and its input's "
-                           "shape is unknown; pass example_inputs so fxrep sees the real shape") from e
+        raise NotAttention("the attention computes differently on an input with two leading axes, and its "
+                           "input's shape is unknown; pass example_inputs so fxrep sees the real shape") from e
     finally:
         probe.shape_sources = {k: cache.verified[(x, shape)][x] for k in probe.shape_sources}
 

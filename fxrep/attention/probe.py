@@ -119,12 +119,12 @@ def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch
     t = env[chain.end] if chain.nodes else y
     if not isinstance(t, torch.Tensor) or t.dim() != len(lead) + 3:
         folded = ": it folds input axes together" if isinstance(t, torch.Tensor) and t.dim() < len(lead) + 3 else ""
-        raise NotAttention(f"{describe(chain.end)} is not a (batch, heads, tokens, dim) tensor for an input of "
-                           f"shape {tuple(x_value.shape)}{folded}")
+        raise NotAttention(f"{describe(chain.end)} is not a (batch, heads, tokens, dim) tensor for an input "
+                           f"of shape {tuple(x_value.shape)}{folded}")
     t = t.transpose(-2, -1) if transposed else t
     if tuple(t.shape[:len(lead)]) != lead or t.shape[-2] != N:
-        raise NotAttention(f"{describe(chain.end)} does not keep the batch and token axes of an input of shape "
-                           f"{tuple(x_value.shape)} apart")
+        raise NotAttention(f"{describe(chain.end)} does not keep the batch and token axes of an input of "
+                           f"shape {tuple(x_value.shape)} apart")
     t = t.long()
     row, n, f = t // (F_ * N), (t // F_) % N, t % F_
     head_map = f[(0,) * len(lead)][:, :1, :]
@@ -152,7 +152,8 @@ def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
     env = probe.run(nodes, {anchor: o})
     z = env[n]
     if not isinstance(z, torch.Tensor) or tuple(z.shape) != lead + (N, H * dv):
-        raise NotAttention(f"the attention output {describe(n)} is not merged back to (batch, tokens, heads*dim)")
+        raise NotAttention(f"the attention output {describe(n)} is not merged back to (batch, tokens, "
+                           f"heads*dim)")
     z = z.long()
     j, tok, h, row = z % dv, (z // dv) % N, (z // (dv * N)) % H, z // (dv * N * H)
     first = (0,) * len(lead) + (0,)

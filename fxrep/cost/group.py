@@ -98,8 +98,8 @@ def mlp_group(shape: tuple, hidden: list, out_features: int, activation: tuple, 
     apart += (Elementwise("add", rows * out_features),) * (len(hidden) - 1)
     total = sum(hidden)
     wide = (Linear(rows, d, total), Elementwise("activation", rows * total), Linear(rows, total, out_features))
-    key = (f"mlp in={tuple(shape)} {_dtype_name(dtype)} hidden={'+'.join(map(str, hidden))} out={out_features} "
-           f"act={name}")
+    key = (f"mlp in={tuple(shape)} {_dtype_name(dtype)} hidden={'+'.join(map(str, hidden))} "
+           f"out={out_features} act={name}")
 
     def build():
         x = torch.randn(shape, dtype=dtype)

@@ -62,7 +62,8 @@ def _unrecognized_softmaxes(gm, results: dict) -> None:
                                                       for u, c in zip(readers, cast)):
             continue
         what = ", ".join(describe(u) for u in readers[:2]) or "nothing"
-        results[n] = Skip([n], f"softmax read by {what}, not multiplied with values: not recognized as attention")
+        results[n] = Skip([n], f"softmax read by {what}, not multiplied with values: not recognized as "
+                               f"attention")
 
 
 class LiftAttention:

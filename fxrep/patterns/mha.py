@@ -83,8 +83,8 @@ class LiftMultiheadAttention:
             return Skip([node], "the attention weights nn.MultiheadAttention returns are read")
         masks = (args.get("attn_mask"), args.get("key_padding_mask"))
         masked = " with its masks merged" if masks != (None, None) else ""
-        return Match([node, *outs], (m, args["query"], masks), f"nn.MultiheadAttention, {m.num_heads} heads -> "
-                                                               f"multi_head_attention{masked} + out_proj")
+        return Match([node, *outs], (m, args["query"], masks), f"nn.MultiheadAttention, {m.num_heads} heads "
+                                                               f"-> multi_head_attention{masked} + out_proj")
 
     def replace(self, match, ctx):
         node, (m, x, masks) = match.nodes[0], match.data

@@ -68,12 +68,14 @@ class RankAwareAttention:
         readers = list(node.users)
         lin = as_linear(readers[0]) if len(readers) == 1 else None
         if lin is None or lin.input is not node:
-            return Skip([node], "kept the per-head form: the attention output is not read by exactly one Linear")
+            return Skip([node], "kept the per-head form: the attention output is not read by exactly one "
+                                "Linear")
         tokens = _tokens(att.input, att.tokens_first)
         heads, rank = costs(att, lin.out_features, tokens)
         basis = f"{tokens} tokens" if tokens else "projections only (pass example_inputs to count the attention matmuls)"
         if rank >= heads:
-            return Skip([node], f"kept the per-head form: {heads:,} MACs/token vs {rank:,} rank-aware ({basis})")
+            return Skip([node], f"kept the per-head form: {heads:,} MACs/token vs {rank:,} rank-aware "
+                                f"({basis})")
         return Match([node, lin.node], lin, f"rank-aware form: {heads:,} -> {rank:,} MACs/token ({basis})")
 
     def replace(self, match, ctx):

@@ -21,7 +21,8 @@ class JoinSchedule:
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if not (0 <= self.warmup and 0 <= self.ramp and self.warmup + self.ramp <= 1):
-            raise ValueError(f"need 0 <= warmup, 0 <= ramp and warmup + ramp <= 1; got {self.warmup}, {self.ramp}")
+            raise ValueError(f"need 0 <= warmup, 0 <= ramp and warmup + ramp <= 1; got {self.warmup}, "
+                             f"{self.ramp}")
         if self.shape not in ("linear", "cosine"):
             raise ValueError(f"shape must be 'linear' or 'cosine', got {self.shape!r}")
 
