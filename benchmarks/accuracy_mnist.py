@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         model = timm.create_model(name, **COMMON, **extra)
         t0 = time.time()
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          out_dir=str(out / name.replace("vit_tiny_patch16_224", f"vit_d{extra.get('depth', 12)}")),
+                          out_dir=str(out / name.replace("vit_tiny_patch16_224",
+                                                         f"vit_d{extra.get('depth', 12)}")),
                           progress=True)
         result = train(model, train_set, eval_set, cfg)
         model.eval()

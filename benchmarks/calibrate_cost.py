@@ -62,7 +62,8 @@ def _cpu_name() -> str:
 def measure(repeats: int) -> dict:
     table: dict = {"linear": [], "attention": [], "activation": [], "add": []}
     linear = [p for p in itertools.product(ROWS, FEATURES, FEATURES) if p[0] * p[1] * p[2] <= MAX_MACS]
-    attention = [p for p in itertools.product(BATCH_HEADS, TOKENS, HEAD_WIDTHS) if p[0] * p[1] ** 2 * p[2] <= MAX_MACS]
+    attention = [p
+                 for p in itertools.product(BATCH_HEADS, TOKENS, HEAD_WIDTHS) if p[0] * p[1] ** 2 * p[2] <= MAX_MACS]
     with torch.inference_mode():
         for m, k, n in tqdm(linear, desc="linear"):
             x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
@@ -80,7 +81,8 @@ def measure(repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "fxrep" / "cost" / "cpu_x86_64.json"))
+    ap.add_argument("--out",
+                    default=str(Path(__file__).resolve().parents[1] / "fxrep" / "cost" / "cpu_x86_64.json"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=31)
     args = ap.parse_args(argv)

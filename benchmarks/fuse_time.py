@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     mx, my = statistics.mean(xs), statistics.mean(ys)
     k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     print()
-    print(markdown_table(["model", "width", "blocks", "branches", "graph nodes", "fuse time (s, median)"], rows))
+    print(markdown_table(["model", "width", "blocks", "branches", "graph nodes", "fuse time (s, median)"],
+                         rows))
     print(f"\nfitted growth: time ~ nodes^{k:.2f}")
     export_s, fuse_s = time_export_fuse(1 if args.quick else 3)
     print()

@@ -88,13 +88,15 @@ def parallel_vit(threads: int, repeats: int) -> str:
                   "fused, autotune=True decides": tuned,
                   "fused, every group widened": fxrep.fuse(model, example_inputs=(x,),
                                                            decisions=dict.fromkeys(keys, True)),
-                  "fused, no widening": fxrep.fuse(model, example_inputs=(x,), decisions=dict.fromkeys(keys, False))}
+                  "fused, no widening": fxrep.fuse(model, example_inputs=(x,),
+                                                   decisions=dict.fromkeys(keys, False))}
         for label, gm in (("table", decided), ("autotune", tuned)):
             for key, d in gm.meta["fxrep_report"].decisions.items():
                 decisions.append(f"{px} px, {label}: {'widen' if d.widen else 'apart'}  {key}: {d.describe()}")
         timed = measure_latency(models, (x,), repeats=repeats, warmup=3)
         base = timed["unfused"]["median"]
-        rows += [(px, (px // 16) ** 2 + 1, name, f"{t['median'] * 1e3:.1f}", f"{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}",
+        rows += [(px, (px // 16) ** 2 + 1, name, f"{t['median'] * 1e3:.1f}",
+                  f"{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}",
                   f"{t['median'] / base:.2f}x") for name, t in timed.items()]
         print(f"  done: {px} px", flush=True)
     return "\n".join(decisions) + "\n\n" + markdown_table(["px", "tokens", "model", "median ms", "min-max ms",
@@ -126,7 +128,8 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
     programs, sizes = {}, {}
     for name, model in models.items():
         for precision in ("fp32",) if name.endswith(ALL_ROWS) else ("fp32", "int8"):
-            path = to_executorch(model, (x,), out / f"{len(programs)}.pte", quantize=None if precision == "fp32"
+            path = to_executorch(model, (x,), out / f"{len(programs)}.pte",
+                                 quantize=None if precision == "fp32"
                                  else "int8", calibration=calibration, xnnpack_rewrites=name != AS_EXPORTED,
                                  prune_rows=name != AS_EXPORTED and not name.endswith(ALL_ROWS))
             method = load_executorch(path)
@@ -135,7 +138,8 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
             print(f"  lowered {name} ({precision}): {sizes[f'{name}|{precision}'] / 1e6:.1f} MB", flush=True)
     timed = measure_latency(programs, (x,), repeats=repeats, warmup=3)
     base, plain = timed["deep DeiT-Tiny-12|fp32"]["median"], timed[f"{AS_EXPORTED}|fp32"]["median"]
-    rows = [(k.split("|")[0], k.split("|")[1], f"{t['median'] * 1e3:.2f}", f"{t['min'] * 1e3:.2f}-{t['max'] * 1e3:.2f}",
+    rows = [(k.split("|")[0], k.split("|")[1], f"{t['median'] * 1e3:.2f}",
+             f"{t['min'] * 1e3:.2f}-{t['max'] * 1e3:.2f}",
              f"{t['median'] / base:.3f}x", f"{t['median'] / plain:.3f}x", f"{sizes[k] / 1e6:.1f}")
             for k, t in timed.items()]
     if plot_path:
@@ -212,11 +216,13 @@ def main(argv=None) -> int:
             for (backend, name) in variants:
                 t = timed[f"{backend}|{name}"]
                 base = timed[f"{backend}|{base_name}"]["median"] if f"{backend}|{base_name}" in timed else None
-                all_rows.append((threads, batch, backend, name, t["median"] * 1e3, t["min"] * 1e3, t["max"] * 1e3,
+                all_rows.append((threads, batch, backend, name, t["median"] * 1e3, t["min"] * 1e3,
+                                 t["max"] * 1e3,
                                  t["median"] / base if base else float("nan")))
             print(f"  done: {threads} threads, batch {batch}", flush=True)
     table = markdown_table(["threads", "batch", "backend", "model", "median ms", "min-max ms", "vs baseline"],
-                           [(a, b, c, d, f"{e:.2f}", f"{f:.2f}-{g:.2f}", f"{h:.2f}x") for a, b, c, d, e, f, g, h in all_rows])
+                           [(a, b, c, d, f"{e:.2f}", f"{f:.2f}-{g:.2f}", f"{h:.2f}x")
+                            for a, b, c, d, e, f, g, h in all_rows])
     print(table)
     if args.plot:
         plot(all_rows, args.plot)

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
             for kernels in args.kernels:
                 r = run(kernels, spec, args.seeds, dtype)
                 cells.append(f"{r['error']:.2e} ({r['error'] / unit_roundoff(t):.1f} u, {r['capability']})")
-            rows.append((label, dtype, *cells, f"{MODEL_RTOL[t]:g} ({MODEL_RTOL[t] / unit_roundoff(t):.0f} u)"))
+            rows.append((label, dtype, *cells,
+                         f"{MODEL_RTOL[t]:g} ({MODEL_RTOL[t] / unit_roundoff(t):.0f} u)"))
             print(rows[-1], flush=True)
     print(markdown_table(["model", "dtype", *[f"kernels={k}" for k in args.kernels], "MODEL_RTOL"], rows))
     return 0

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from fxrep.zoo import BAD_OUTCOMES, ZooResult, build, timm_zoo, torchvision_zoo, try_fuse
 
-COLUMNS = ("exact", "error", "untraceable", "broken", "wrong", "mutated", "fixed_point", "internal", "raw", "no_run")
+COLUMNS = ("exact", "error", "untraceable", "broken", "wrong", "mutated", "fixed_point", "internal", "raw",
+           "no_run")
 
 
 def main(argv=None) -> int:
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
 
 def _table(results: list[ZooResult]) -> None:
     counts = collections.Counter((r.source, r.flow, r.outcome) for r in results)
-    errors = collections.Counter((r.source, r.flow, r.detail.split(":")[0]) for r in results if r.outcome == "error")
+    errors = collections.Counter((r.source, r.flow, r.detail.split(":")[0])
+                                 for r in results if r.outcome == "error")
     print("\n| source | flow | " + " | ".join(COLUMNS) + " | fuse s (median) |")
     print("|---|---|" + "---|" * (len(COLUMNS) + 1))
     for source in sorted({r.source for r in results}):
@@ -95,7 +97,8 @@ def _table(results: list[ZooResult]) -> None:
             print(f"| {source} | {flow} | " + " | ".join(str(counts[(source, flow, c)]) for c in COLUMNS)
                   + f" | {median} |")
     if errors:
-        print("\nclear FxrepErrors by class: " + ", ".join(f"{s}/{fl} {c}: {n}" for (s, fl, c), n in sorted(errors.items())))
+        print("\nclear FxrepErrors by class: " + ", ".join(f"{s}/{fl} {c}: {n}"
+                                                           for (s, fl, c), n in sorted(errors.items())))
 
 
 if __name__ == "__main__":

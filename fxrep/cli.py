@@ -40,8 +40,10 @@ def _train(args) -> int:
         chans, classes = 3, len(train_set.classes)
     model = build_model(args, chans, classes, args.img_size or img)
     teacher = torch.load(args.teacher, weights_only=False) if args.teacher else None
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out_dir=args.out,
-                      kd_alpha=args.kd_alpha if teacher is not None else 0.0, checkpoint_every=args.checkpoint_every,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      out_dir=args.out,
+                      kd_alpha=args.kd_alpha if teacher is not None else 0.0,
+                      checkpoint_every=args.checkpoint_every,
                       join_shape=args.join_shape)
     result = train(model, train_set, eval_set, cfg, teacher=teacher, resume=args.resume)
     if result.eval_accuracy is not None:
@@ -75,7 +77,8 @@ def _fuse(args) -> int:
             if args.calibration is None:
                 raise SystemExit("--int8 needs --calibration DIR (an MNIST IDX directory of real inputs).")
             calibration = calibration_inputs(load_mnist_idx(args.calibration, "train"))
-        path = to_executorch(fused, (torch.randn(shape),), args.executorch, quantize="int8" if args.int8 else None,
+        path = to_executorch(fused, (torch.randn(shape),), args.executorch,
+                             quantize="int8" if args.int8 else None,
                              calibration=calibration, prune_rows=not args.all_rows)
         print(f"ExecuTorch program (XNNPACK{', int8' if args.int8 else ''}) written to {path}")
     return 0

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
 
     def row(name, m, layers):
         t = lat[name]
-        return (name, layers, f"{fxrep.count_params(m) / 1e6:.2f} M", f"{fxrep.count_flops(m, (x1,)) / 1e6:.1f} M",
+        return (name, layers, f"{fxrep.count_params(m) / 1e6:.2f} M",
+                f"{fxrep.count_flops(m, (x1,)) / 1e6:.1f} M",
                 f"{t['median'] * 1e3:.2f} ({t['min'] * 1e3:.2f}-{t['max'] * 1e3:.2f})",
                 f"{t['median'] / base:.2f}x")
 

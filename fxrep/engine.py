@@ -123,12 +123,14 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
         for node in list(ctx.graph.nodes):  # match() never mutates: the list stays valid
             result = pattern.match(node, ctx)
             if isinstance(result, Skip):
-                skips.append((Skipped(pattern.name, result.reason, merge_origins(result.nodes)), result.provisional))
+                skips.append((Skipped(pattern.name, result.reason, merge_origins(result.nodes)),
+                              result.provisional))
             elif isinstance(result, Match):
                 if not hazards.isdisjoint(result.nodes):
                     skips.append((Skipped(pattern.name, "a value it rewrites is written in place (or read "
                                                         "after "
-                                          "such a write): left as it is", merge_origins(result.nodes)), False))
+                                          "such a write): left as it is", merge_origins(result.nodes)),
+                                          False))
                 elif taken.isdisjoint(result.nodes):
                     matches.append(result)
                     taken.update(result.nodes)
@@ -174,7 +176,8 @@ def _eliminate_dead_code(graph: fx.Graph) -> None:
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_parameters(recurse=False)] + [n for n, _ in gm.named_buffers(recurse=False)]:
+    for name in [n for n, _ in gm.named_parameters(recurse=False)] + [n
+                                                                      for n, _ in gm.named_buffers(recurse=False)]:
         if name not in used:  # fxrep's own intermediates, and constants the tracer made that were folded
             delattr(gm, name)
     gm.delete_all_unused_submodules()

@@ -20,7 +20,8 @@ from .mobile import calibration_inputs, load_executorch, quantize_int8, run_exec
 from .program import as_program
 from .rows import prune_unread_rows
 
-__all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8", "prune_unread_rows",
+__all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8",
+           "prune_unread_rows",
            "calibration_inputs", "load_executorch", "run_executorch"]
 
 
@@ -38,7 +39,8 @@ def save_fused(gm: torch.nn.Module, directory: str | Path, example_inputs: tuple
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(export_program(gm, example_inputs), out / "fused.pt2")
-    save_file({k: v.detach().contiguous().cpu() for k, v in gm.state_dict().items()}, str(out / "fused.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in gm.state_dict().items()},
+              str(out / "fused.safetensors"))
     return out
 
 

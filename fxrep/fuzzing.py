@@ -19,7 +19,8 @@ from .generated import ACTIVATIONS, Case, explicit_timm_attention, randomize
 
 FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",
             "scale_param", "mlp", "attention", "masked_attention", "reshape", "shuffle_view", "as_strided",
-            "inplace", "inplace_act", "cached", "stack_sum", "computed_norm", "reduce_add", "mha", "sdpa_masked")
+            "inplace", "inplace_act", "cached", "stack_sum", "computed_norm", "reduce_add", "mha",
+            "sdpa_masked")
 
 
 class CachedShift(nn.Module):
@@ -122,7 +123,8 @@ class RandomGraphModel(nn.Module):
                 self.params.append(nn.Parameter(torch.empty(d)))
                 idx = len(self.params) - 1
             elif op == "inplace_act":
-                self.mods.append(nn.Sequential(nn.Linear(d, d), (nn.ReLU, nn.SiLU, nn.Hardswish)[opt % 3](inplace=True)))
+                self.mods.append(nn.Sequential(nn.Linear(d, d),
+                                               (nn.ReLU, nn.SiLU, nn.Hardswish)[opt % 3](inplace=True)))
                 idx = len(self.mods) - 1
             elif op == "cached":
                 self.mods.append(CachedShift(d))
@@ -148,7 +150,8 @@ class RandomGraphModel(nn.Module):
             elif op == "stack_sum":  # timm's ParallelThingsBlock joins branches this way
                 y = _stacked_sum(a, b, opt % 4)
             elif op == "mha":  # with a float attn_mask or a boolean key_padding_mask computed from data
-                y = self.mods[idx](a, a, a, need_weights=opt % 5 == 0, **_mha_masks(self.mods[idx], a, opt))[0]
+                y = self.mods[idx](a, a, a, need_weights=opt % 5 == 0,
+                                   **_mha_masks(self.mods[idx], a, opt))[0]
             elif op == "sdpa_masked":
                 y = _masked_sdpa(self.mods[idx], a, b, opt)
             elif op == "reduce_add":

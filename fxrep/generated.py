@@ -93,7 +93,8 @@ class GeneratedMlpBlock(nn.Module):
         if spec.near_miss == "activation" and B > 1:
             acts[-1] = nn.ReLU() if spec.activation != "relu" else nn.GELU()
         self.acts = nn.ModuleList(acts)
-        self.gammas = nn.ParameterList(nn.Parameter(torch.empty(d)) for _ in range(B if spec.layerscale else 0))
+        self.gammas = nn.ParameterList(nn.Parameter(torch.empty(d))
+                                       for _ in range(B if spec.layerscale else 0))
         self.register_buffer("lam", torch.tensor(spec.lam if spec.lam is not None else 0.0))
         randomize(self, g)
         self.to(spec.dtype).eval()
@@ -207,7 +208,8 @@ class _Branch(nn.Module):
         if s.form.startswith("timm"):
             q, k, v = timm_qkv(self.attn, x)
             return self.attn.q_norm(q), self.attn.k_norm(k), v
-        return tuple(lin(x).view(B_, -1, s.heads, s.head_dim).permute(0, 2, 1, 3) for lin in (self.q, self.k, self.v))
+        return tuple(lin(x).view(B_, -1, s.heads, s.head_dim).permute(0, 2, 1, 3)
+                     for lin in (self.q, self.k, self.v))
 
     def logits(self, q, k):
         s = self.spec

@@ -60,7 +60,8 @@ def matmul_error_bound(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | No
     return gamma(a.shape[-1] + (bias is not None), dtype) * magnitude
 
 
-def layer_norm_error_bound(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+def layer_norm_error_bound(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float,
                            dtype: torch.dtype | None = None) -> torch.Tensor:
     """Elementwise first-order bound on the rounding error of ``F.layer_norm(x, (d,), weight, bias, eps)``
     over the last axis, computed in ``dtype`` in any summation order.

@@ -104,7 +104,8 @@ def _training_ops(ep: ExportedProgram) -> list[str]:
             continue
         schema, args = n.target._schema, bind(n) or {}
         written = [a for a, arg in zip(n.args, schema.arguments)
-                   if arg.alias_info is not None and arg.alias_info.is_write and getattr(a, "name", None) in state]
+                   if arg.alias_info is not None and arg.alias_info.is_write
+                   and getattr(a, "name", None) in state]
         found += [f"{n.name} writes {state[a.name]}" for a in written]
         # a batch_norm in training mode without running statistics only normalizes (timm's weight
         # standardization), and a dropout with p = 0 is the identity: neither is training
@@ -136,7 +137,8 @@ def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
     return tuple(bound.args)
 
 
-def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_inputs: tuple, *, rewrite: str,
+def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_inputs: tuple, *,
+                     rewrite: str,
                      switch: str, tolerance: float | None = None) -> ExportedProgram:
     """``module``, a rewritten ``program.module()``, exported again with the program's dynamic dimensions and
     checked to compute what ``program`` computes on ``example_inputs`` (``tolerance`` relative; by default
@@ -144,7 +146,8 @@ def export_rewritten(program: ExportedProgram, module: torch.nn.Module, example_
     else, is fxrep's bug: InternalError naming ``rewrite`` and the ``switch`` that turns it off."""
     try:
         with torch.no_grad():
-            rewritten = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes_of(program, module),
+            rewritten = torch.export.export(module, example_inputs,
+                                            dynamic_shapes=dynamic_shapes_of(program, module),
                                             strict=False)
             compare_outputs(program.module()(*example_inputs), rewritten.module()(*example_inputs), tolerance)
     except Exception as e:  # noqa: BLE001 - a graph fxrep built that does not export or computes otherwise

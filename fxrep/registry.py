@@ -87,7 +87,8 @@ class PatternRegistry:
         return PatternRegistry(self._patterns)
 
     def in_phase(self, phase: str) -> list:
-        return [p for p in self._patterns if p.phase == phase or (not isinstance(p.phase, str) and phase in p.phase)]
+        return [p for p in self._patterns if p.phase == phase
+                or (not isinstance(p.phase, str) and phase in p.phase)]
 
     def __iter__(self):
         return iter(list(self._patterns))

@@ -62,7 +62,8 @@ class FuseReport:
             lines.append(f"arguments fixed while tracing (another value raises): {fixed}")
         if self.decisions:
             lines.append(f"widening decided by {self.cost_model}:")
-            lines += [f"  {'widen' if d.widen else 'apart'}  {key}: {d.describe()}" for key, d in self.decisions.items()]
+            lines += [f"  {'widen' if d.widen else 'apart'}  {key}: {d.describe()}"
+                      for key, d in self.decisions.items()]
         lines.append("")
         lines.append(f"applied rewrites ({len(self.applied)}):")
         rows = []
@@ -73,7 +74,8 @@ class FuseReport:
             what = a.summary if n == 1 else f"{a.summary} (x{n})"
             rows.append((a.pattern, what, macs, params, _short(a.origins) if n == 1 else "..."))
         if rows:
-            lines += ["  " + r for r in self._table(rows, ("pattern", "what", "MACs/token", "params", "from"))]
+            lines += ["  " + r
+                      for r in self._table(rows, ("pattern", "what", "MACs/token", "params", "from"))]
         lines.append(f"skipped candidates ({len(self.skipped)}):")
         if self.skipped:
             rows = [(s.pattern, s.reason, _short(s.origins)) for s in self.skipped]

@@ -34,7 +34,8 @@ ELEMENTWISE = frozenset({
     aten.minimum.default, aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
     aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
     aten.neg.default, aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default,
-    aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.clone.default, aten.alias.default, aten._to_copy.default,
+    aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.clone.default, aten.alias.default,
+    aten._to_copy.default,
     aten.contiguous.default,
 })
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)

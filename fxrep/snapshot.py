@@ -59,7 +59,8 @@ def _value(v, depth: int = 0):
         if isinstance(v, dict):
             return ("dict", id(v), [(_value(k, depth + 1), _value(x, depth + 1)) for k, x in v.items()])
         if isinstance(v, (list, tuple)):
-            return (type(v).__name__, id(v) if isinstance(v, list) else None, [_value(x, depth + 1) for x in v])
+            return (type(v).__name__, id(v) if isinstance(v, list) else None,
+                    [_value(x, depth + 1) for x in v])
         if isinstance(v, (set, frozenset)):
             return (type(v).__name__, id(v), sorted(repr(x) for x in v))
     return ("object", type(v).__qualname__, id(v))

@@ -49,13 +49,15 @@ def graph_stats(gm: fx.GraphModule, example_inputs=None, flops: int | None = Non
     linears = softmax = sdpa = acts = layer_norms = 0
     for n in gm.graph.nodes:
         target_mod = gm.get_submodule(n.target) if n.op == "call_module" else None
-        if (n.op == "call_function" and n.target in LINEAR_TARGETS) or isinstance(target_mod, torch.nn.Linear):
+        if ((n.op == "call_function" and n.target in LINEAR_TARGETS)
+                or isinstance(target_mod, torch.nn.Linear)):
             linears += 1
         elif (n.op == "call_function" and n.target in SDPA_TARGETS) or n.target is multi_head_attention:
             sdpa += 1
         elif is_softmax(n) or isinstance(target_mod, torch.nn.Softmax):
             softmax += 1
-        elif activation_key(n) is not None or isinstance(target_mod, (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU)):
+        elif (activation_key(n) is not None
+              or isinstance(target_mod, (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU))):
             acts += 1
         elif as_layer_norm(n) is not None or isinstance(target_mod, torch.nn.LayerNorm):
             layer_norms += 1

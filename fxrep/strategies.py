@@ -37,7 +37,8 @@ def mlp_specs(branches=None, near_miss: bool | None = False, dtypes=(torch.float
         dim=st.integers(2, 24), hidden=st.integers(1, 40),
         branches=branches if branches is not None else st.integers(1 if not near_miss else 2, 6),
         bias=st.booleans(), norm=st.sampled_from(["per_branch", "shared", "none"]),
-        functional_norm=st.booleans(), layerscale=st.booleans(), activation=st.sampled_from(sorted(ACTIVATIONS)),
+        functional_norm=st.booleans(), layerscale=st.booleans(),
+        activation=st.sampled_from(sorted(ACTIVATIONS)),
         lam=_lam_values(), average=st.booleans(), dtype=st.sampled_from(dtypes), near_miss=misses,
         seed=st.integers(0, 2**16),
     )
@@ -62,7 +63,8 @@ def attention_specs(branches=None, near_miss: bool | None = False, dtypes=(torch
         AttentionSpec,
         dim=st.integers(2, 16), heads=st.integers(1, 4), head_dim=st.integers(1, 8),
         branches=branches if branches is not None else st.integers(1 if not near_miss else 2, 6),
-        form=st.sampled_from(ATTENTION_FORMS), bias=st.booleans(), norm=st.sampled_from(["per_branch", "shared"]),
+        form=st.sampled_from(ATTENTION_FORMS), bias=st.booleans(),
+        norm=st.sampled_from(["per_branch", "shared"]),
         layerscale=st.booleans(), lam=_lam_values(), mask=st.booleans(), dtype=st.sampled_from(dtypes),
         near_miss=misses, seed=st.integers(0, 2**16),
     )

@@ -36,7 +36,8 @@ from .strategies import (
 )
 
 __all__ = [
-    "assert_fused_equivalent", "assert_equivalent", "compare_outputs", "relative_error", "DEFAULT_RTOL", "graph_code", "Case",
+    "assert_fused_equivalent", "assert_equivalent", "compare_outputs", "relative_error", "DEFAULT_RTOL",
+    "graph_code", "Case",
     "branched_mlp_blocks", "branched_attention_blocks", "mlp_specs", "attention_specs", "random_graphs",
     "fuzz_check", "make_inputs", "MlpSpec", "AttentionSpec", "GeneratedMlpBlock", "GeneratedAttentionBlock",
     "GraphSpec", "RandomGraphModel", "FUZZ_OPS", "ACTIVATIONS", "ATTENTION_FORMS", "ATTENTION_NEAR_MISSES",

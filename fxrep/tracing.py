@@ -199,7 +199,8 @@ class FixedArgument(nn.Module):
         self.name, self.value, self.message = name, value, message
 
     def forward(self, value) -> None:
-        same = value is self.value or (isinstance(value, bool) and isinstance(self.value, bool) and value == self.value)
+        same = value is self.value or (isinstance(value, bool) and isinstance(self.value, bool)
+                                       and value == self.value)
         if not same:
             raise InputError(self.message)
 

@@ -17,7 +17,8 @@ def training_modules(model: nn.Module) -> list[str]:
         # the way to its leaves fresh modules in training mode, which change nothing it computes (and
         # ExportedProgram.module() is a GraphModule in training mode that cannot even be put in eval mode)
         called = {n.target for n in model.graph.nodes if n.op == "call_module"}
-        modules = [(f"{t}.{name}".rstrip("."), m) for t in called for name, m in model.get_submodule(t).named_modules()]
+        modules = [(f"{t}.{name}".rstrip("."), m) for t in called
+                   for name, m in model.get_submodule(t).named_modules()]
     else:
         modules = list(model.named_modules())
     return [name or type(model).__name__ for name, m in modules if m.training and not _is_export_guard(m)]

@@ -49,7 +49,8 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
     a rounding difference before a quantize op moves the output by whole quantization steps. The nodes a
     LayerNorm is written with are tagged (``keeps_float``): a quantizer must leave them in float."""
     module = program.module()
-    changed = [rewrite(module) for rewrite in (attention_as_bmm, views_as_reshape, layer_norm_with_linear_means)]
+    changed = [rewrite(module)
+               for rewrite in (attention_as_bmm, views_as_reshape, layer_norm_with_linear_means)]
     if not any(changed):
         return program
     module.graph.eliminate_dead_code()
@@ -106,7 +107,8 @@ def _plain_attention(node: fx.Node):
 
 def _shared_key(k: fx.Node, batch) -> fx.Node | None:
     """The (batch, 1, tokens, dim) tensor behind a key every head reads alike (broadcast or expanded)."""
-    while k.target in (aten.expand.default, aten.expand_as.default) and len(recorded_shape(k.args[0]) or ()) == 4:
+    while (k.target in (aten.expand.default, aten.expand_as.default)
+           and len(recorded_shape(k.args[0]) or ()) == 4):
         k = k.args[0]
     shape = recorded_shape(k)
     return k if shape[1] == 1 and same_size(shape[0], batch) else None
@@ -142,7 +144,8 @@ def _split_linear(gm: fx.GraphModule, v: fx.Node):
     if lin is None or lin.target is not aten.linear.default:
         return None
     (batch, m, width), (_, heads, _, dv) = recorded_shape(lin), recorded_shape(v)
-    if not (same_size(batch, recorded_shape(src)[0]) and recorded_shape(src)[1:] == (m, heads, dv) and width == heads * dv):
+    if not (same_size(batch, recorded_shape(src)[0]) and recorded_shape(src)[1:] == (m, heads, dv)
+            and width == heads * dv):
         return None  # features split as (heads, dv), batch and token axes kept
     y, w, b = (list(lin.args) + [None])[:3]
     if w.op != "get_attr" or (b is not None and b.op != "get_attr") or len(recorded_shape(y) or ()) != 3:
@@ -167,7 +170,8 @@ def _summed_values(gm: fx.GraphModule, graph: fx.Graph, probs, v, heads: int, n:
     weight = w.to(algebra.f64).view(heads, dv, dy).transpose(0, 1).reshape(dv, heads * dy).to(w.dtype)
     bias = b.to(algebra.f64).view(heads, dv).sum(0).to(b.dtype) if b is not None else None
     z = call(aten.bmm.default, (probs, call(aten.reshape.default, (y, [-1, m, dy]))))
-    args = [call(aten.reshape.default, (z, [-1, n, heads * dy])), const_node(graph, weight, "xnnpack_vo_weight", True)]
+    args = [call(aten.reshape.default, (z, [-1, n, heads * dy])),
+            const_node(graph, weight, "xnnpack_vo_weight", True)]
     if bias is not None:
         args.append(const_node(graph, bias, "xnnpack_vo_bias", owned=True))
     return call(aten.linear.default, tuple(args))
@@ -189,7 +193,8 @@ def _rewrite_attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale) -> Non
             # heads stacked as rows (token, head), as the q Linear wrote them: nothing is transposed
             q = call(aten.reshape.default, (by_token, [-1, n * heads, d]))
             q = call(aten.mul.Tensor, (q, float(scale))) if scale != 1.0 else q
-            probs = call(aten._softmax.default, (call(aten.bmm.default, (q, _key_transposed(graph, shared, m, d))),
+            probs = call(aten._softmax.default,
+                         (call(aten.bmm.default, (q, _key_transposed(graph, shared, m, d))),
                                                  -1, False))
             out = _summed_values(gm, graph, probs, v, heads, n, m, dv)
         else:
@@ -310,7 +315,8 @@ def layer_norm_with_linear_means(gm: fx.GraphModule) -> bool:
                               "xnnpack_mean_weight", owned=True)  # bitwise-equal ones are registered once
             centred = call(aten.sub.Tensor, (x, call(aten.linear.default, (x, ones))))
             var = call(aten.linear.default, (call(aten.mul.Tensor, (centred, centred)), ones))
-            out = call(aten.mul.Tensor, (centred, call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))))
+            out = call(aten.mul.Tensor,
+                       (centred, call(aten.rsqrt.default, (call(aten.add.Tensor, (var, eps)),))))
             if weight is not None:
                 out = call(aten.mul.Tensor, (out, weight))
             if bias is not None:

@@ -34,8 +34,8 @@ OUTCOMES = ("exact", "error", "broken", "wrong", "mutated", "fixed_point", "inte
 BAD_OUTCOMES = ("broken", "wrong", "mutated", "fixed_point", "internal", "raw")
 
 # Smallest first: the size words timm and torchvision use in model names.
-_SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "micro", "mini", "tiny", "t", "s0", "small",
-               "s", "m0", "medium", "m", "base", "b", "large", "l", "huge", "h", "giant", "g"]
+_SIZE_WORDS = ["atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "micro", "mini", "tiny", "t", "s0",
+               "small", "s", "m0", "medium", "m", "base", "b", "large", "l", "huge", "h", "giant", "g"]
 
 
 @dataclass
@@ -83,7 +83,8 @@ def timm_zoo(max_params: float = 60e6, candidates: int = 4) -> list[tuple[str, s
         names = sorted(timm.list_models(module=module), key=_size_rank)[:candidates]
         if not names:
             continue
-        params, name = min((count_params(lambda n=n: timm.create_model(n, pretrained=False)), n) for n in names)
+        params, name = min((count_params(lambda n=n: timm.create_model(n, pretrained=False)), n)
+                           for n in names)
         out.append((module, name, params))
     return [t for t in out if t[2] <= max_params]
 

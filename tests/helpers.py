@@ -22,4 +22,5 @@ def hidden_widths(gm, inputs):
 
 
 def sdpa_calls(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target is F.scaled_dot_product_attention]

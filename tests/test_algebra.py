@@ -33,9 +33,10 @@ def test_fold_norm_affine(d, o, bias, seed):
     want = F.linear(normed, w, b)
     nw, nb = algebra.fold_norm_affine(w, b, g, beta)
     got = F.linear(plain, nw, nb)
-    bound = (layer_norm_error_bound(x, g, beta, 1e-5) @ w.abs().T + matmul_error_bound(normed, w.T, b)  # want
-             + layer_norm_error_bound(x, None, None, 1e-5) @ nw.abs().T + matmul_error_bound(plain, nw.T, nb)  # got
-             + U * plain.abs() @ nw.abs().T + matmul_error_bound(beta[None], w.T, b))  # the fold's own roundings
+    want_error = layer_norm_error_bound(x, g, beta, 1e-5) @ w.abs().T + matmul_error_bound(normed, w.T, b)
+    got_error = layer_norm_error_bound(x, None, None, 1e-5) @ nw.abs().T + matmul_error_bound(plain, nw.T, nb)
+    fold_error = U * plain.abs() @ nw.abs().T + matmul_error_bound(beta[None], w.T, b)  # the fold's roundings
+    bound = want_error + got_error + fold_error
     assert_within(got, want, bound)
 
 
@@ -43,7 +44,8 @@ def test_fold_norm_affine(d, o, bias, seed):
        beta_zero=st.booleans(), seed=st.integers(0, 10_000))
 def test_fold_norm_affine_in_the_model_dtype_is_the_float64_result(d, o, dtype, beta_zero, seed):
     """The same-dtype product is bitwise the float64 product cast back; the bias shift stays float64."""
-    w, g, beta = _rand(o, d, seed=seed).to(dtype), _rand(d, seed=seed + 2).to(dtype), _rand(d, seed=seed + 3).to(dtype)
+    w, g = _rand(o, d, seed=seed).to(dtype), _rand(d, seed=seed + 2).to(dtype)
+    beta = _rand(d, seed=seed + 3).to(dtype)
     beta = torch.zeros_like(beta) if beta_zero else beta
     nw, nb = algebra.fold_norm_affine(w, None, g, beta)
     assert nw.dtype == dtype
@@ -53,7 +55,8 @@ def test_fold_norm_affine_in_the_model_dtype_is_the_float64_result(d, o, dtype, 
     if beta_zero:
         assert nb is None  # W @ 0 == 0 exactly for a finite W: no bias to add
     else:
-        assert_within(nb, w.double() @ beta.double(), 2 * matmul_error_bound(beta.double()[None], w.double().T)[0])
+        assert_within(nb, w.double() @ beta.double(),
+                      2 * matmul_error_bound(beta.double()[None], w.double().T)[0])
 
 
 @given(a=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64),

@@ -59,7 +59,8 @@ def _lift_skips(gm) -> list[str]:
 @settings(max_examples=12, deadline=None)
 @given(heads=st.sampled_from([1, 2]), window=st.integers(2, 4), batch=st.integers(1, 3),
        rel_bias=st.booleans(), with_shapes=st.booleans())
-def test_window_attention_over_folded_axes_is_left_alone_with_a_reason(heads, window, batch, rel_bias, with_shapes):
+def test_window_attention_over_folded_axes_is_left_alone_with_a_reason(heads, window, batch, rel_bias,
+                                                                       with_shapes):
     torch.manual_seed(0)
     model = WindowAttention(8, heads, window, rel_bias).eval()
     x = torch.randn(batch, window, window, 8)
@@ -73,7 +74,8 @@ def test_window_attention_over_folded_axes_is_left_alone_with_a_reason(heads, wi
 
 
 @settings(max_examples=12, deadline=None)
-@given(heads=st.sampled_from([1, 2]), branches=st.integers(2, 3), lead=st.sampled_from([(2,), (2, 3), (1, 2, 2)]),
+@given(heads=st.sampled_from([1, 2]), branches=st.integers(2, 3),
+       lead=st.sampled_from([(2,), (2, 3), (1, 2, 2)]),
        with_shapes=st.booleans())
 def test_attention_batched_over_every_leading_axis_merges_at_any_rank(heads, branches, lead, with_shapes):
     torch.manual_seed(0)

@@ -90,7 +90,8 @@ def test_an_inplace_activation_becomes_functional_only_where_its_write_is_invisi
     assert F.relu in targets(gm)
     gm, _ = fuse_with(FunctionalizeModules(), lambda m, x: m.act(x * 1) + x, act=nn.ReLU(inplace=True))
     assert F.relu in targets(gm)  # x * 1 owns its memory and only the activation reads it
-    gm, _ = fuse_with(FunctionalizeModules(), lambda m, x: (lambda y: m.act(y) + y)(x * 1), act=nn.ReLU(inplace=True))
+    gm, _ = fuse_with(FunctionalizeModules(), lambda m, x: (lambda y: m.act(y) + y)(x * 1),
+                      act=nn.ReLU(inplace=True))
     assert "act" in targets(gm)  # y is read again after the write: the module call stays
 
 
@@ -99,7 +100,8 @@ def test_an_inplace_activation_becomes_functional_only_where_its_write_is_invisi
 def test_scalar_and_per_channel_constants_are_folded():
     gm, report = fuse_with(FoldConstants(), lambda m, x: x * (1 - m.w[0, 0]) + x * m.w.sum(0))
     assert report.count("fold_constants") >= 2
-    assert all(t in (torch.mul, torch.add) or getattr(t, "__name__", "") in ("mul", "add") for t in targets(gm))
+    assert all(t in (torch.mul, torch.add) or getattr(t, "__name__", "") in ("mul", "add")
+               for t in targets(gm))
 
 
 @pytest.mark.parametrize("fn", [

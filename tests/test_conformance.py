@@ -78,7 +78,8 @@ class HuggingFaceBranches(nn.Module):
 
 def _hugging_face(model_class, config_class, attn_implementation: str):
     def build():
-        config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64,
                               image_size=32, patch_size=8, num_labels=5)
         config._attn_implementation = attn_implementation
         return model_class(config)
@@ -94,10 +95,12 @@ CASES = {
                        ALL_FLOWS + CORE),
     "timm_vit_small_18x2": (lambda: timm.create_model("vit_small_patch16_18x2_224", depth=2, embed_dim=48,
                                                       num_heads=3, **IMAGE), "image", 2, ALL_FLOWS + CORE),
-    "timm_deit3_small": (lambda: timm.create_model("deit3_small_patch16_224", depth=2, embed_dim=48, num_heads=3,
+    "timm_deit3_small": (lambda: timm.create_model("deit3_small_patch16_224", depth=2, embed_dim=48,
+                                                   num_heads=3,
                                                    **IMAGE), "image", 2, ALL_FLOWS),
     "torchvision_vit": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                  hidden_dim=16, mlp_dim=32, num_classes=5), "image", 2, ALL_FLOWS),
+                                                  hidden_dim=16, mlp_dim=32, num_classes=5), "image", 2,
+                                                  ALL_FLOWS),
     "timm_blocks_x2": (lambda: TimmBranches(2), "tokens", 1, ALL_FLOWS),
     "timm_blocks_x4": (lambda: TimmBranches(4), "tokens", 1, ALL_FLOWS),
     # exported, nn.MultiheadAttention is inlined with its input transposed to (tokens, batch, dim) before the
@@ -105,7 +108,8 @@ CASES = {
     "torchvision_blocks_x3": (lambda: TorchvisionBranches(3), "tokens", 1, ("module", "traced")),
     **{f"hf_{name}_{impl}": (_hugging_face(*classes, impl), "image", 2, EXPORTED + CORE)
        for name, classes in (("vit", (ViTForImageClassification, ViTConfig)),
-                             ("deit", (DeiTForImageClassification, DeiTConfig)), ("dinov2", (Dinov2Model, Dinov2Config)))
+                             ("deit", (DeiTForImageClassification, DeiTConfig)),
+                             ("dinov2", (Dinov2Model, Dinov2Config)))
        for impl in ("eager", "sdpa")},
     **{f"hf_blocks_x{b}_{impl}": (lambda b=b, impl=impl: HuggingFaceBranches(b, impl), "tokens", 1,
                                   EXPORTED + CORE)

@@ -38,7 +38,8 @@ def _blocks(kind: str):
     if kind == "mlp":
         return GeneratedMlpBlock(MlpSpec(dim=DIM, hidden=512, branches=3, lam=None, seed=1)), "widen_mlp", \
             "activation"
-    return GeneratedAttentionBlock(AttentionSpec(dim=DIM, heads=2, head_dim=64, branches=3, lam=None, seed=1)), \
+    return GeneratedAttentionBlock(AttentionSpec(dim=DIM, heads=2, head_dim=64, branches=3, lam=None,
+                                                 seed=1)), \
         "widen_attention", "sdpa"
 
 
@@ -148,7 +149,8 @@ def test_a_model_on_another_device_is_not_priced_with_the_cpu_table():
 
 
 def test_groups_of_one_shape_are_decided_once():
-    model = torch.nn.Sequential(*[GeneratedMlpBlock(MlpSpec(dim=DIM, hidden=512, branches=2, lam=None, seed=i))
+    model = torch.nn.Sequential(*[GeneratedMlpBlock(MlpSpec(dim=DIM, hidden=512, branches=2, lam=None,
+                                                            seed=i))
                                   for i in range(4)]).eval()
     calls = []
 
@@ -190,7 +192,8 @@ def test_table_prices_are_bracketed_by_the_grid_and_grow_with_the_work(m, k, n):
 def test_table_is_exact_at_grid_points_and_scales_by_work_beyond():
     table = _synthetic_table()
     assert table.time_ms(cost.Linear(4, 16, 64)) == pytest.approx(0.01 + 4 * 16 * 64 / 1e6, rel=1e-12)
-    assert table.time_ms(cost.Attention(4, 16, 16, 16)) == pytest.approx(0.01 + 4 * 16 * 16 * 16 / 1e6, rel=1e-12)
+    assert table.time_ms(cost.Attention(4, 16, 16, 16)) == pytest.approx(0.01 + 4 * 16 * 16 * 16 / 1e6,
+                                                                         rel=1e-12)
     edge = table.time_ms(cost.Elementwise("add", 64))
     assert table.time_ms(cost.Elementwise("add", 256)) == pytest.approx(4 * edge, rel=1e-12)
     assert table.time_ms(cost.Elementwise("add", 1)) == table.time_ms(cost.Elementwise("add", 0))
@@ -199,7 +202,8 @@ def test_table_is_exact_at_grid_points_and_scales_by_work_beyond():
 def test_the_shipped_table_covers_what_it_prices():
     table = cost.load_table()
     assert table.meta["threads"] >= 1 and table.meta["dtype"] == "float32"
-    group = cost.mlp_group((1, 197, 384), [1536, 1536], 384, ("gelu", torch.nn.functional.gelu), torch.float32)
+    group = cost.mlp_group((1, 197, 384), [1536, 1536], 384, ("gelu", torch.nn.functional.gelu),
+                           torch.float32)
     decision = cost.TableCostModel().price(group)
     assert decision.apart_ms > 0 and decision.wide_ms > 0 and decision.source == "table"
 

@@ -27,7 +27,8 @@ def test_model_device_is_the_one_device_or_a_clear_error():
     assert model_device(nn.Linear(2, 2)) == torch.device("cpu")
     assert model_device(nn.ReLU()) == torch.device("cpu")
     mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
-    with pytest.raises(fxrep.UnsupportedModelError, match=r"several devices \(cpu, meta\).*model.to\(device\)"):
+    with pytest.raises(fxrep.UnsupportedModelError,
+                       match=r"several devices \(cpu, meta\).*model.to\(device\)"):
         model_device(mixed)
 
 
@@ -38,7 +39,8 @@ def test_the_cpu_twin_copies_every_tensor_and_keeps_sharing():
     twin = cpu_twin(gm)
     originals = {id(t) for t in list(gm.parameters()) + list(gm.buffers())}
     assert not originals & {id(t) for t in list(twin.parameters()) + list(twin.buffers())}
-    for (name, a), (_, b) in zip(gm.state_dict(keep_vars=True).items(), twin.state_dict(keep_vars=True).items()):
+    for (name, a), (_, b) in zip(gm.state_dict(keep_vars=True).items(),
+                                 twin.state_dict(keep_vars=True).items()):
         assert torch.equal(a, b) and a.dtype == b.dtype, name
     assert any(k.startswith("_tensor_constant") for k, _ in twin.named_buffers())  # self.table, copied too
     x = make_inputs(8, torch.float32)

@@ -147,7 +147,8 @@ class ConstantMaskAttention(nn.Module):
         mask = {"all_true": (i[None, :] >= 0).expand(x.shape[0], 1, 5, 5),
                 "empty_first_row": i[None, :] < i[:, None],  # row 0 masks every key: SDPA gives it zeros
                 "input": m}[self.mask]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(x.shape[0], 5, 8)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(x.shape[0], 5,
+                                                                                               8)
 
 
 @pytest.mark.parametrize("mask", ["all_true", "empty_first_row", "input"])
@@ -175,7 +176,8 @@ def test_every_aten_spelling_binds_on_its_schema(op):
     target, convert = TABLE[op]
     sig = get_signature_for_torch_op(op)[0]
     dummies = {bool: False, int: 0}
-    bound = {name: (p.default if p.default is not inspect.Parameter.empty else dummies.get(p.annotation, object()))
+    bound = {name: (p.default if p.default is not inspect.Parameter.empty else dummies.get(p.annotation,
+                                                                                           object()))
              for name, p in sig.parameters.items()}
     call = convert(bound)
     if op is torch.ops.aten.slice.Tensor:

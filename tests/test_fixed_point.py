@@ -108,7 +108,8 @@ class DropOneMarkerPerSweep:
     name, phase = "drop_one_marker", "canonicalize"
 
     def match(self, node, ctx):
-        first = ctx.cached("first_marker", lambda: next((n for n in ctx.graph.nodes if n.target is marker), None))
+        first = ctx.cached("first_marker",
+                           lambda: next((n for n in ctx.graph.nodes if n.target is marker), None))
         return fxrep.Match([node], None, "one marker dropped") if node is first else None
 
     def replace(self, match, ctx):

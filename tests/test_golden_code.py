@@ -44,7 +44,8 @@ def portable_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     rng = np.random.Generator(np.random.PCG64(seed))
     with torch.no_grad():
         for name, t in sorted(model.state_dict(keep_vars=True).items()):
-            if not t.is_floating_point() or not (isinstance(t, torch.nn.Parameter) or name.endswith("running_mean")
+            if not t.is_floating_point() or not (isinstance(t, torch.nn.Parameter)
+                                                 or name.endswith("running_mean")
                                                  or name.endswith("running_var")):
                 continue
             k = torch.from_numpy(rng.integers(-2 ** 10, 2 ** 10, size=tuple(t.shape))).double() / 2 ** 10
@@ -120,7 +121,8 @@ def fingerprint(t: torch.Tensor) -> dict:
     """{sum, l1, weighted}: three float64 sums of the tensor's values (plain, of magnitudes, and weighted by
     ``_weights``)."""
     v = t.detach().reshape(-1).double()
-    return {"sum": v.sum().item(), "l1": v.abs().sum().item(), "weighted": (v * _weights(v.numel())).sum().item()}
+    return {"sum": v.sum().item(), "l1": v.abs().sum().item(),
+            "weighted": (v * _weights(v.numel())).sum().item()}
 
 
 def fingerprint_bound(t: torch.Tensor) -> float:
@@ -157,7 +159,8 @@ def mismatches(expected: str, gm) -> list[str]:
                                              "golden", "now", n=2))[:6000]]
     tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     then = [_tensor_line(x) for x in expected.splitlines() if x.startswith("# ")]
-    if [(n, d, s) for n, d, s, _ in then] != [_tensor_line(x)[:3] for x in now.splitlines() if x.startswith("# ")]:
+    if [(n, d, s) for n, d, s, _ in then] != [_tensor_line(x)[:3]
+                                              for x in now.splitlines() if x.startswith("# ")]:
         return ["the fused model's tensors (names, dtypes or shapes) changed"]
     out = []
     for name, _, _, stats in then:

@@ -65,7 +65,8 @@ def test_bind_agrees_with_torch_normalize_function_for_layer_norm(n_positional, 
     (lambda m, x: F.softmax(x, dim=-1), {"dim": -1, "dtype": None}),
     (lambda m, x: torch.softmax(x, -1, torch.float32), {"dim": -1, "dtype": torch.float32}),
     (lambda m, x: x.softmax(-1), {"dim": -1}),
-    (lambda m, x: F.scaled_dot_product_attention(x, x, x, None, 0.0, True), {"is_causal": True, "scale": None}),
+    (lambda m, x: F.scaled_dot_product_attention(x, x, x, None, 0.0, True),
+     {"is_causal": True, "scale": None}),
     (lambda m, x: torch.add(x, x, alpha=2), {"alpha": 2}),
     (lambda m, x: F.relu(x, True), {"inplace": True}),
     (lambda m, x: F.dropout(x, 0.1, False), {"p": 0.1, "training": False, "inplace": False}),
@@ -195,7 +196,8 @@ def test_scale_op_refuses(fn):
 
 @pytest.mark.parametrize("eq, kind", [
     ("bhqd,bhkd->bhqk", "logits"), ("abcd,abed->abce", "logits"), ("bhqk,bhkd->bhqd", "pv"),
-    ("bhqd,bhdk->bhqk", "pv"), ("bhqd,bhkd->bhkq", None), ("bhqd,bhqd->bhqd", None), ("...qd,...kd->...qk", None),
+    ("bhqd,bhdk->bhqk", "pv"), ("bhqd,bhkd->bhkq", None), ("bhqd,bhqd->bhqd", None),
+    ("...qd,...kd->...qk", None),
     ("bqd,bkd->bqk", None),
 ])
 def test_einsum_kind(eq, kind):

@@ -21,12 +21,15 @@ N_TOKENS = 17  # 32 px, patch 8, plus the class token
 
 def _models():
     return {
-        "fxrep_d3b4": lambda: timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5,
+        "fxrep_d3b4": lambda: timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2,
+                                                num_classes=5,
                                                   img_size=32, patch_size=8),
-        "timm_deit_tiny": lambda: timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32, patch_size=8,
+        "timm_deit_tiny": lambda: timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32,
+                                                    patch_size=8,
                                                     num_classes=5),
         "timm_vit_small_18x2": lambda: timm.create_model("vit_small_patch16_18x2_224", depth=2, img_size=32,
-                                                         patch_size=8, num_classes=5, embed_dim=48, num_heads=3),
+                                                         patch_size=8, num_classes=5, embed_dim=48,
+                                                         num_heads=3),
     }
 
 
@@ -38,7 +41,8 @@ def _heads(model) -> int:
 def _masks(heads: int, batch: int):
     g = torch.Generator().manual_seed(0)
     return {"none": None, "float": torch.randn(N_TOKENS, N_TOKENS, generator=g),
-            "bool": (torch.rand(N_TOKENS, N_TOKENS, generator=g) > 0.3) | torch.eye(N_TOKENS, dtype=torch.bool),
+            "bool": (torch.rand(N_TOKENS, N_TOKENS, generator=g) > 0.3) | torch.eye(N_TOKENS,
+                                                                                    dtype=torch.bool),
             "per_head": torch.randn(batch, heads, N_TOKENS, N_TOKENS, generator=g)}
 
 

@@ -32,7 +32,8 @@ class MhaBranches(nn.Module):
 @given(branches=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 4), bias=st.booleans(),
        batch_first=st.booleans(), need_weights=st.booleans(), unbatched=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 1000))
-def test_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, bias, batch_first, need_weights,
+def test_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, bias, batch_first,
+                                                     need_weights,
                                                      unbatched, dtype, seed):
     torch.manual_seed(seed)
     dim = heads * head_dim
@@ -47,7 +48,8 @@ def test_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, 
 def test_torchvision_vision_transformer_lifts_every_attention():
     from torchvision.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                              mlp_dim=32,
                               num_classes=5).eval()
     gm = assert_fused_equivalent(model, (torch.randn(2, 3, 32, 32),))
     report = gm.meta["fxrep_report"]
@@ -114,17 +116,20 @@ def _masks(kind_attn, kind_pad, batch, heads, n, g):
     pad = None
     if kind_pad != "none":
         shape = (n,) if batch is None else (batch, n)
-        pad = (torch.rand(shape, generator=g) < 0.3) if kind_pad == "bool" else torch.randn(shape, generator=g)
+        pad = (torch.rand(shape, generator=g) < 0.3) if kind_pad == "bool" else torch.randn(shape,
+                                                                                            generator=g)
         if kind_pad == "bool":
             pad[..., 0] = False
     return attn, pad
 
 
-@given(branches=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 4), batch_first=st.booleans(),
+@given(branches=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 4),
+       batch_first=st.booleans(),
        need_weights=st.booleans(), batch=st.sampled_from([None, 2]),
        kind_attn=st.sampled_from(["none", "bool_2d", "float_2d", "bool_3d", "float_3d"]),
        kind_pad=st.sampled_from(["none", "bool", "float"]), seed=st.integers(0, 1000))
-def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, batch_first, need_weights,
+def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, batch_first,
+                                                            need_weights,
                                                             batch, kind_attn, kind_pad, seed):
     """Boolean masks mean "do not attend" here (the opposite of SDPA's); fxrep merges both masks as torch
     does, at run time, so the fused model is exact for other mask values and another batch size too."""
@@ -133,7 +138,8 @@ def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, hea
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     dim, n = heads * head_dim, 5
-    names = [name for name, kind in (("attn_mask", kind_attn), ("key_padding_mask", kind_pad)) if kind != "none"]
+    names = [name
+             for name, kind in (("attn_mask", kind_attn), ("key_padding_mask", kind_pad)) if kind != "none"]
     model = MaskedMhaBranches(branches, dim, heads, batch_first, need_weights, names).eval()
 
     def inputs(b):

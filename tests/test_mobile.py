@@ -45,7 +45,8 @@ def test_fp32_programs_match_pytorch(name, form, rewrites, tmp_path):
     model, fused, x = _fused(name, form == "per_head")
     rank_aware = sum(a.pattern == "rank_aware_attention" for a in fused.meta["fxrep_report"].applied)
     assert (rank_aware > 0) == (form == "rank_aware")
-    path = to_executorch(fused, (x,), tmp_path / f"{name}.pte", xnnpack_rewrites=rewrites, prune_rows=rewrites)
+    path = to_executorch(fused, (x,), tmp_path / f"{name}.pte", xnnpack_rewrites=rewrites,
+                         prune_rows=rewrites)
     for seed in (1, 2):
         xs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         (y,) = run_executorch(path, (xs,))
@@ -58,7 +59,8 @@ def trained_d3b4():
     """A small d3b4 trained with progressive joining on the MNIST train split, fused."""
     train_set, eval_set = load_mnist_idx(MNIST, "train"), load_mnist_idx(MNIST, "eval")
     torch.manual_seed(0)
-    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=64, num_heads=2, num_classes=10, img_size=28, patch_size=7,
+    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=64, num_heads=2, num_classes=10, img_size=28,
+                              patch_size=7,
                     in_chans=1)
     result = train(model, train_set, None, TrainConfig(steps=150, batch_size=64, progress=False))
     return result.fused, train_set, eval_set
@@ -76,7 +78,8 @@ def test_int8_program_agrees_with_fp32_and_is_smaller(trained_d3b4, tmp_path):
 
     run32, run8 = load_executorch(fp32), load_executorch(int8)
     images = eval_set.tensors[0]
-    agree = sum(int(run_executorch(run32, (img[None],))[0].argmax() == run_executorch(run8, (img[None],))[0].argmax())
+    agree = sum(int(run_executorch(run32, (img[None],))[0].argmax() == run_executorch(run8,
+                                                                                      (img[None],))[0].argmax())
                 for img in images)
     assert agree >= 0.95 * len(images), f"int8 agrees with fp32 on {agree} of {len(images)} eval images"
 

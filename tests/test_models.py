@@ -17,11 +17,13 @@ def _random(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 and p.numel() > 1 else 0.0) * 0)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1
+                                                               and p.numel() > 1 else 0.0) * 0)
     return model.eval()
 
 
-@pytest.mark.parametrize("name,depth,branches", [("fxrep_deit_tiny_d6b2", 6, 2), ("fxrep_deit_tiny_d4b3", 4, 3),
+@pytest.mark.parametrize("name,depth,branches",
+                         [("fxrep_deit_tiny_d6b2", 6, 2), ("fxrep_deit_tiny_d4b3", 4, 3),
                                                  ("fxrep_deit_tiny_d3b4", 3, 4)])
 @pytest.mark.parametrize("lam", [1.0, 0.0])
 def test_registered_models_fuse_to_one_path_per_block(name, depth, branches, lam):
@@ -84,4 +86,5 @@ def test_branched_models_start_as_the_mean_of_their_branches(name, branches):
         assert torch.equal(ls.gamma.detach(), torch.full((192,), 1.0 / branches))
     plain = timm.create_model(name, init_values=0, **small)
     assert all(isinstance(ls, torch.nn.Identity) for ls in plain.blocks[0].ls1)
-    assert all(isinstance(b.ls1[0], torch.nn.Identity) for b in timm.create_model("fxrep_deit_tiny_d12b1", **small).blocks)
+    assert all(isinstance(b.ls1[0], torch.nn.Identity)
+               for b in timm.create_model("fxrep_deit_tiny_d12b1", **small).blocks)

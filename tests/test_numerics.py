@@ -24,13 +24,15 @@ def _sequential_matmul(a, b, dtype, reverse=False):
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 8), k=st.integers(1, 300), n=st.integers(1, 8), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+@given(m=st.integers(1, 8), k=st.integers(1, 300), n=st.integers(1, 8),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]),
        offset=st.sampled_from([0.0, 10.0]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 16))
 def test_the_matmul_bound_holds_in_every_summation_order(m, k, n, scale, offset, dtype, seed):
     """(Without overflow or underflow, which the bound, like Higham's model, leaves out: float16 spans
     6e-5 to 65504, so its values here stay near 1.)"""
     assume(dtype != torch.float16 or scale == 1.0)
-    assume((k + 1) * unit_roundoff(dtype) < 0.5)  # beyond that the worst-case bound says nothing (bfloat16, k > 127)
+    # beyond that the worst-case bound says nothing (bfloat16, k > 127)
+    assume((k + 1) * unit_roundoff(dtype) < 0.5)
     g = torch.Generator().manual_seed(seed)
     a = ((torch.randn(m, k, generator=g) + offset) * scale).to(dtype)
     b = (torch.randn(k, n, generator=g) - offset).to(dtype)
@@ -55,7 +57,8 @@ def test_the_matmul_bound_catches_a_wrong_product():
 @given(rows=st.integers(1, 6), d=st.integers(2, 300), offset=st.sampled_from([0.0, 3.0, 100.0]),
        spread=st.sampled_from([1e-2, 1.0, 10.0]), eps=st.sampled_from([1e-6, 1e-5, 1e-2]),
        strided=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_the_layer_norm_bound_holds_for_contiguous_and_strided_inputs(rows, d, offset, spread, eps, strided, seed):
+def test_the_layer_norm_bound_holds_for_contiguous_and_strided_inputs(rows, d, offset, spread, eps, strided,
+                                                                      seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(d, rows, generator=g).T * spread + offset if strided else \
         torch.randn(rows, d, generator=g) * spread + offset

@@ -65,7 +65,8 @@ class InplaceAct(nn.Module):
 
 
 INPLACE_ACTS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU(inplace=True),
-                "hardswish": lambda: nn.Hardswish(inplace=True), "leaky": lambda: nn.LeakyReLU(0.1, inplace=True)}
+                "hardswish": lambda: nn.Hardswish(inplace=True),
+                "leaky": lambda: nn.LeakyReLU(0.1, inplace=True)}
 
 
 @given(act=st.sampled_from(sorted(INPLACE_ACTS)), reread=st.booleans(), d=st.integers(1, 8))
@@ -184,7 +185,8 @@ def test_a_graph_that_does_not_run_is_never_returned_and_the_advice_works():
     try:
         with pytest.raises(fxrep.InternalError, match=r"raises RuntimeError.*'wrong_shape'.*drops an output"):
             fxrep.fuse(model, example_inputs=(x,))
-        fused = fxrep.fuse(model, patterns=fxrep.default_registry().without("wrong_shape"), example_inputs=(x,))
+        fused = fxrep.fuse(model, patterns=fxrep.default_registry().without("wrong_shape"),
+                           example_inputs=(x,))
         compare_outputs(model(x), fused(x))
     finally:
         fxrep.unregister_pattern("wrong_shape")

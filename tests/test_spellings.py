@@ -103,7 +103,8 @@ def test_joined_logits_written_as_a_stacked_mean_are_lifted():
         def forward(self, x):
             B, N, _ = x.shape
             qkv = [a.qkv(x).reshape(B, N, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0) for a in self.attns]
-            logits = torch.stack([(q * a.scale) @ k.transpose(-2, -1) for a, (q, k, _) in zip(self.attns, qkv)]).mean(0)
+            logits = torch.stack([(q * a.scale) @ k.transpose(-2, -1)
+                                  for a, (q, k, _) in zip(self.attns, qkv)]).mean(0)
             outs = [a.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(x.shape)) for a, (_, _, v) in
                     zip(self.attns, qkv)]
             return x + torch.stack(outs).sum(0)

@@ -66,7 +66,8 @@ def test_train_joins_fuses_and_resumes(tmp_path):
     result = train(model, data, held, cfg)
     assert model.join == 1.0 and result.steps == 6
     assert result.prediction_mismatches == 0 and result.fused_accuracy == result.eval_accuracy
-    assert {"fused.pt", "fused.safetensors", "fuse_report.txt", "metrics.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"fused.pt", "fused.safetensors", "fuse_report.txt", "metrics.jsonl"} <= {p.name
+                                                                                     for p in tmp_path.iterdir()}
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 7)) and lines[0]["lam"] == 0.0
     fused = torch.load(tmp_path / "fused.pt", weights_only=False)
@@ -83,7 +84,8 @@ def test_train_joins_fuses_and_resumes(tmp_path):
 def test_distributed_training_with_torchrun_on_cpu(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
-           "-m", "fxrep.cli", "train", "--dataset", "synthetic", "--synthetic-size", "128", "--img-size", "16",
+           "-m", "fxrep.cli", "train", "--dataset", "synthetic", "--synthetic-size", "128", "--img-size",
+           "16",
            "--patch-size", "8", "--steps", "3", "--batch-size", "16", "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -119,7 +121,8 @@ def test_image_folder_dataset(tmp_path):
         image_folder(tmp_path / "missing", 16)
 
 
-@pytest.mark.parametrize("flag, gamma", [([], 0.25), (["--init-values", "0.5"], 0.5), (["--init-values", "0"], None)])
+@pytest.mark.parametrize("flag, gamma",
+                         [([], 0.25), (["--init-values", "0.5"], 0.5), (["--init-values", "0"], None)])
 def test_cli_layerscale_default_is_the_models(flag, gamma):
     """``fxrep train`` keeps the documented 1/B LayerScale of a B-branch model unless --init-values is given."""
     from fxrep.cli import build_model, parser

@@ -73,7 +73,8 @@ def _fuse_and_forget(make_model, x, export: bool) -> list:
     source = torch.export.export(model, x) if export else model
     fused = fxrep.fuse(source, example_inputs=None if export else x)
     assert fused is not None
-    return [weakref.ref(model), weakref.ref(fused), weakref.ref(source)] + [weakref.ref(m) for m in model.modules()]
+    return [weakref.ref(model), weakref.ref(fused), weakref.ref(source)] + [weakref.ref(m)
+                                                                            for m in model.modules()]
 
 
 MODELS = {

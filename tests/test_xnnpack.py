@@ -33,7 +33,8 @@ class Attention(torch.nn.Module):
 
     def forward(self, q, x, v):
         if self.key == "expand_as":  # fxrep's rank-aware form: the block input is every head's key
-            k = x.unsqueeze(-3).expand_as(q) if q.shape[-2] == x.shape[-2] else x.unsqueeze(1).expand(-1, q.shape[1], -1, -1)
+            k = x.unsqueeze(-3).expand_as(q) if q.shape[-2] == x.shape[-2] else x.unsqueeze(1).expand(-1,
+                                                                                                      q.shape[1], -1, -1)
         elif self.key == "broadcast":
             k = x.unsqueeze(-3)
         else:
@@ -89,13 +90,15 @@ class SplitLinearAttention(torch.nn.Module):
         if self.near_miss == "q_tensor":
             q = q.contiguous() * 1.5
         v = self.v(y)
-        v = v.unflatten(-1, (-1, h)).transpose(-1, -2) if self.near_miss == "dv_major" else v.unflatten(-1, (h, -1))
+        v = v.unflatten(-1, (-1, h)).transpose(-1, -2) if self.near_miss == "dv_major" else v.unflatten(-1,
+                                                                                                        (h, -1))
         k = x.unsqueeze(-3).expand_as(q)
         return F.scaled_dot_product_attention(q, k, v.transpose(-3, -2), scale=self.scale).sum(-3)
 
 
 @SETTINGS
-@given(b=st.integers(1, 3), h=st.integers(1, 4), n=st.integers(1, 9), d=st.integers(1, 8), dv=st.integers(1, 8),
+@given(b=st.integers(1, 3), h=st.integers(1, 4), n=st.integers(1, 9), d=st.integers(1, 8),
+       dv=st.integers(1, 8),
        wider=st.booleans(), bias=st.booleans(), scale=st.sampled_from([None, 1.0, 0.37]),
        near_miss=st.sampled_from([None, None, "q_tensor", "dv_major"]), seed=st.integers(0, 2**16))
 def test_rank_aware_attention_runs_without_transposes(b, h, n, d, dv, wider, bias, scale, near_miss, seed):
@@ -123,7 +126,8 @@ class NearMiss(torch.nn.Module):
 
     def forward(self, q, k, v):
         if self.kind == "mask":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(q.shape[-2], k.shape[-2]).tril())
+            return F.scaled_dot_product_attention(q, k, v,
+                                                  attn_mask=torch.ones(q.shape[-2], k.shape[-2]).tril())
         if self.kind == "causal":
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return F.scaled_dot_product_attention(q[0], k[0], v[0])  # 3-d: heads folded into the batch already
@@ -210,7 +214,8 @@ def test_xnnpack_takes_the_whole_fused_model():
     import fxrep.models  # noqa: F401
 
     torch.manual_seed(0)
-    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32, patch_size=8)
+    model = timm.create_model("fxrep_deit_tiny_d3b4", embed_dim=32, num_heads=2, num_classes=5, img_size=32,
+                              patch_size=8)
     model.eval().set_join(1.0)
     x = torch.randn(1, 3, 32, 32)
     fused = fxrep.fuse(model, example_inputs=(x,))

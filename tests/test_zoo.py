@@ -11,7 +11,8 @@ from fxrep.zoo import build, try_fuse
 
 SLICE = [
     # fused graphs that raised (contiguous() dropped before a view)
-    ("timm", "swin_tiny_patch4_window7_224"), ("timm", "swinv2_tiny_window16_256"), ("timm", "swinv2_cr_tiny_224"),
+    ("timm", "swin_tiny_patch4_window7_224"), ("timm", "swinv2_tiny_window16_256"),
+    ("timm", "swinv2_cr_tiny_224"),
     ("timm", "davit_tiny"), ("timm", "gcvit_xtiny"), ("timm", "sam2_hiera_tiny"), ("timm", "tresnet_m"),
     ("torchvision", "shufflenet_v2_x0_5"),
     # the user's model was changed (a Proxy left in attention_bias_cache)

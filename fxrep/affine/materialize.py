@@ -25,7 +25,8 @@ def materialize(graph: fx.Graph, f: Affine, ctx, order, hint: str, origins) -> f
             if absorb:
                 bias = None
         elif t.dim() == 1:
-            parts.append(graph.call_function(torch.mul, (b, const_node(graph, t.to(f.dtype), hint + "_scale"))))
+            parts.append(graph.call_function(torch.mul,
+                                             (b, const_node(graph, t.to(f.dtype), hint + "_scale"))))
         else:
             parts.append(b if float(t) == 1.0 else graph.call_function(torch.mul, (b, float(t))))
     acc = parts[0]

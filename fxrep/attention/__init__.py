@@ -6,4 +6,5 @@ from .grouping import check_closure, check_cost
 from .lift import Lift, LiftCache, lift
 from .recognize import Candidate, NotAttention, is_anchor
 
-__all__ = ["Candidate", "Lift", "LiftCache", "NotAttention", "check_closure", "check_cost", "is_anchor", "lift"]
+__all__ = ["Candidate", "Lift", "LiftCache", "NotAttention", "check_closure", "check_cost", "is_anchor",
+           "lift"]

@@ -96,7 +96,8 @@ def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: 
     head_order, feats = _output_heads(col_head, col_feat, H, dv)
     heads = torch.tensor(head_order)
     qk = _qk_params(terms, head_order, heads, scale, probe, cache)
-    vw, vb = _gather(probe, cand.value.linear, torch.stack([vmap[h][feats[hp]] for hp, h in enumerate(head_order)]),
+    vw, vb = _gather(probe, cand.value.linear,
+                     torch.stack([vmap[h][feats[hp]] for hp, h in enumerate(head_order)]),
                      cand.value.factor)
     params = dict(qk, v_weight=vw.flatten(0, 1), v_bias=vb.flatten(0, 1) if vb is not None else None)
     nodes = cand.nodes() | set(out_nodes)
@@ -189,7 +190,8 @@ def _qk_params(terms, head_order, heads, scale: float, probe: Probe, cache: Lift
     """q/k weights and biases: per head, the terms' rows side by side (q rows scaled by coef * scale). Joined
     branches share their logits, so their q/k params are built once (the same tensors for all of them)."""
     key = (tuple(head_order), scale) + tuple((t.product, t.coef, t.q.linear.node, t.k.linear.node,
-                                              t.qmap.numpy().tobytes(), t.kmap.numpy().tobytes()) for t in terms)
+                                              t.qmap.numpy().tobytes(), t.kmap.numpy().tobytes())
+                                              for t in terms)
     if key not in cache.qk:
         qw, qb, kw, kb = [], [], [], []
         for t in terms:

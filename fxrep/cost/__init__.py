@@ -25,7 +25,8 @@ from .models import (
 from .table import KernelTable, load_table
 
 __all__ = ["Attention", "Decision", "Elementwise", "KernelTable", "Linear", "MARGIN", "MIN_MACS",
-           "MeasuredCostModel", "ReplayedCostModel", "TableCostModel", "WidenGroup", "attention_group", "best_of",
+           "MeasuredCostModel", "ReplayedCostModel", "TableCostModel", "WidenGroup", "attention_group",
+           "best_of",
            "cost_model_for", "decide", "load_table", "mlp_group", "unpriced"]
 
 

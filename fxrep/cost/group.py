@@ -97,7 +97,8 @@ def mlp_group(shape: tuple, hidden: list, out_features: int, activation: tuple, 
                                                 Linear(rows, h, out_features)))
     apart += (Elementwise("add", rows * out_features),) * (len(hidden) - 1)
     total = sum(hidden)
-    wide = (Linear(rows, d, total), Elementwise("activation", rows * total), Linear(rows, total, out_features))
+    wide = (Linear(rows, d, total), Elementwise("activation", rows * total),
+            Linear(rows, total, out_features))
     key = (f"mlp in={tuple(shape)} {_dtype_name(dtype)} hidden={'+'.join(map(str, hidden))} "
            f"out={out_features} act={name}")
 
@@ -113,7 +114,8 @@ def mlp_group(shape: tuple, hidden: list, out_features: int, activation: tuple, 
     return WidenGroup("mlp", key, tuple(shape), dtype, len(hidden), apart, wide, build)
 
 
-def _attention_ops(rows: int, batch: int, tokens: int, d: int, heads: int, dqk: int, dv: int, out: int) -> tuple:
+def _attention_ops(rows: int, batch: int, tokens: int, d: int, heads: int, dqk: int, dv: int,
+                   out: int) -> tuple:
     return (Linear(rows, d, heads * dqk), Linear(rows, d, heads * dqk), Linear(rows, d, heads * dv),
             Attention(batch * heads, tokens, dqk, dv), Linear(rows, heads * dv, out))
 

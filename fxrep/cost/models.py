@@ -40,12 +40,14 @@ class Decision:
     def describe(self) -> str:
         if self.apart_ms is None or self.wide_ms is None:
             return f"{'widened' if self.widen else 'kept apart'} as recorded ({self.source})"
-        verb = {"table": "predicted", "measured": "measured", "replayed": "recorded"}.get(self.source, self.source)
+        verb = {"table": "predicted", "measured": "measured", "replayed": "recorded"}.get(self.source,
+                                                                                          self.source)
         return (f"{verb}: {self.wide_ms:.3f} ms as one op vs {self.apart_ms:.3f} ms as {self.branches} "
                 f"branches ({self.wide_ms / self.apart_ms:.2f}x)")
 
     def as_dict(self) -> dict:
-        return {"widen": self.widen, "source": self.source, "apart_ms": self.apart_ms, "wide_ms": self.wide_ms,
+        return {"widen": self.widen, "source": self.source, "apart_ms": self.apart_ms,
+                "wide_ms": self.wide_ms,
                 "branches": self.branches}
 
 

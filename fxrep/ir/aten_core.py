@@ -140,7 +140,8 @@ def _stack(out):
         return None
     xs = list(cat.args[0])
     shapes = [recorded_shape(x) for x in xs]
-    if any(not _same(sh, shapes[0]) for sh in shapes) or not _same(recorded_shape(out), (len(xs),) + shapes[0]):
+    if any(not _same(sh, shapes[0]) for sh in shapes) or not _same(recorded_shape(out),
+                                                                   (len(xs),) + shapes[0]):
         return None
     return aten.stack.default, (xs,)
 
@@ -151,11 +152,12 @@ def _safe_softmax(node):
     if _call(node, aten.where.self) is None:
         return None
     cond, zeros, sm = node.args
-    if _call(sm, aten._softmax.default) is None or sm.args[2] or _call(zeros, aten.full_like.default) is None \
-            or zeros.args[0] is not sm or zeros.args[1] != 0:
+    if (_call(sm, aten._softmax.default) is None or sm.args[2]
+            or _call(zeros, aten.full_like.default) is None or zeros.args[0] is not sm or zeros.args[1] != 0):
         return None
     any_ = _call(_call(cond, aten.logical_not.default) and cond.args[0], aten.any.dim)
-    eq = _call(_call(any_ and any_.args[0], aten.logical_not.default) and any_.args[0].args[0], aten.eq.Scalar)
+    eq = _call(_call(any_ and any_.args[0], aten.logical_not.default) and any_.args[0].args[0],
+               aten.eq.Scalar)
     s = sm.args[0]
     if eq is None or eq.args[0] is not s or eq.args[1] != float("-inf") or any_.args[1] != sm.args[1]:
         return None
@@ -181,8 +183,8 @@ def _finite_constant(node) -> bool:
         if not isinstance(n, fx.Node):
             return n
         if n not in values:
-            if len(values) > 64 or n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) \
-                    or torch.Tag.nondeterministic_seeded in n.target.tags:
+            if (len(values) > 64 or n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload)
+                    or torch.Tag.nondeterministic_seeded in n.target.tags):
                 raise LookupError(n.name)
             if n.target is aten.expand.default:
                 values[n] = value(n.args[0])
@@ -199,7 +201,8 @@ def _finite_constant(node) -> bool:
 
 _PURE = {*_VIEWS, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.permute.default, aten.t.default,
          aten.clone.default, aten.expand.default, aten.native_layer_norm.default, operator.getitem,
-         aten.where.self, aten.full_like.default, aten.cat.default, aten.logical_not.default, aten.any.dim, aten.eq.Scalar}
+         aten.where.self, aten.full_like.default, aten.cat.default, aten.logical_not.default, aten.any.dim,
+         aten.eq.Scalar}
 
 
 def _replace(gm, old, target, args) -> None:

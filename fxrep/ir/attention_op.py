@@ -45,7 +45,8 @@ class AttentionView:
 
     def params(self) -> dict:
         """``{'q_weight': ..., 'q_bias': ..., ...}``, as ``emit_attention`` takes them."""
-        return {f"{p}_{kind}": getattr(self, f"{p}_{kind}") for p in _PROJECTIONS for kind in ("weight", "bias")}
+        return {f"{p}_{kind}": getattr(self, f"{p}_{kind}") for p in _PROJECTIONS
+                for kind in ("weight", "bias")}
 
     def head_widths(self) -> tuple[int, int, int]:
         """(heads, q/k width per head, v width per head)."""

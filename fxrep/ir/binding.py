@@ -68,7 +68,8 @@ def _layout(sig: inspect.Signature, n_args: int, kwarg_names: frozenset):
 def _plan(target, skip: int, n_args: int, kwarg_names: frozenset):
     """The layout shared by every overload of ``target`` that accepts this call shape (names of the positions
     used, and only the defaults all of them agree on), or None when there is none or they disagree."""
-    layouts = [lay for sig in _signatures(target, skip) if (lay := _layout(sig, n_args, kwarg_names)) is not None]
+    layouts = [lay
+               for sig in _signatures(target, skip) if (lay := _layout(sig, n_args, kwarg_names)) is not None]
     if not layouts or any(lay[:2] != layouts[0][:2] for lay in layouts):
         return None
     common = tuple(d for d in layouts[0][2] if all(d in lay[2] for lay in layouts[1:]))

@@ -63,7 +63,8 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str, owned: boo
             return name
     name = fresh_attribute_name(gm, "fx_" + _NAME_RE.sub("_", hint).strip("_")[:60] or "fx_const")
     if not owned or not value.is_contiguous():
-        value = value.clone(memory_format=torch.contiguous_format)  # also densifies expanded (stride-0) tensors
+        # also densifies expanded (stride-0) tensors
+        value = value.clone(memory_format=torch.contiguous_format)
     if value.is_floating_point():
         gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:

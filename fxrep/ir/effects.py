@@ -65,7 +65,8 @@ def _is_elementwise(node: fx.Node) -> bool:
     """Elementwise arithmetic and activations: the output takes its layout from the inputs."""
     if node.op == "call_method":
         return node.target in ELEMENTWISE_METHODS or node.target in ACTIVATION_METHODS
-    return node.op == "call_function" and (node.target in ARITHMETIC_TARGETS or node.target in ACTIVATION_FUNCTIONS)
+    return node.op == "call_function" and (node.target in ARITHMETIC_TARGETS
+                                           or node.target in ACTIVATION_FUNCTIONS)
 
 
 def layout_sensitive_reader(node: fx.Node) -> fx.Node | None:
@@ -84,7 +85,8 @@ def layout_sensitive_reader(node: fx.Node) -> fx.Node | None:
             seen.add(user)
             if is_shape_read(user) or (is_call(user, LAYOUT_RESETTING) and not is_inplace(user)):
                 continue
-            if is_inplace(user) or user.op == "output" or (user.op == "call_method" and user.target == "view"):
+            if is_inplace(user) or user.op == "output" or (user.op == "call_method"
+                                                           and user.target == "view"):
                 return user
             if is_view(user) or _is_elementwise(user):
                 todo.append(user)
@@ -104,7 +106,8 @@ def owns_its_memory(node) -> bool:
     if node.op == "call_function":
         return node.target in _OWNING_FUNCTIONS
     if node.op == "call_module":
-        return isinstance(fetch_attr(node.graph.owning_module, node.target), (torch.nn.Linear, torch.nn.LayerNorm))
+        return isinstance(fetch_attr(node.graph.owning_module, node.target),
+                          (torch.nn.Linear, torch.nn.LayerNorm))
     return False
 
 

@@ -27,7 +27,8 @@ def as_stack(node) -> StackView | None:
     if args is None:
         return None
     tensors, dim = args.get("tensors"), args.get("dim", 0)
-    if not isinstance(tensors, (list, tuple)) or not tensors or not all(isinstance(t, fx.Node) for t in tensors):
+    if not isinstance(tensors, (list, tuple)) or not tensors or not all(isinstance(t, fx.Node)
+                                                                        for t in tensors):
         return None
     if not isinstance(dim, int) or isinstance(dim, bool):
         return None

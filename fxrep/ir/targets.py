@@ -54,11 +54,12 @@ RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch
                   torch.normal, torch.multinomial, F.dropout, torch.dropout, torch.randperm}
 
 # Ops that return a view of their first argument (or the argument itself): values unchanged, layout follows.
-VIEW_METHODS = {"reshape", "view", "permute", "transpose", "t", "unbind", "unflatten", "flatten", "chunk", "split",
-                "contiguous", "swapaxes", "squeeze", "unsqueeze", "movedim", "moveaxis", "select", "narrow"}
-VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.t, torch.unbind, torch.flatten, torch.chunk,
-                  torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze, torch.movedim,
-                  torch.moveaxis, torch.unflatten, torch.select, torch.narrow}
+VIEW_METHODS = {"reshape", "view", "permute", "transpose", "t", "unbind", "unflatten", "flatten", "chunk",
+                "split", "contiguous", "swapaxes", "squeeze", "unsqueeze", "movedim", "moveaxis", "select",
+                "narrow"}
+VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.t, torch.unbind, torch.flatten,
+                  torch.chunk, torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze,
+                  torch.movedim, torch.moveaxis, torch.unflatten, torch.select, torch.narrow}
 
 # Readers whose result does not depend on the strides of their input (measured: a permuted input gives the
 # same values, up to the GEMM's summation order, and a contiguous output; tests/test_ir.py).
@@ -66,7 +67,8 @@ LAYOUT_RESETTING = LINEAR_TARGETS | LAYER_NORM_TARGETS
 ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "float", "double", "half", "to", "type_as"}
 
 INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul,
+                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                     operator.imatmul,
                      operator.setitem}
 
 # Functions whose value does not depend on the tensors' values, used while evaluating shape arithmetic.

@@ -27,7 +27,8 @@ class BranchedAttention(nn.Module):
     """``branches`` timm-style attentions (fused qkv Linear, explicit softmax) joined at the softmax input."""
 
     def __init__(self, dim: int, num_heads: int = 3, head_dim: int | None = None, branches: int = 2,
-                 qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0,
                  device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -72,7 +73,8 @@ class BranchedMlp(nn.Module):
     def forward(self, xs: list[torch.Tensor], lam: torch.Tensor) -> list[torch.Tensor]:
         z = [fc1(x) for fc1, x in zip(self.fc1, xs)]
         mean = sum(z) / len(z)
-        return [self.drop(fc2(self.drop(self.act((1 - lam) * zi + lam * mean)))) for zi, fc2 in zip(z, self.fc2)]
+        return [self.drop(fc2(self.drop(self.act((1 - lam) * zi + lam * mean))))
+                for zi, fc2 in zip(z, self.fc2)]
 
 
 class BranchedBlock(nn.Module):

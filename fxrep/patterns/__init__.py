@@ -15,7 +15,8 @@ from .widen import CollapseAttention, WidenAttention, WidenMLP
 def builtin_patterns() -> list:
     """New instances of the built-in patterns (a list the caller owns)."""
     return [
-        DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(), ExpandStackedSums(),
+        DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(),
+        ExpandStackedSums(),
         EliminateCommonSubexpressions(), ExtractLayerNormAffine(),
         LiftMultiheadAttention(), LiftAttention(),
         MergeAffine(),
@@ -24,6 +25,7 @@ def builtin_patterns() -> list:
     ]
 
 
-__all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask", "FoldConstants",
-           "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine", "LowerAttention", "RankAwareAttention", "ExpandStackedSums", "LiftMultiheadAttention",
+__all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask",
+           "FoldConstants", "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine",
+           "LowerAttention", "RankAwareAttention", "ExpandStackedSums", "LiftMultiheadAttention",
            "CollapseAttention", "WidenAttention", "WidenMLP"]

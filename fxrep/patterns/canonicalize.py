@@ -127,7 +127,8 @@ class FoldConstants:
             return None  # it would write the user's tensor
         value = evaluate(node, load_attribute)
         if not isinstance(value, torch.Tensor) or sum(1 for s in value.shape if s > 1) > 1:
-            return None  # only scalars and per-channel vectors: the constants patterns read; tables stay as is
+            # only scalars and per-channel vectors: the constants patterns read; tables stay as is
+            return None
         return Match([node], value, f"constant {node.name} evaluated once")
 
     def replace(self, match, ctx):

@@ -66,7 +66,8 @@ def duplicates(graph: fx.Graph, hazards: set) -> dict:
 
 class EliminateCommonSubexpressions:
     name = "eliminate_common_subexpressions"
-    phase = ("canonicalize", "fuse", "lower")  # lower: rewrites that emit one view per reader (rank-aware keys)
+    # lower: rewrites that emit one view per reader (rank-aware keys)
+    phase = ("canonicalize", "fuse", "lower")
 
     def match(self, node, ctx):
         dup = ctx.cached("cse", lambda: duplicates(ctx.graph, ctx.mutation_hazards()))

@@ -77,7 +77,8 @@ class LiftMultiheadAttention:
         if reason is not None:
             return Skip([node], reason)
         outs = list(node.users)
-        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in outs):
+        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)
+                   for u in outs):
             return Skip([node], "the output tuple of nn.MultiheadAttention is used whole")
         if any(u.args[1] == 1 and u.users for u in outs):
             return Skip([node], "the attention weights nn.MultiheadAttention returns are read")
@@ -92,7 +93,8 @@ class LiftMultiheadAttention:
         dtype = m.out_proj.weight.dtype
         with g.inserting_before(node):
             mask = _merged_mask(g, x, masks, m) if masks != (None, None) else None
-            out = emit_attention(g, x, params, m.num_heads, dtype, node.name, (node.target,), owned=set(params),
+            out = emit_attention(g, x, params, m.num_heads, dtype, node.name, (node.target,),
+                                 owned=set(params),
                                  attn_mask=mask, tokens_first=not m.batch_first)
             # a copy of out_proj (not a get_attr into the module, which would keep all its parameters alive)
             b = m.out_proj.bias.detach() if m.out_proj.bias is not None else None

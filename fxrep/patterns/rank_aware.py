@@ -90,7 +90,8 @@ class RankAwareAttention:
         q_rows, q_bias, v_rows = [], [], []
         out_bias = algebra.as64(lin.bias) if lin.bias is not None else torch.zeros(wo.shape[0], dtype=f64)
         for h in range(H):
-            q_rows.append(wk[h].T @ wq[h])                 # (d, d): logits X (Wk^T Wq)^T X^T ... see docstring
+            # (d, d): logits X (Wk^T Wq)^T X^T ... see docstring
+            q_rows.append(wk[h].T @ wq[h])
             q_bias.append(wk[h].T @ bq[h] if bq is not None else torch.zeros(wk.shape[2], dtype=f64))
             wo_h = wo[:, h * dv:(h + 1) * dv]
             v_rows.append(wo_h @ wv[h])                    # (d_out, d)
@@ -110,7 +111,8 @@ class RankAwareAttention:
             o = g.call_function(F.scaled_dot_product_attention, (q, k, v), sdpa_masking(g, att))
             out = g.call_method("sum", (o, -3))
             if bool(out_bias.any()):
-                out = g.call_function(torch.add, (out, const_node(g, out_bias.to(dtype), node.name + "_out_bias")))
+                out = g.call_function(torch.add,
+                                      (out, const_node(g, out_bias.to(dtype), node.name + "_out_bias")))
             if att.tokens_first:
                 out = g.call_method("transpose", (out, 0, -2))
         ctx.replace_node(reader, out)

@@ -58,5 +58,6 @@ class ExpandStackedSums:
             if as_reduction(node).kind == "mean":
                 acc = graph.call_function(torch.div, (acc, float(len(stack.tensors))))
             elif acc is stack.tensors[0]:
-                acc = graph.call_function(torch.clone, (acc,))  # a one-element sum is a new tensor, not an alias
+                # a one-element sum is a new tensor, not an alias
+                acc = graph.call_function(torch.clone, (acc,))
         ctx.replace_node(node, acc)

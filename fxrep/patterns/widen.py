@@ -71,7 +71,8 @@ def _describe_mixed(nodes) -> str:
                 continue
             seen.add(a)
             if as_linear(a) is not None:
-                leaks |= {a.name for u in a.users if u not in seen and arith_kind(u) is None and u not in nodes}
+                leaks |= {a.name for u in a.users if u not in seen and arith_kind(u) is None
+                          and u not in nodes}
             elif arith_kind(a) is not None:
                 todo += [b for b in a.args if isinstance(b, fx.Node)]
     pres = ", ".join(dict.fromkeys(n.args[0].name for n in nodes))
@@ -305,7 +306,8 @@ def _merge_heads(atts, mode: str):
     dv = max(a.head_widths()[2] for a in atts)
     params, columns, heads = {}, [], 0
     for p, width in (("q", dqk), ("k", dqk), ("v", dv)):
-        params[f"{p}_weight"], params[f"{p}_bias"] = _concat_heads([_head_blocks(a, p, width) for a in atts], 0)
+        blocks = [_head_blocks(a, p, width) for a in atts]
+        params[f"{p}_weight"], params[f"{p}_bias"] = _concat_heads(blocks, 0)
     for a in atts:
         H, _, dvi = a.head_widths()
         columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
@@ -383,7 +385,8 @@ class _MergeAttention:
         with graph.inserting_before(_first(readers, ctx)):
             merged = emit_attention(graph, atts[0].input, params, heads, atts[0].dtype,
                                     match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes),
-                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)},  # built here
+                                    # built here
+                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)},
                                     **masking)
         _repoint_readers(ctx, match.nodes, merged, columns, total)
         return {"heads": heads}

@@ -4,4 +4,5 @@ from .data import load_mnist_idx, synthetic_shapes
 from .loop import TrainConfig, TrainResult, evaluate, train
 from .schedule import JoinSchedule
 
-__all__ = ["JoinSchedule", "TrainConfig", "TrainResult", "evaluate", "load_mnist_idx", "synthetic_shapes", "train"]
+__all__ = ["JoinSchedule", "TrainConfig", "TrainResult", "evaluate", "load_mnist_idx", "synthetic_shapes",
+           "train"]

@@ -13,8 +13,10 @@ from torch.utils.data import TensorDataset
 from ..errors import InputError
 
 MNIST_FILES = {
-    "images": ("t10k-images-idx3-ubyte.gz", "167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b"),
-    "labels": ("t10k-labels-idx1-ubyte.gz", "fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c"),
+    "images": ("t10k-images-idx3-ubyte.gz",
+               "167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b"),
+    "labels": ("t10k-labels-idx1-ubyte.gz",
+               "fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c"),
 }
 # shipped in the repository (data/mnist-t10k, with its source and license); an installed fxrep has no copy
 DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "data" / "mnist-t10k"

@@ -201,7 +201,8 @@ def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, ste
                 lam = run.schedule(step)
                 loss_value = _step(model, run, cfg, teacher, x, y, lam, step)
                 step += 1
-                record = {"step": step, "loss": loss_value, "lam": lam, "lr": run.optimizer.param_groups[0]["lr"],
+                record = {"step": step, "loss": loss_value, "lam": lam,
+                          "lr": run.optimizer.param_groups[0]["lr"],
                           "time": time.time()}
                 if cfg.eval_every and eval_data is not None and step % cfg.eval_every == 0 and rank == 0:
                     record["eval_accuracy"] = evaluate(model, eval_data, device=run.device)[0]
