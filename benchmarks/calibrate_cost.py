@@ -62,8 +62,8 @@ def _cpu_name() -> str:
 def measure(repeats: int) -> dict:
     table: dict = {"linear": [], "attention": [], "activation": [], "add": []}
     linear = [p for p in itertools.product(ROWS, FEATURES, FEATURES) if p[0] * p[1] * p[2] <= MAX_MACS]
-    attention = [p
-                 for p in itertools.product(BATCH_HEADS, TOKENS, HEAD_WIDTHS) if p[0] * p[1] ** 2 * p[2] <= MAX_MACS]
+    attention = [p for p in itertools.product(BATCH_HEADS, TOKENS, HEAD_WIDTHS)
+                 if p[0] * p[1] ** 2 * p[2] <= MAX_MACS]
     with torch.inference_mode():
         for m, k, n in tqdm(linear, desc="linear"):
             x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5

@@ -52,7 +52,8 @@ def time_fuse(model, repeats: int) -> tuple[float, int]:
 
 
 def time_export_fuse(repeats: int) -> tuple[float, float]:
-    """(export seconds, fxrep.fuse(program) seconds), medians, for the registered d3b4 with a dynamic batch."""
+    """(export seconds, fxrep.fuse(program) seconds), medians, for the registered d3b4 with a dynamic
+    batch."""
     model = timm.create_model("fxrep_deit_tiny_d3b4").eval()
     set_join(model, 1.0)
     x = (torch.randn(2, 3, 224, 224),)

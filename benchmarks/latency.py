@@ -62,7 +62,8 @@ def hand_written_d3() -> torch.nn.Module:
 
 
 def build(x, dtype) -> dict:
-    models = {"baseline DeiT-Tiny (12 layers)": timm.create_model("vit_tiny_patch16_224", num_classes=1000).eval().to(dtype)}
+    baseline = timm.create_model("vit_tiny_patch16_224", num_classes=1000).eval().to(dtype)
+    models = {"baseline DeiT-Tiny (12 layers)": baseline}
     for v in ("d6b2", "d4b3", "d3b4"):
         models[f"{v} collapsed, rank-aware"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True, dtype)
         models[f"{v} collapsed, per-head"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, False, dtype)
@@ -92,7 +93,8 @@ def parallel_vit(threads: int, repeats: int) -> str:
                                                    decisions=dict.fromkeys(keys, False))}
         for label, gm in (("table", decided), ("autotune", tuned)):
             for key, d in gm.meta["fxrep_report"].decisions.items():
-                decisions.append(f"{px} px, {label}: {'widen' if d.widen else 'apart'}  {key}: {d.describe()}")
+                verdict = "widen" if d.widen else "apart"
+                decisions.append(f"{px} px, {label}: {verdict}  {key}: {d.describe()}")
         timed = measure_latency(models, (x,), repeats=repeats, warmup=3)
         base = timed["unfused"]["median"]
         rows += [(px, (px // 16) ** 2 + 1, name, f"{t['median'] * 1e3:.1f}",
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
                                     repeats=args.repeats, warmup=5)
             for (backend, name) in variants:
                 t = timed[f"{backend}|{name}"]
-                base = timed[f"{backend}|{base_name}"]["median"] if f"{backend}|{base_name}" in timed else None
+                base = timed.get(f"{backend}|{base_name}", {}).get("median")
                 all_rows.append((threads, batch, backend, name, t["median"] * 1e3, t["min"] * 1e3,
                                  t["max"] * 1e3,
                                  t["median"] / base if base else float("nan")))

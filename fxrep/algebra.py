@@ -63,7 +63,8 @@ def fold_norm_affine(weight, bias, gamma, beta):
 
 
 def _matvec64(w: torch.Tensor, v: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """``w @ v`` in float64, converting ``rows`` rows of ``w`` at a time (no float64 copy of a large ``w``)."""
+    """``w @ v`` in float64, converting ``rows`` rows of ``w`` at a time (no float64 copy of a large
+    ``w``)."""
     if w.dtype == f64 or w.shape[0] <= rows:
         return as64(w) @ v
     return torch.cat([as64(chunk) @ v for chunk in w.split(rows)])

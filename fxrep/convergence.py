@@ -67,6 +67,7 @@ def not_converged_message(phase: str, max_sweeps: int, history: list, builtin: s
         advice = ("To fuse without your pattern meanwhile: patterns=fxrep.default_registry().without("
                   + ", ".join(repr(n) for n in users) + ").")
     else:
-        advice = "Only fxrep's own patterns are involved: this is a bug in fxrep; please report it with the model."
+        advice = ("Only fxrep's own patterns are involved: this is a bug in fxrep; please report it with the "
+                  "model.")
     return (f"phase {phase!r} did not reach a fixed point in {max_sweeps} sweeps; still rewriting in the "
             f"last sweep: {_culprits(last)}. {what}. {advice}")

@@ -32,8 +32,8 @@ def cpu_twin(gm: fx.GraphModule) -> fx.GraphModule:
     for t in list(gm.parameters()) + list(gm.buffers()):
         if id(t) not in memo:
             cpu = t.detach().to(CPU, copy=True)
-            memo[id(t)] = nn.Parameter(cpu, requires_grad=t.requires_grad) if isinstance(t,
-                                                                                         nn.Parameter) else cpu
+            is_param = isinstance(t, nn.Parameter)
+            memo[id(t)] = nn.Parameter(cpu, requires_grad=t.requires_grad) if is_param else cpu
     for module in gm.modules():  # tensors kept as plain attributes (fx's _tensor_constant*, caches)
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and id(value) not in memo:

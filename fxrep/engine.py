@@ -176,8 +176,8 @@ def _eliminate_dead_code(graph: fx.Graph) -> None:
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_parameters(recurse=False)] + [n
-                                                                      for n, _ in gm.named_buffers(recurse=False)]:
+    own = [n for n, _ in gm.named_parameters(recurse=False)] + [n for n, _ in gm.named_buffers(recurse=False)]
+    for name in own:
         if name not in used:  # fxrep's own intermediates, and constants the tracer made that were folded
             delattr(gm, name)
     gm.delete_all_unused_submodules()
@@ -282,7 +282,8 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     report.after = graph_stats(gm, flops=flops)
     gm.meta["fxrep_report"] = report
     if device != CPU:  # a twin of the user's model: its tensors are fxrep's own and CPU copies
-        gm.to(device)  # (on CPU, gm may share the user's leaf modules: Module.to re-flattens an RNN's weights)
+        # (on CPU, gm may share the user's leaf modules: Module.to re-flattens an RNN's weights)
+        gm.to(device)
     if check:
         _check(model, gm, user_inputs, rtol, report)
     return gm

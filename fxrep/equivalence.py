@@ -90,8 +90,8 @@ def assert_equivalent(model: nn.Module, fused: nn.Module, inputs, *, rtol: float
         try:
             expected = model(*inputs)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix named
-            raise InputError(f"the original model failed on the example inputs "
-                             f"({', '.join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))}):"
-                             f" {type(e).__name__}: {e}. Pass inputs of the shape the model expects.") from e
+            shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+            raise InputError(f"the original model failed on the example inputs ({shapes}): "
+                             f"{type(e).__name__}: {e}. Pass inputs of the shape the model expects.") from e
         actual = fused(*inputs)
     compare_outputs(expected, actual, rtol)

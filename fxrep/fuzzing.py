@@ -168,7 +168,8 @@ class RandomGraphModel(nn.Module):
                 y = self.mods[idx](a)
             elif op == "masked_attention":
                 y = self.mods[idx].proj(explicit_timm_attention(self.mods[idx], a, self.mask))
-            elif op == "shuffle_view":  # ShuffleNet's channel shuffle / Swin's windows: a view after contiguous
+            elif op == "shuffle_view":
+                # ShuffleNet's channel shuffle / Swin's windows: a view after contiguous
                 t = a.unflatten(-1, (2, -1)).transpose(-1, -2).contiguous()
                 y = t.view(a.shape) if opt % 2 else t.reshape(a.shape)
             elif op == "as_strided":  # reads the memory layout of a contiguous copy
@@ -177,7 +178,8 @@ class RandomGraphModel(nn.Module):
             elif op == "inplace":  # a value read before and after a write into it (or into a view of it)
                 before = a * 1.0 if opt % 2 else a + 0.0
                 target = before.transpose(-1, -2) if opt % 3 == 0 else before
-                target.mul_(0.5 + opt % 2) if opt % 4 < 2 else target.add_(b.transpose(-1, -2) if opt % 3 == 0 else b)
+                other = b.transpose(-1, -2) if opt % 3 == 0 else b
+                target.mul_(0.5 + opt % 2) if opt % 4 < 2 else target.add_(other)
                 y = before + a
             elif op == "inplace_act":  # nn.ReLU(inplace=True) after a Linear whose output is read again
                 lin, act = self.mods[idx]

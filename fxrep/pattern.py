@@ -124,7 +124,8 @@ class FuseContext:
         return self._memo.setdefault(key, {})
 
     def replace_node(self, old: fx.Node, new: fx.Node) -> None:
-        """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve`` old."""
+        """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve``
+        old."""
         old.replace_all_uses_with(new)
         self._replaced[old] = new
         self._fresh_replaced.append(old)

@@ -128,7 +128,8 @@ def _positional(module, ep: ExportedProgram, example_inputs) -> tuple:
             raise InputError("the program keeps no example inputs: pass example_inputs=(x,) to fxrep.fuse.")
         args, kwargs = ep.example_inputs
     else:
-        args, kwargs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs), {}
+        single = isinstance(example_inputs, torch.Tensor)
+        args, kwargs = (example_inputs,) if single else tuple(example_inputs), {}
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     if bound.kwargs:
         raise UnsupportedModelError(

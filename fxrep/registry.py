@@ -78,7 +78,8 @@ class PatternRegistry:
         return PatternRegistry(p for p in self._patterns if p.name not in names)
 
     def reordered(self, names: Sequence[str]) -> PatternRegistry:
-        """A copy with the named patterns in this order (patterns not named keep their relative order, after)."""
+        """A copy with the named patterns in this order (patterns not named keep their relative order,
+        after)."""
         first = [self.get(n) for n in names]
         rest = [p for p in self._patterns if p.name not in names]
         return PatternRegistry(first + rest)

@@ -184,7 +184,8 @@ def _softmax(b, node, axis, start, stop):
 
 def _matmul(b, node, axis, start, stop):
     """Rows (axis -2) of ``A @ B`` are those rows of ``A``; ``A`` has the output's rank (``bmm``)."""
-    if axis != len(recorded_shape(node)) - 2 or len(recorded_shape(node.args[0]) or ()) != len(recorded_shape(node)):
+    rank = len(recorded_shape(node))
+    if axis != rank - 2 or len(recorded_shape(node.args[0]) or ()) != rank:
         return None
     return b.call(node.target, [b.rows(node.args[0], axis, start, stop), node.args[1]])
 
@@ -251,7 +252,8 @@ def _view(b, node, axis, start, stop):
         return None
     if len(source) > axis and all(same_size(p, q) for p, q in zip(out[:axis + 1], source[:axis + 1])):
         own = axis
-    elif all(same_size(p, q) for p, q in zip(out[axis:][::-1], source[::-1])) and len(source) >= len(out) - axis:
+    elif (all(same_size(p, q) for p, q in zip(out[axis:][::-1], source[::-1]))
+          and len(source) >= len(out) - axis):
         own = len(source) - (len(out) - axis)
     else:
         return None
@@ -339,7 +341,8 @@ def _move_up(graph: fx.Graph, node: fx.Node) -> bool:
     of its inputs; ``node`` and its readers' slices go. False (graph unchanged) where no rule applies."""
     request = _shared_request(node) if node.op == "call_function" and node.users else None
     rule = RULES.get(node.target) if request is not None else None
-    shape_readers = _shape_reader_sizes(node) if rule is not None and recorded_shape(node) is not None else None
+    known = rule is not None and recorded_shape(node) is not None
+    shape_readers = _shape_reader_sizes(node) if known else None
     if shape_readers is None:
         return False
     before = set(graph.nodes)

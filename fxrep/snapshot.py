@@ -86,7 +86,8 @@ class ModelSnapshot:
                 if attr not in old:
                     return f"{where} has a new attribute '{attr}'"
                 if old[attr] != new[attr]:
-                    return f"{where}: attribute '{attr}' changed ({_describe(old[attr])} -> {_describe(new[attr])})"
+                    return (f"{where}: attribute '{attr}' changed ({_describe(old[attr])} -> "
+                            f"{_describe(new[attr])})")
         return ""
 
 

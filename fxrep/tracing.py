@@ -85,7 +85,10 @@ class _FastLookups:
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """As fx's, with the name lookup of ``_name_of``."""
         if isinstance(attr_val, torch.Tensor):
-            kind = "param" if isinstance(attr_val, nn.Parameter) else "buffer" if self.proxy_buffer_attributes else None
+            if isinstance(attr_val, nn.Parameter):
+                kind = "param"
+            else:
+                kind = "buffer" if self.proxy_buffer_attributes else None
             name = self._name_of(kind, attr_val)
             if name is not None and not self.param_shapes_constant:
                 if name not in parameter_proxy_cache:
@@ -246,8 +249,8 @@ def _fixed_argument(node: fx.Node):
     condition, message = node.args
     if isinstance(condition, fx.Node) and condition.op == "placeholder":
         return condition, None, message  # _assert_is_none(x, msg)
-    if isinstance(condition, fx.Node) and condition.op == "call_function" and condition.target is operator.eq \
-            and isinstance(condition.args[0], fx.Node) and condition.args[0].op == "placeholder":
+    if (isinstance(condition, fx.Node) and condition.op == "call_function" and condition.target is operator.eq
+            and isinstance(condition.args[0], fx.Node) and condition.args[0].op == "placeholder"):
         return condition.args[0], condition.args[1], message  # torch._assert(x == value, msg)
     return None
 

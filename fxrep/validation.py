@@ -1,4 +1,5 @@
-"""Checks of a user's model before fxrep touches it: eval mode, float weights on a real device, not quantized."""
+"""Checks of a user's model before fxrep touches it: eval mode, float weights on a real device, not
+quantized."""
 
 from __future__ import annotations
 

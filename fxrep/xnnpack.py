@@ -72,7 +72,8 @@ def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
 
 
 def _sizes(node: fx.Node) -> list | None:
-    """A reshape target for ``node``'s recorded shape: its sizes, with -1 for the one symbolic (batch) size."""
+    """A reshape target for ``node``'s recorded shape: its sizes, with -1 for the one symbolic (batch)
+    size."""
     shape = recorded_shape(node)
     if shape is None:
         return None
@@ -250,7 +251,8 @@ def _slice_as(graph: fx.Graph, source: fx.Node, dim: int, index: int, result: fx
 
 
 def views_as_reshape(gm: fx.GraphModule) -> bool:
-    """``squeeze``/``unsqueeze`` as ``reshape``; ``select`` and ``unbind`` items as ``slice`` + ``reshape``."""
+    """``squeeze``/``unsqueeze`` as ``reshape``; ``select`` and ``unbind`` items as ``slice`` +
+    ``reshape``."""
     graph, changed = gm.graph, False
     for node in list(graph.nodes):
         source = recorded_shape(node.args[0]) if node.args else None

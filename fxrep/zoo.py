@@ -193,7 +193,8 @@ def _compare(fused, x, expected, result: ZooResult) -> None:
         return
     for e, a in zip(expected, actual):
         if e.shape != a.shape or e.dtype != a.dtype:
-            result.outcome, result.detail = "wrong", f"output {tuple(a.shape)} {a.dtype}, expected {tuple(e.shape)}"
+            result.outcome = "wrong"
+            result.detail = f"output {tuple(a.shape)} {a.dtype}, expected {tuple(e.shape)}"
             return
         err = relative_error(e, a)
         if not err <= DEFAULT_RTOL.get(e.dtype, 1e-5):

@@ -15,7 +15,8 @@ GELU_SLOPE, GELU_ROUNDINGS = 1.13, 8  # max |gelu'(z)| (1.129 at z = 1.41); roun
 
 
 def assert_within(got, want, bound):
-    """|got - want| <= bound elementwise: each side's rounding error, bounded from its ops (docs/numerics.md)."""
+    """|got - want| <= bound elementwise: each side's rounding error, bounded from its ops
+    (docs/numerics.md)."""
     excess = (got - want).abs() - bound
     assert bool((excess <= 0).all()), f"off by {excess.max().item():.3g} beyond the rounding bound"
 
@@ -99,8 +100,9 @@ def test_concat_and_place_columns_widen_a_sum_of_mlps(d, widths, seed):
         z = F.linear(x, a, bias)
         # per side: the first Linear's error through GELU's slope, GELU's own rounding, the second Linear
         dh = GELU_SLOPE * matmul_error_bound(x, a.T, bias) + GELU_ROUNDINGS * U * z.abs()
-        bound = bound + 2 * (dh @ c.abs().T + matmul_error_bound(F.gelu(z).abs() + dh, c.T) + gamma(len(widths), f64)
-                             * F.gelu(z).abs() @ c.abs().T)
+        h_abs = F.gelu(z).abs()
+        branch_sum = gamma(len(widths), f64) * h_abs @ c.abs().T
+        bound = bound + 2 * (dh @ c.abs().T + matmul_error_bound(h_abs + dh, c.T) + branch_sum)
         offset += width
     assert_within(got, want, bound)
 
@@ -134,13 +136,15 @@ def test_scaling_a_model_dtype_weight_keeps_the_float64_bits(dtype, per_row, c, 
     """merge_affine scales a weight in its own dtype only when that is the float64 result: the factor must be
     representable in the dtype (0.1 and 1/3 are not, so those stay float64)."""
     t = _rand(6, 5, seed=seed).to(dtype)
-    factor = torch.full((6,), c, dtype=f64) * torch.linspace(1, 2, 6, dtype=f64) if per_row else torch.tensor(c, dtype=f64)
+    factor = torch.full((6,), c, dtype=f64) * torch.linspace(1, 2, 6, dtype=f64) if per_row else \
+        torch.tensor(c, dtype=f64)
     got = algebra.scale_term(factor, t)
     exact = (factor[:, None] if per_row else factor) * t.double()
     if got.dtype == f64:
         assert torch.equal(got, exact)
     else:
-        assert torch.equal(factor.to(dtype).double(), factor), "scaled in the model dtype by an inexact factor"
+        assert torch.equal(factor.to(dtype).double(), factor), \
+            "scaled in the model dtype by an inexact factor"
         assert torch.equal(got, exact.to(dtype))
 
 

@@ -135,7 +135,8 @@ def test_decompositions_fold_only_where_exact():
 
 
 class ConstantMaskAttention(nn.Module):
-    """SDPA with a boolean mask built from ``arange`` (as Hugging Face's sdpa models do), or read from an input."""
+    """SDPA with a boolean mask built from ``arange`` (as Hugging Face's sdpa models do), or read from an
+    input."""
 
     def __init__(self, mask: str):
         super().__init__()

@@ -53,7 +53,8 @@ def test_a_chain_of_duplicates_of_any_depth_collapses_in_one_sweep(data, depth):
     # canonicalize: one sweep merges every duplicate, one finds none left; fuse and lower: one each, none left
     assert report.sweeps == 4
     assert report.count("eliminate_common_subexpressions") == depth
-    assert len([n for n in fused.graph.nodes if n.op == "call_function" or n.op == "call_method"]) == depth + 1
+    calls = [n for n in fused.graph.nodes if n.op in ("call_function", "call_method")]
+    assert len(calls) == depth + 1
     torch.testing.assert_close(fused(x), gm(x), rtol=0, atol=0)  # the same ops on the same values
 
 
@@ -117,7 +118,8 @@ class DropOneMarkerPerSweep:
 
 
 class Swap:
-    """With its twin, a broken pair of user patterns: one rewrites ``source`` into ``target``, the other back."""
+    """With its twin, a broken pair of user patterns: one rewrites ``source`` into ``target``, the other
+    back."""
 
     phase = "canonicalize"
 

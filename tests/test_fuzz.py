@@ -1,4 +1,5 @@
-"""Differential fuzzing in the suite (benchmarks/fuzz.py runs thousands): exact or untouched, never a crash."""
+"""Differential fuzzing in the suite (benchmarks/fuzz.py runs thousands): exact or untouched, never a
+crash."""
 
 import torch
 from hypothesis import given, settings
@@ -20,7 +21,8 @@ def _case(steps, outputs=(), dtype=torch.float32, dim=4):
 
 
 def test_shared_linear_read_by_two_branches():
-    assert fuzz_check(_case([("linear", (0, 0), 0), ("shared_linear", (0, 0), 0), ("add", (1, 2), 0)]))["error"] is None
+    case = _case([("linear", (0, 0), 0), ("shared_linear", (0, 0), 0), ("add", (1, 2), 0)])
+    assert fuzz_check(case)["error"] is None
 
 
 def test_masked_attention_beside_plain_attention():

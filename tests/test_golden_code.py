@@ -130,7 +130,9 @@ def fingerprint_bound(t: torch.Tensor) -> float:
     its dtype (at most two of this tensor's own, at a binade edge; weights at most 2), plus each machine's
     rounding of the sum."""
     v = t.detach().reshape(-1)
-    return 2 * (2 * ulp(v).sum().item() + 2 * gamma(max(1, v.numel()), torch.float64) * v.double().abs().sum().item())
+    rounding = 2 * ulp(v).sum().item()
+    summing = 2 * gamma(max(1, v.numel()), torch.float64) * v.double().abs().sum().item()
+    return 2 * (rounding + summing)
 
 
 def describe(gm) -> str:

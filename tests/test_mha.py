@@ -133,7 +133,9 @@ def test_masked_multihead_attention_branches_lift_and_merge(branches, heads, hea
                                                             batch, kind_attn, kind_pad, seed):
     """Boolean masks mean "do not attend" here (the opposite of SDPA's); fxrep merges both masks as torch
     does, at run time, so the fused model is exact for other mask values and another batch size too."""
-    if kind_attn.startswith("bool") and kind_pad == "float" or kind_attn.startswith("float") and kind_pad == "bool":
+    bool_and_float = kind_attn.startswith("bool") and kind_pad == "float"
+    float_and_bool = kind_attn.startswith("float") and kind_pad == "bool"
+    if bool_and_float or float_and_bool:
         kind_pad = "none"  # mixing a boolean and a float mask is deprecated in torch
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

@@ -127,7 +127,8 @@ def test_joined_branches_whose_pre_activation_leaks_are_reported(lam):
     model = GeneratedMlpBlock(MlpSpec(branches=3, near_miss="leak", lam=lam))
     gm = assert_fused_equivalent(model, make_inputs(8, torch.float32))
     reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "widen_mlp"]
-    assert len(reasons) == 1 and "are sums of Linears" in reasons[0] and "also read elsewhere" in reasons[0], reasons
+    assert len(reasons) == 1, reasons
+    assert "are sums of Linears" in reasons[0] and "also read elsewhere" in reasons[0], reasons
 
 
 def test_partly_joined_branches_that_widen_leave_no_provisional_reason():

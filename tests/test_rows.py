@@ -27,7 +27,8 @@ TOLERANCE = MODEL_RTOL[torch.float32]  # docs/numerics.md
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block written with F.scaled_dot_product_attention, optionally masked or causal."""
+    """A pre-norm transformer block written with F.scaled_dot_product_attention, optionally masked or
+    causal."""
 
     def __init__(self, dim: int, heads: int, mask: str):
         super().__init__()
@@ -39,7 +40,8 @@ class Block(nn.Module):
     def forward(self, x, bias):
         b, n, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = {"none": None, "rows": bias, "keys": bias[:1], "heads": bias.expand(self.heads, n, n)}.get(self.mask)
+        masks = {"none": None, "rows": bias, "keys": bias[:1], "heads": bias.expand(self.heads, n, n)}
+        mask = masks.get(self.mask)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.mask == "causal")
         x = x + self.proj(o.transpose(1, 2).reshape(b, n, c))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
@@ -203,7 +205,8 @@ def test_a_pruned_fused_model_lowers_to_one_xnnpack_delegate():
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).exported_program()
     outside = collections.Counter(getattr(n.target, "__name__", str(n.target)) for n in lowered.graph.nodes
                                   if n.op == "call_function" and "getitem" not in str(n.target))
-    assert outside.pop("executorch_call_delegate") == 1 and outside == {"aten.expand_copy.default": 1}, outside
+    assert outside.pop("executorch_call_delegate") == 1, outside
+    assert outside == {"aten.expand_copy.default": 1}, outside
 
 
 @pytest.mark.parametrize("name", ["cait_xxs24_224", "crossvit_tiny_240", "pit_xs_224", "xcit_nano_12_p8_224"])

@@ -66,8 +66,8 @@ def test_train_joins_fuses_and_resumes(tmp_path):
     result = train(model, data, held, cfg)
     assert model.join == 1.0 and result.steps == 6
     assert result.prediction_mismatches == 0 and result.fused_accuracy == result.eval_accuracy
-    assert {"fused.pt", "fused.safetensors", "fuse_report.txt", "metrics.jsonl"} <= {p.name
-                                                                                     for p in tmp_path.iterdir()}
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"fused.pt", "fused.safetensors", "fuse_report.txt", "metrics.jsonl"} <= written
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 7)) and lines[0]["lam"] == 0.0
     fused = torch.load(tmp_path / "fused.pt", weights_only=False)
@@ -124,7 +124,8 @@ def test_image_folder_dataset(tmp_path):
 @pytest.mark.parametrize("flag, gamma",
                          [([], 0.25), (["--init-values", "0.5"], 0.5), (["--init-values", "0"], None)])
 def test_cli_layerscale_default_is_the_models(flag, gamma):
-    """``fxrep train`` keeps the documented 1/B LayerScale of a B-branch model unless --init-values is given."""
+    """``fxrep train`` keeps the documented 1/B LayerScale of a B-branch model unless --init-values is
+    given."""
     from fxrep.cli import build_model, parser
 
     args = parser().parse_args(["train", "--model", "fxrep_deit_tiny_d3b4", *flag])

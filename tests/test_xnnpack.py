@@ -25,7 +25,8 @@ def _ops(program) -> collections.Counter:
 
 
 class Attention(torch.nn.Module):
-    """Attention over (batch, heads, tokens, dim) tensors, in the spellings fxrep's fused models and timm use."""
+    """Attention over (batch, heads, tokens, dim) tensors, in the spellings fxrep's fused models and timm
+    use."""
 
     def __init__(self, key: str, head_sum: bool, scale):
         super().__init__()
@@ -33,8 +34,10 @@ class Attention(torch.nn.Module):
 
     def forward(self, q, x, v):
         if self.key == "expand_as":  # fxrep's rank-aware form: the block input is every head's key
-            k = x.unsqueeze(-3).expand_as(q) if q.shape[-2] == x.shape[-2] else x.unsqueeze(1).expand(-1,
-                                                                                                      q.shape[1], -1, -1)
+            if q.shape[-2] == x.shape[-2]:
+                k = x.unsqueeze(-3).expand_as(q)
+            else:
+                k = x.unsqueeze(1).expand(-1, q.shape[1], -1, -1)
         elif self.key == "broadcast":
             k = x.unsqueeze(-3)
         else:
@@ -45,7 +48,8 @@ class Attention(torch.nn.Module):
 
 @st.composite
 def attention_case(draw):
-    b, h, n, m = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    b, h = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    n, m = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     d, dv = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     key = draw(st.sampled_from(["expand_as", "broadcast", "per_head"]))
     scale = draw(st.sampled_from([None, 1.0, 0.37]))
@@ -90,8 +94,10 @@ class SplitLinearAttention(torch.nn.Module):
         if self.near_miss == "q_tensor":
             q = q.contiguous() * 1.5
         v = self.v(y)
-        v = v.unflatten(-1, (-1, h)).transpose(-1, -2) if self.near_miss == "dv_major" else v.unflatten(-1,
-                                                                                                        (h, -1))
+        if self.near_miss == "dv_major":
+            v = v.unflatten(-1, (-1, h)).transpose(-1, -2)
+        else:
+            v = v.unflatten(-1, (h, -1))
         k = x.unsqueeze(-3).expand_as(q)
         return F.scaled_dot_product_attention(q, k, v.transpose(-3, -2), scale=self.scale).sum(-3)
 

@@ -44,7 +44,8 @@ class LiftedTerm:
 
 @dataclass
 class Lift:
-    """A verified lift: ``z`` (the merged-back attention output) becomes ``multi_head_attention(x, params)``."""
+    """A verified lift: ``z`` (the merged-back attention output) becomes
+    ``multi_head_attention(x, params)``."""
 
     x: fx.Node
     z: fx.Node
@@ -111,7 +112,7 @@ def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: 
     kind = "joined" if len(cand.logits.terms) > 1 else ("sdpa" if cand.softmax is None else "softmax")
     linears = sorted({n for n in nodes if as_linear(n) is not None}, key=order.__getitem__)
     masked = " with a mask" if cand.attn_mask is not None else ""
-    causal = " (causal)" if cand.is_causal is True else " (causal when asked)" if cand.is_causal is not False else ""
+    causal = {True: " (causal)", False: ""}.get(cand.is_causal, " (causal when asked)")
     return Lift(x, z, params, H, cand.value.linear.weight.dtype, nodes, terms, cache.emitted, width,
                 merge_origins(linears), f"{kind} attention{masked}{causal}, {H} heads (q/k width {width}, "
                 f"v width {dv}) -> multi_head_attention", cand.attn_mask, cand.is_causal)
@@ -142,7 +143,8 @@ def _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, c
         return
     except NotAttention as e:
         raise NotAttention("the attention computes differently on an input with two leading axes, and its "
-                           "input's shape is unknown; pass example_inputs so fxrep sees the real shape") from e
+                           "input's shape is unknown; pass example_inputs so fxrep sees the real "
+                           "shape") from e
     finally:
         probe.shape_sources = {k: cache.verified[(x, shape)][x] for k in probe.shape_sources}
 

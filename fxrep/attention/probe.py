@@ -43,7 +43,8 @@ class Probe:
             n = ln.input if ln is not None else None
 
     def load(self, a: fx.Node):
-        """The value of a ``get_attr`` node, float64 for floating tensors (shared by the probes of one analysis)."""
+        """The value of a ``get_attr`` node, float64 for floating tensors (shared by the probes of one
+        analysis)."""
         return self._load(a, {})
 
     def _load(self, a, env):
@@ -52,7 +53,8 @@ class Probe:
         if a.op == "get_attr":
             if a not in self.constants:
                 t = load_attribute(a)
-                self.constants[a] = t.detach().to(f64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                floating = isinstance(t, torch.Tensor) and t.is_floating_point()
+                self.constants[a] = t.detach().to(f64) if floating else t
             return self.constants[a]
         if a in self.shape_sources:
             return self.shape_sources[a]
@@ -93,7 +95,8 @@ class Probe:
             except NotAttention:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure means the layout is not what we expect
-                raise ProbeFailed(f"evaluating {describe(n)} on a probe failed ({type(e).__name__}: {e})") from e
+                raise ProbeFailed(f"evaluating {describe(n)} on a probe failed "
+                                  f"({type(e).__name__}: {e})") from e
         return env
 
 
@@ -102,7 +105,8 @@ def _coded(shape) -> torch.Tensor:
 
 
 def _lead_rows(lead: tuple, trailing: int) -> torch.Tensor:
-    """The flat index of every leading (batch) position, shaped to broadcast against ``lead + trailing`` axes."""
+    """The flat index of every leading (batch) position, shaped to broadcast against ``lead + trailing``
+    axes."""
     return torch.arange(int(torch.tensor(lead).prod())).reshape(lead + (1,) * trailing)
 
 
@@ -118,7 +122,8 @@ def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch
     env = probe.run(chain.nodes, {lin.node: y, lin.input: x_value}, passthrough=chain.scale_nodes)
     t = env[chain.end] if chain.nodes else y
     if not isinstance(t, torch.Tensor) or t.dim() != len(lead) + 3:
-        folded = ": it folds input axes together" if isinstance(t, torch.Tensor) and t.dim() < len(lead) + 3 else ""
+        fewer = isinstance(t, torch.Tensor) and t.dim() < len(lead) + 3
+        folded = ": it folds input axes together" if fewer else ""
         raise NotAttention(f"{describe(chain.end)} is not a (batch, heads, tokens, dim) tensor for an input "
                            f"of shape {tuple(x_value.shape)}{folded}")
     t = t.transpose(-2, -1) if transposed else t
@@ -128,7 +133,8 @@ def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch
     t = t.long()
     row, n, f = t // (F_ * N), (t // F_) % N, t % F_
     head_map = f[(0,) * len(lead)][:, :1, :]
-    ok = (row == _lead_rows(lead, 3)).all() and (n == torch.arange(N).view(N, 1)).all() and (f == head_map).all()
+    ok = ((row == _lead_rows(lead, 3)).all() and (n == torch.arange(N).view(N, 1)).all()
+          and (f == head_map).all())
     if not ok:
         raise NotAttention(f"{describe(chain.end)} mixes tokens or batch elements into heads")
     head_map = head_map[:, 0, :]

@@ -61,7 +61,8 @@ class Chain:
 
 @dataclass
 class LogitTerm:
-    """``coef * (q @ k^T)``; ``k_transposed``: the key chain ends in k^T (matmul) rather than k (einsum, SDPA)."""
+    """``coef * (q @ k^T)``; ``k_transposed``: the key chain ends in k^T (matmul) rather than k (einsum,
+    SDPA)."""
 
     coef: float
     q: Chain
@@ -174,7 +175,8 @@ def softmax_input(p: fx.Node, model_dtype: torch.dtype) -> fx.Node:
 
 
 def _probabilities(p: fx.Node) -> fx.Node:
-    """The softmax under a cast back to the model dtype (``softmax(s, dtype=float32).to(q.dtype)``), or ``p``."""
+    """The softmax under a cast back to the model dtype (``softmax(s, dtype=float32).to(q.dtype)``), or
+    ``p``."""
     inner = as_float_cast(p)
     return inner if inner is not None and is_softmax(inner) else p
 

@@ -121,7 +121,8 @@ def _as_decision(key: str, value) -> Decision:
 
 
 class ReplayedCostModel:
-    """Recorded decisions given back as they were, without timing; groups they do not name go to ``fallback``."""
+    """Recorded decisions given back as they were, without timing; groups they do not name go to
+    ``fallback``."""
 
     name = "replayed"
 

@@ -96,7 +96,8 @@ def _clone(a):
     # a contiguous copy is how core ATen spells ``reshape`` of a permuted tensor: read it as ``contiguous()``
     if a.get("memory_format") == torch.contiguous_format:
         return _Call("contiguous", (a["input"],), {})
-    return (a["input"],), ({"memory_format": a["memory_format"]} if a.get("memory_format") is not None else {})
+    layout = a.get("memory_format")
+    return (a["input"],), ({"memory_format": layout} if layout is not None else {})
 
 
 def _contiguous(a):

@@ -51,7 +51,9 @@ def _only_reader(node, reader) -> bool:
 
 
 def _call(node, *targets):
-    return node if isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets else None
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets:
+        return node
+    return None
 
 
 def _transposed_weight(node):
@@ -128,13 +130,15 @@ def _matmul(out):
     if len(ea) != len(eb) or not _same(ea[:-2], eb[:-2]) or not _same(recorded_shape(out), ea[:-1] + eb[-1:]):
         return None
     weight = _transposed_weight(b)
-    if weight is not None and recorded_shape(weight) is not None and len(recorded_shape(weight)) == 2 and _same(recorded_shape(a), ea):
+    if (weight is not None and recorded_shape(weight) is not None and len(recorded_shape(weight)) == 2
+            and _same(recorded_shape(a), ea)):
         return aten.linear.default, (a, weight)
     return aten.matmul.default, (a, b)
 
 
 def _stack(out):
-    """``stack(xs)`` if ``out`` is ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s``, else None."""
+    """``stack(xs)`` if ``out`` is ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s``, else
+    None."""
     cat = _call(out.args[0], aten.cat.default)
     if cat is None or not _only_reader(cat, out) or (cat.args[1] if len(cat.args) > 1 else 0) != 0:
         return None
@@ -249,7 +253,8 @@ def fold_core_aten(gm: fx.GraphModule) -> int:
                 _replace(gm, u, aten.layer_norm.default, tuple(node.args[:5]))
             folded += 1
     for node in list(gm.graph.nodes):  # then Linears on 2-d inputs (the classifier head)
-        found = _matrix_product(node) if _call(node, aten.addmm.default, aten.mm.default) is not None else None
+        is_product = _call(node, aten.addmm.default, aten.mm.default) is not None
+        found = _matrix_product(node) if is_product else None
         if found is not None and _checked(node, *found) is not None:
             _replace(gm, node, aten.linear.default, found)
             folded += 1

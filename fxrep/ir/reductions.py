@@ -59,6 +59,7 @@ def as_reduction(node) -> ReductionView | None:
     dim = args.get("dim")
     if isinstance(dim, (list, tuple)) and len(dim) == 1:
         dim = dim[0]
-    if not isinstance(dim, int) or isinstance(dim, bool) or args.get("keepdim") or args.get("dtype") is not None:
+    if (not isinstance(dim, int) or isinstance(dim, bool) or args.get("keepdim")
+            or args.get("dtype") is not None):
         return None
     return ReductionView(node, kind, args["input"], dim)

@@ -60,8 +60,8 @@ class DropIdentity:
         if identity is False:
             return Skip([node], "functional dropout is called with training=True: it is random even in "
                                 "eval mode; pass training=self.training")
-        if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs \
-                and layout_sensitive_reader(node) is None:
+        if (node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1
+                and not node.kwargs and layout_sensitive_reader(node) is None):
             return Match([node], node.args[0], "contiguous() whose readers do not depend on the layout")
         return None
 

@@ -72,7 +72,8 @@ class RankAwareAttention:
                                 "Linear")
         tokens = _tokens(att.input, att.tokens_first)
         heads, rank = costs(att, lin.out_features, tokens)
-        basis = f"{tokens} tokens" if tokens else "projections only (pass example_inputs to count the attention matmuls)"
+        basis = (f"{tokens} tokens" if tokens else
+                 "projections only (pass example_inputs to count the attention matmuls)")
         if rank >= heads:
             return Skip([node], f"kept the per-head form: {heads:,} MACs/token vs {rank:,} rank-aware "
                                 f"({basis})")

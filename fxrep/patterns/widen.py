@@ -76,9 +76,11 @@ def _describe_mixed(nodes) -> str:
             elif arith_kind(a) is not None:
                 todo += [b for b in a.args if isinstance(b, fx.Node)]
     pres = ", ".join(dict.fromkeys(n.args[0].name for n in nodes))
-    why = f": {', '.join(sorted(leaks))} {'is' if len(leaks) == 1 else 'are'} also read elsewhere, so fxrep " \
-        "keeps the sum as written" if leaks else ""
-    return f"pre-activations {pres} are sums of Linears, not one Linear each{why}; these branches do not widen"
+    verb = "is" if len(leaks) == 1 else "are"
+    why = f": {', '.join(sorted(leaks))} {verb} also read elsewhere, so fxrep keeps the sum as written" \
+        if leaks else ""
+    return (f"pre-activations {pres} are sums of Linears, not one Linear each{why}; these branches do not "
+            "widen")
 
 
 def _masking_key(att) -> tuple:
@@ -114,7 +116,8 @@ def sibling_groups(ctx, kind: str):
                 key = activation_key(n)
                 pre = as_linear(n.args[0]) if key is not None else None
                 if pre is None:
-                    if key is not None and isinstance(n.args[0], fx.Node) and arith_kind(n.args[0]) is not None:
+                    pre_node = n.args[0] if key is not None else None
+                    if isinstance(pre_node, fx.Node) and arith_kind(pre_node) is not None:
                         mixed_pre.setdefault((_owner(n, analysis), key), []).append(n)
                     continue
                 x, dtype = pre.input, pre.weight.dtype

@@ -31,7 +31,8 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_mnist_idx(root: str | Path | None = None, split: str = "train", verify: bool = True) -> TensorDataset:
+def load_mnist_idx(root: str | Path | None = None, split: str = "train",
+                   verify: bool = True) -> TensorDataset:
     """The MNIST t10k set with the project's fixed split: ``eval`` = the 2,000 images with ``i % 5 == 4``,
     ``train`` = the other 8,000. Images are float32 (N, 1, 28, 28) in [0, 1]."""
     root = Path(root) if root is not None else DEFAULT_MNIST
@@ -88,7 +89,8 @@ def image_folder(root: str | Path, img_size: int, channels: int = 3):
 
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"image folder {root} does not exist: pass a directory with one sub-folder per class")
+        raise InputError(f"image folder {root} does not exist: pass a directory with one sub-folder per "
+                         "class")
     tf = [transforms.Resize((img_size, img_size))]
     if channels == 1:
         tf.append(transforms.Grayscale())

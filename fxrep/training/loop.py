@@ -213,7 +213,8 @@ def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, ste
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.2f}")
-                if run.out is not None and rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if run.out is not None and rank == 0 and due:
                     save_checkpoint(run.out / "checkpoint", model, run.optimizer, step, history)
             epoch += 1
     finally:
