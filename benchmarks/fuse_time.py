@@ -3,8 +3,8 @@
     python benchmarks/fuse_time.py [--quick]
 
 Rows: branched ViTs (fxrep BranchedBlock, lam = 1) at DeiT-Tiny width (192, 3 heads) and ViT-Base width
-(768, 12 heads), with the issue's targets: d3b4 DeiT-Tiny under 1 s, 12 blocks x 4 branches ViT-Base under 5
-s, and a 12-block branched MLP model under 1 s. Prints the exponent of time ~ nodes^k fitted over all rows.
+(768, 12 heads), with targets: d3b4 DeiT-Tiny under 1 s, 12 blocks x 4 branches ViT-Base under 5 s, and a
+12-block branched MLP model under 1 s. Prints the exponent of time ~ nodes^k fitted over all rows.
 Then the torch.export front end: the registered ``fxrep_deit_tiny_d3b4`` (224 px, joined) exported with a
 dynamic batch, export time and ``fxrep.fuse(program)`` time apart (target: fuse < 1.5 s).
 """

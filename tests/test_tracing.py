@@ -15,7 +15,7 @@ from fxrep.testing import assert_fused_equivalent, compare_outputs
 
 
 class OptionalInput(nn.Module):
-    """The issue's repro: the model's only input defaults to None."""
+    """A model whose only input defaults to None."""
 
     def __init__(self, d=4):
         super().__init__()
