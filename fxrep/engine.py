@@ -66,9 +66,8 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     except Exception as e:  # noqa: BLE001 - re-raised with the fix named
         stale = stale_proxies(gm)
         cause = (f" {', '.join(stale[:3]) if stale else 'A common cause'}: a model that caches values while "
-                 f"it is "
-                 "traced (timm's LeViT and EfficientFormer keep an attention_bias_cache) keeps an fx Proxy, "
-                 "so a second torch.fx.symbolic_trace of it reads a node of the first trace.")
+                 "it is traced (timm's LeViT and EfficientFormer keep an attention_bias_cache) keeps an fx "
+                 "Proxy, so a second torch.fx.symbolic_trace of it reads a node of the first trace.")
         raise InputError(
             f"the GraphModule's graph is malformed: {str(e).split('!')[0].splitlines()[0]}.{cause} Fix: pass "
             f"the nn.Module itself to fxrep.fuse "
@@ -100,9 +99,8 @@ def _erasure_refused(graph: fx.Graph, pattern):
     def refuse(node):
         raise PatternError(
             f"pattern {pattern.name!r} erased node '{node.name}' in replace(). Patterns must not erase "
-            f"nodes: "
-            "call ctx.replace_node(old, new) and fxrep erases old (and any node left without users) after "
-            "the pattern's rewrites.")
+            "nodes: call ctx.replace_node(old, new) and fxrep erases old (and any node left without users) "
+            "after the pattern's rewrites.")
 
     graph.erase_node = refuse
     try:
@@ -127,10 +125,9 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
                               result.provisional))
             elif isinstance(result, Match):
                 if not hazards.isdisjoint(result.nodes):
-                    skips.append((Skipped(pattern.name, "a value it rewrites is written in place (or read "
-                                                        "after "
-                                          "such a write): left as it is", merge_origins(result.nodes)),
-                                          False))
+                    reason = ("a value it rewrites is written in place (or read after such a write): left as "
+                              "it is")
+                    skips.append((Skipped(pattern.name, reason, merge_origins(result.nodes)), False))
                 elif taken.isdisjoint(result.nodes):
                     matches.append(result)
                     taken.update(result.nodes)

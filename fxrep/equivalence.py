@@ -59,8 +59,7 @@ def compare_outputs(expected, actual, rtol: float | None = None) -> None:
         err = relative_error(e, a)
         if not err <= tol:
             raise EquivalenceError(f"output {i}: max|delta|/max|y| = {err:.3g} > {tol:g}: the fused model "
-                                   f"does "
-                                   "not compute what the original computes")
+                                   "does not compute what the original computes")
 
 
 def check_inputs(inputs) -> tuple:
@@ -70,8 +69,7 @@ def check_inputs(inputs) -> tuple:
         if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.dtype in (torch.long, torch.int,
                                                                                       torch.bool)):
             raise InputError(f"inputs of dtype {t.dtype} are not supported; use float tensors (integer or "
-                             f"boolean "
-                             "tensors for indices and masks)")
+                             "boolean tensors for indices and masks)")
     return tuple(inputs)
 
 
@@ -84,8 +82,7 @@ def assert_equivalent(model: nn.Module, fused: nn.Module, inputs, *, rtol: float
         changed = snapshot.diff(model)
         if changed:
             raise EquivalenceError(f"fusing modified the input model: {changed}. fxrep must build new "
-                                   f"tensors and "
-                                   "leave the user's modules as they were (tracing included).")
+                                   "tensors and leave the user's modules as they were (tracing included).")
     with torch.no_grad():
         try:
             expected = model(*inputs)

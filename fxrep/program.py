@@ -52,9 +52,8 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
     except Exception as e:  # noqa: BLE001 - the graph fxrep built does not export: fxrep's bug
         raise InternalError(
             f"the fused graph does not export again ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
-            f"This is a "
-            "bug in fxrep; please report it with the model. fxrep.fuse(program.module()) returns the fused "
-            "GraphModule meanwhile.") from e
+            "This is a bug in fxrep; please report it with the model. fxrep.fuse(program.module()) returns "
+            "the fused GraphModule meanwhile.") from e
     fused.graph_module.meta["fxrep_report"] = report
     return fused
 

@@ -52,9 +52,8 @@ def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tup
         return program
     module.graph.eliminate_dead_code()
     module.recompile()
-    return export_rewritten(program, module, example_inputs, rewrite="computing only the rows the outputs "
-                                                                     "read",
-                            switch="prune_rows=False")
+    return export_rewritten(program, module, example_inputs,
+                            rewrite="computing only the rows the outputs read", switch="prune_rows=False")
 
 
 # --- which rows a node asks for

@@ -31,8 +31,7 @@ def validate(model: nn.Module) -> None:
     if training:
         raise TrainingModeError(
             f"the model is in training mode (e.g. {', '.join(training[:3])}): Dropout and DropPath are "
-            f"random "
-            "there, so no rewrite is exact. Call model.eval() before fxrep.fuse(model).")
+            "random there, so no rewrite is exact. Call model.eval() before fxrep.fuse(model).")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise UnsupportedModelError(

@@ -63,8 +63,7 @@ def _register(variant: str):
 
     entry.__name__ = name
     entry.__doc__ = (f"DeiT-Tiny shape, {depth} blocks of {branches} parallel branches (fuses to {depth} "
-                     f"layers)"
-                     + (f"; LayerScale initialized to 1/{branches}." if branches > 1 else "."))
+                     "layers)" + (f"; LayerScale initialized to 1/{branches}." if branches > 1 else "."))
     entry.__module__ = __name__
     globals()[name] = register_model(entry)
 

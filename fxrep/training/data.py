@@ -41,15 +41,13 @@ def load_mnist_idx(root: str | Path | None = None, split: str = "train",
     if missing:
         raise InputError(f"MNIST files not found: {', '.join(missing)}. Pass --data DIR with "
                          f"{' and '.join(n for n, _ in MNIST_FILES.values())} (the IDX files of the MNIST "
-                         f"test set; "
-                         "a checkout of the fxrep repository has them in data/mnist-t10k), or use --dataset "
-                         "synthetic.")
+                         "test set; a checkout of the fxrep repository has them in data/mnist-t10k), or use "
+                         "--dataset synthetic.")
     if verify:
         for key, (_, digest) in MNIST_FILES.items():
             if hashlib.sha256(paths[key].read_bytes()).hexdigest() != digest:
                 raise InputError(f"{paths[key]} does not have the expected sha256 {digest}: the file is "
-                                 f"damaged "
-                                 "or not the MNIST t10k set")
+                                 "damaged or not the MNIST t10k set")
     images = torch.from_numpy(_read_idx(paths["images"]).copy()).float().div_(255).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(paths["labels"]).astype(np.int64))
     index = torch.arange(len(labels))
