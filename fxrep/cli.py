@@ -14,43 +14,66 @@ def build_model(args, in_chans: int, num_classes: int, img_size: int):
     import fxrep.models  # noqa: F401
 
     layerscale = {} if args.init_values is None else {"init_values": args.init_values}
+    patch = args.patch_size or (16 if getattr(args, "recipe", None) else 8)
     return timm.create_model(args.model, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                             patch_size=args.patch_size, **layerscale)
+                             patch_size=patch, **layerscale)
+
+
+def _data(args):
+    """(train set, eval set, channels, classes, image size) of ``fxrep train``'s arguments."""
+    from fxrep.training import load_mnist_idx, synthetic_shapes
+    from fxrep.training.data import image_folder
+    from fxrep.training.recipe import IMAGENET, image_folders
+
+    if args.recipe == "imagenet":
+        img = args.img_size or IMAGENET.img_size
+        train_set, eval_set = image_folders(args.data, img)
+        return train_set, eval_set, 3, len(train_set.classes), img
+    if args.dataset == "mnist":
+        return load_mnist_idx(args.data, "train"), load_mnist_idx(args.data, "eval"), 1, 10, 28
+    if args.dataset == "synthetic":
+        img = args.img_size or 32
+        return (synthetic_shapes(args.synthetic_size, img, 1, 4, seed=args.seed),
+                synthetic_shapes(512, img, 1, 4, seed=args.seed + 1), 1, 4, img)
+    img = args.img_size or 224
+    train_set = image_folder(f"{args.data}/train", img)
+    return train_set, image_folder(f"{args.data}/val", img), 3, len(train_set.classes), img
+
+
+def _config(args, train_size: int, kd_alpha: float):
+    import os
+
+    from fxrep.training import TrainConfig
+    from fxrep.training.recipe import IMAGENET, recipe_config
+
+    common = dict(seed=args.seed, out_dir=args.out, kd_alpha=kd_alpha, join_shape=args.join_shape,
+                  stop_at=args.stop_at)
+    if args.recipe == "imagenet":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return recipe_config(IMAGENET, train_size, world, steps=args.steps, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers,
+                             checkpoint_every=args.checkpoint_every or None, **common)
+    return TrainConfig(steps=args.steps or 500, batch_size=args.batch_size or 64, lr=args.lr or 1e-3,
+                       checkpoint_every=args.checkpoint_every, num_workers=args.num_workers or 0, **common)
 
 
 def _train(args) -> int:
     import torch
 
-    import fxrep.models  # noqa: F401
-    from fxrep.training import TrainConfig, load_mnist_idx, synthetic_shapes, train
-    from fxrep.training.data import image_folder
+    from fxrep.training import train
 
-    if args.dataset == "mnist":
-        train_set, eval_set = load_mnist_idx(args.data, "train"), load_mnist_idx(args.data, "eval")
-        chans, classes, img = 1, 10, 28
-    elif args.dataset == "synthetic":
-        img = args.img_size or 32
-        train_set = synthetic_shapes(args.synthetic_size, img, 1, 4, seed=args.seed)
-        eval_set = synthetic_shapes(512, img, 1, 4, seed=args.seed + 1)
-        chans, classes = 1, 4
-    else:
-        img = args.img_size or 224
-        train_set = image_folder(f"{args.data}/train", img)
-        eval_set = image_folder(f"{args.data}/val", img)
-        chans, classes = 3, len(train_set.classes)
-    model = build_model(args, chans, classes, args.img_size or img)
+    train_set, eval_set, chans, classes, img = _data(args)
+    model = build_model(args, chans, classes, img)
     teacher = torch.load(args.teacher, weights_only=False) if args.teacher else None
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      out_dir=args.out,
-                      kd_alpha=args.kd_alpha if teacher is not None else 0.0,
-                      checkpoint_every=args.checkpoint_every,
-                      join_shape=args.join_shape)
+    cfg = _config(args, len(train_set), args.kd_alpha if teacher is not None else 0.0)
     result = train(model, train_set, eval_set, cfg, teacher=teacher, resume=args.resume)
-    if result.eval_accuracy is not None:
+    if result.steps < cfg.steps:
+        print(f"stopped at step {result.steps} of {cfg.steps}; continue with --resume")
+    elif result.eval_accuracy is not None:
         print(f"eval accuracy {100 * result.eval_accuracy:.2f}%", end="")
         if result.fused_accuracy is not None:
             print(f"; fused {100 * result.fused_accuracy:.2f}% ({result.prediction_mismatches} predictions "
-                  f"differ)")
+                  "differ)")
         else:
             print()
     print(f"outputs in {args.out}")
@@ -90,14 +113,21 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="train, join, fuse and compare a small branched DeiT (a few minutes on CPU)")
     t = sub.add_parser("train", help="train a branched ViT with progressive joining, then fuse it")
     t.add_argument("--model", default="fxrep_deit_tiny_d3b4")
+    t.add_argument("--recipe", choices=["imagenet"], default=None,
+                   help="imagenet: DeiT's recipe with joining, on an ImageFolder tree --data DIR "
+                        "(train/, val/)")
     t.add_argument("--dataset", choices=["mnist", "synthetic", "folder"], default="synthetic")
     t.add_argument("--data", default=None, help="MNIST IDX directory, or an ImageFolder root with train/ and "
                                                 "val/")
-    t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--steps", type=int, default=None, help="default 500, or the recipe's epochs")
+    t.add_argument("--epochs", type=float, default=None, help="with --recipe: epochs instead of steps")
+    t.add_argument("--batch-size", type=int, default=None, help="per process (default 64; recipe 256)")
+    t.add_argument("--lr", type=float, default=None, help="default 1e-3; recipe 5e-4 per 512 images")
     t.add_argument("--img-size", type=int, default=None)
-    t.add_argument("--patch-size", type=int, default=8)
+    t.add_argument("--patch-size", type=int, default=None, help="default 8; recipe 16")
+    t.add_argument("--num-workers", type=int, default=None, help="data loading processes (recipe 8)")
+    t.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step with a checkpoint (continue later with --resume)")
     t.add_argument("--init-values", type=float, default=None,
                    help="LayerScale init (default: the model's, 1/B for fxrep's branched models; 0: no "
                         "LayerScale)")

@@ -81,6 +81,66 @@ def test_train_joins_fuses_and_resumes(tmp_path):
     assert [r["step"] for r in result2.history][-2:] == [7, 8] and len(result2.history) == 8
 
 
+def _image_folder_tree(root: Path, classes: int = 2, per_class: int = 12) -> Path:
+    """A tiny ImageFolder tree (train/ and val/) of generated 40 x 36 PNGs: each class one colour."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(per_class if split == "train" else 4):
+                noise = torch.randint(0, 60, (36, 40, 3), generator=g, dtype=torch.uint8)
+                pixels = (noise + torch.tensor([120 * c, 80, 200 - 90 * c], dtype=torch.uint8)).numpy()
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+RECIPE_RUN = ["train", "--recipe", "imagenet", "--img-size", "32", "--patch-size", "8", "--epochs", "3",
+              "--batch-size", "4", "--num-workers", "0"]
+
+
+def _losses(out: Path) -> list:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_imagenet_recipe_resumes_where_it_stopped(tmp_path):
+    """One process: a run stopped after step 5 and resumed takes the very steps of an uninterrupted run (the
+    same losses, bit for bit on one machine: same data order, random state, optimizer and schedules)."""
+    from fxrep.cli import main
+
+    data = _image_folder_tree(tmp_path / "images")
+    assert main([*RECIPE_RUN, "--data", str(data), "--out", str(tmp_path / "whole")]) == 0
+    whole = _losses(tmp_path / "whole")
+    assert len(whole) == 3 * (24 // 4)  # 3 epochs of 6 batches, across epoch boundaries
+    parted = tmp_path / "parted"
+    assert main([*RECIPE_RUN, "--data", str(data), "--out", str(parted), "--stop-at", "5"]) == 0
+    assert not (parted / "fused.pt").exists() and len(_losses(parted)) == 5
+    assert main([*RECIPE_RUN, "--data", str(data), "--out", str(parted), "--resume"]) == 0
+    assert _losses(parted) == whole
+    assert (parted / "fused.pt").is_file()
+
+
+def test_the_imagenet_recipe_resumes_under_torchrun_with_two_processes(tmp_path):
+    data = _image_folder_tree(tmp_path / "images")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29517", "-m", "fxrep.cli", *RECIPE_RUN, "--data", str(data),
+               "--out", str(out), *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    torchrun(tmp_path / "whole")
+    whole = _losses(tmp_path / "whole")
+    assert len(whole) == 3 * (24 // 8)  # two processes of batch 4: 3 steps an epoch
+    assert "stopped at step 4" in torchrun(tmp_path / "parted", "--stop-at", "4")
+    assert "predictions differ" in torchrun(tmp_path / "parted", "--resume")
+    assert _losses(tmp_path / "parted") == whole
+
+
 def test_distributed_training_with_torchrun_on_cpu(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",

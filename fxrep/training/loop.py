@@ -1,5 +1,9 @@
 """The training loop: progressive joining, AdamW + cosine LR, clipping, AMP on GPU, JSON-lines metrics,
-safetensors checkpoints with resume, optional distillation, DDP under ``torchrun``; fuses at the end."""
+safetensors checkpoints that resume exactly, optional distillation, DDP under ``torchrun``; fuses at the end.
+
+The data order is a function of the seed and the epoch alone (every process, single or distributed, samples
+through a ``DistributedSampler``), so a run resumed at step ``s`` reads the batches an uninterrupted run reads
+after step ``s``, and takes the same steps (``tests/test_training.py`` checks the losses)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..models.branched_vit import set_join
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import JoinSchedule
 
 
@@ -36,6 +41,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0          # 0: only at the end
     checkpoint_every: int = 0    # 0: only at the end
+    stop_at: int | None = None   # leave after this step with a checkpoint, as if interrupted (resume later)
+    label_smoothing: float = 0.0
+    num_workers: int = 0         # data loading processes
     kd_alpha: float = 0.0        # weight of distillation from ``teacher``
     kd_tau: float = 2.0
     progress: bool = True
@@ -90,27 +98,6 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, history: list) -> None:
-    """Weights as safetensors (``model.safetensors``), optimizer and step as ``trainer.pt``."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "history": history,
-                "rng": torch.get_rng_state()}, path / "trainer.pt")
-
-
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list]:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    state = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"], state["history"]
-
-
 @dataclass
 class _Run:
     """Everything one training run sets up before its first step."""
@@ -120,10 +107,11 @@ class _Run:
     optimizer: torch.optim.Optimizer
     net: torch.nn.Module
     loader: DataLoader
-    sampler: DistributedSampler | None
+    sampler: DistributedSampler
     scaler: torch.amp.GradScaler
     use_amp: bool
     out: Path | None
+    model: torch.nn.Module  # the model itself (``net`` may wrap it for DDP)
 
 
 def train(model, train_data, eval_data=None, config: TrainConfig | None = None, teacher=None,
@@ -135,19 +123,24 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None, 
     seed_everything(cfg.seed + rank)
     run = _set_up(model, train_data, cfg, rank, world)
     step, history = 0, []
-    if resume and run.out is not None and (run.out / "checkpoint" / "model.safetensors").is_file():
-        step, history = load_checkpoint(run.out / "checkpoint", model, run.optimizer)
+    if resume and has_checkpoint(run.out):
+        step, history = load_checkpoint(run.out / "checkpoint", model, run.optimizer, run.scaler, rank)
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(model)
     if teacher is not None:
         teacher.to(run.device).eval()
-    step, loss_value = _loop(model, run, cfg, teacher, eval_data, rank, step, history)
-    set_join(model, run.schedule(cfg.steps))
+    step, loss_value = _loop(model, run, cfg, teacher, eval_data, rank, world, step, history)
     result = TrainResult(step, loss_value, None, history)
-    if rank == 0:
-        if run.out is not None:
-            save_checkpoint(run.out / "checkpoint", model, run.optimizer, step, history)
+    if run.out is not None:
+        save_checkpoint(run.out / "checkpoint", model, run.optimizer, run.scaler, step, history, rank, world)
+        if rank == 0:
             (run.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if step < cfg.steps:  # stopped early (stop_at): the checkpoint is the result; resume to finish
+        if world > 1:
+            dist.barrier()
+        return result
+    set_join(model, run.schedule(cfg.steps))
+    if rank == 0:
         preds = None
         if eval_data is not None:
             result.eval_accuracy, preds = evaluate(model, eval_data, device=run.device)
@@ -170,42 +163,66 @@ def _set_up(model, train_data, cfg: TrainConfig, rank: int, world: int) -> _Run:
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    sampler = DistributedSampler(train_data, world, rank, seed=cfg.seed) if world > 1 else None
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=len(train_data) >= cfg.batch_size, generator=gen)
+    # one process or many: the order of an epoch follows from (seed, epoch) alone
+    sampler = _ResumableSampler(train_data, world, rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        drop_last=len(sampler) >= cfg.batch_size, persistent_workers=cfg.num_workers > 0)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    return _Run(device, schedule, optimizer, model, loader, sampler, scaler, use_amp, out)
+    return _Run(device, schedule, optimizer, model, loader, sampler, scaler, use_amp, out, model)
 
 
-def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, step: int,
+class _ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can leave out the first samples of an epoch: those a run had used before it
+    was interrupted (``skip``, reset to 0 by ``set_epoch``)."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def _record(run: _Run, cfg: TrainConfig, eval_data, rank: int, step: int, loss: float, lam: float) -> dict:
+    record = {"step": step, "loss": loss, "lam": lam, "lr": run.optimizer.param_groups[0]["lr"],
+              "time": time.time()}
+    if cfg.eval_every and eval_data is not None and step % cfg.eval_every == 0 and rank == 0:
+        record["eval_accuracy"] = evaluate(run.model, eval_data, device=run.device)[0]
+    return record
+
+
+def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, world: int, step: int,
           history: list) -> tuple[int, float]:
-    """Train from ``step`` to ``cfg.steps``, appending one record per step to ``history`` (and to
-    metrics.jsonl); returns the step reached and the last loss."""
+    """Train from ``step`` to ``cfg.steps`` (or ``cfg.stop_at``), appending one record per step to
+    ``history`` (and to metrics.jsonl); returns the step reached and the last loss. A run that starts at
+    ``step > 0`` continues the epoch where that step left it."""
     metrics_file = open(run.out / "metrics.jsonl", "a") if run.out is not None and rank == 0 else None  # noqa: SIM115
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
-    epoch = 0
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
+    epoch, done_in_epoch = divmod(step, max(1, len(run.loader)))
     loss_value = float("nan")
     try:
-        while step < cfg.steps:
-            if run.sampler is not None:
-                run.sampler.set_epoch(epoch)
+        while step < last:
+            run.sampler.set_epoch(epoch)
+            run.sampler.skip = done_in_epoch * cfg.batch_size
+            done_in_epoch = 0
             for x, y in run.loader:
-                if step >= cfg.steps:
+                if step >= last:
                     break
                 lam = run.schedule(step)
                 loss_value = _step(model, run, cfg, teacher, x, y, lam, step)
                 step += 1
-                record = {"step": step, "loss": loss_value, "lam": lam,
-                          "lr": run.optimizer.param_groups[0]["lr"],
-                          "time": time.time()}
-                if cfg.eval_every and eval_data is not None and step % cfg.eval_every == 0 and rank == 0:
-                    record["eval_accuracy"] = evaluate(model, eval_data, device=run.device)[0]
+                record = _record(run, cfg, eval_data, rank, step, loss_value, lam)
                 history.append(record)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -213,9 +230,9 @@ def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, ste
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lam=f"{lam:.2f}")
-                due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                if run.out is not None and rank == 0 and due:
-                    save_checkpoint(run.out / "checkpoint", model, run.optimizer, step, history)
+                if run.out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save_checkpoint(run.out / "checkpoint", model, run.optimizer, run.scaler, step, history,
+                                    rank, world)
             epoch += 1
     finally:
         if bar is not None:
@@ -234,7 +251,7 @@ def _step(model, run: _Run, cfg: TrainConfig, teacher, x, y, lam: float, step: i
     x, y = x.to(run.device), y.to(run.device)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_amp):
         logits = run.net(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         if teacher is not None and cfg.kd_alpha > 0:
             with torch.no_grad():
                 t_logits = teacher(x)
