@@ -228,7 +228,8 @@ def test_fuse_is_deterministic_beside_a_cpu_bound_job(tmp_path):
     machine)."""
     # other hash seeds too: nothing may depend on the iteration order of a set of strings
     quiet = subprocess.run([sys.executable, "-c", _FUSE_IN_A_PROCESS, str(tmp_path / "a.pt")],
-                           env=dict(os.environ, PYTHONHASHSEED="1"), capture_output=True, text=True, timeout=600)
+                           env=dict(os.environ, PYTHONHASHSEED="1"), capture_output=True, text=True,
+                           timeout=600)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     busy_loop = subprocess.Popen([sys.executable, "-c", "while True: sum(i * i for i in range(10000))"])
     try:
