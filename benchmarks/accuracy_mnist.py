@@ -170,8 +170,12 @@ def plot_curves(records: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = _by_row(records)
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), sharey=True)
-    for ax, (row, rs) in zip(axes, rows.items()):
+    columns = min(3, len(rows))
+    lines = -(-len(rows) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.6 * columns, 3.0 * lines), sharey=True, squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax, (row, rs) in zip(axes.flat, rows.items()):
         steps = [s for s, _ in rs[0]["curve"]]
         accs = [[a for _, a in r["curve"]] for r in rs]
         mean = [statistics.mean(col) for col in zip(*accs)]
@@ -181,7 +185,9 @@ def plot_curves(records: list, path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylim(0.8, 1.0)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("eval accuracy (mean, range over seeds)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("eval accuracy")
+    fig.suptitle("MNIST eval accuracy during training: mean and range over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

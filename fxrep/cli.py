@@ -61,8 +61,10 @@ def _train(args) -> int:
     import torch
 
     from fxrep.training import train
+    from fxrep.training.loop import seed_everything
 
     train_set, eval_set, chans, classes, img = _data(args)
+    seed_everything(args.seed)  # the same initial weights in every run of one seed
     model = build_model(args, chans, classes, img)
     teacher = torch.load(args.teacher, weights_only=False) if args.teacher else None
     cfg = _config(args, len(train_set), args.kd_alpha if teacher is not None else 0.0)

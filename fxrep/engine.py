@@ -258,8 +258,7 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
         raise FxrepError(f"fxrep.fuse takes an nn.Module, a torch.fx.GraphModule or a "
                          f"torch.export.ExportedProgram, not {type(model).__name__}")
     validate(model)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     registry = patterns if isinstance(patterns, PatternRegistry) else \
         (PatternRegistry(patterns) if patterns is not None else default_registry())
     device, user_inputs = model_device(model), example_inputs
@@ -269,9 +268,7 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     report.before = graph_stats(gm, flops=flops)
     options = FuseOptions(device, cost_model_for(autotune, decisions), max_sweeps)
     ctx = run_patterns(gm, registry, report, options=options)
-    _drop_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
+    _clean_up_graph_module(gm)
     if example_inputs is not None:
         flops = _run_fused(gm, example_inputs, reference,
                            lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry,
@@ -279,11 +276,17 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     report.after = graph_stats(gm, flops=flops)
     gm.meta["fxrep_report"] = report
     if device != CPU:  # a twin of the user's model: its tensors are fxrep's own and CPU copies
-        # (on CPU, gm may share the user's leaf modules: Module.to re-flattens an RNN's weights)
-        gm.to(device)
+        gm.to(device)  # (on CPU, gm may share the user's leaf modules: Module.to re-flattens an RNN's)
     if check:
         _check(model, gm, user_inputs, rtol, report)
     return gm
+
+
+def _clean_up_graph_module(gm: fx.GraphModule) -> None:
+    """The attributes and submodules the fused graph no longer reads dropped; linted and recompiled."""
+    _drop_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _prepare(model, example_inputs, concrete_args) -> tuple:

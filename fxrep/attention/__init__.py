@@ -1,6 +1,7 @@
 """Recognizing attention in traced graphs and lifting it to fxrep's canonical ``multi_head_attention`` op:
 ``recognize`` reads the subgraph's structure, ``probe`` its head layout, ``lift`` builds the op's weights,
-``grouping`` decides which lifts apply together. The pattern is ``fxrep.patterns.attention``."""
+``grouping`` decides which lifts apply together, ``merge`` builds the weights of merged attention ops. The
+patterns are ``fxrep.patterns.attention`` and ``fxrep.patterns.widen``."""
 
 from .grouping import check_closure, check_cost
 from .lift import Lift, LiftCache, lift

@@ -22,6 +22,7 @@ from torch import fx
 
 from .. import algebra, cost
 from ..affine import AffineAnalysis, affine_analysis
+from ..attention.merge import merge_heads, same_logits
 from ..ir import (
     activation_key,
     arith_kind,
@@ -264,73 +265,6 @@ class WidenMLP:
         return {"hidden": f"{' + '.join(map(str, width))} -> {sum(width)}"}
 
 
-def _head_blocks(att, p: str, width: int | None = None):
-    """(heads, rows, d) weight and (heads, rows) bias of projection ``p`` ('q', 'k' or 'v'), each head's rows
-    zero-padded to ``width``; the bias is None when the op has none."""
-    H = att.num_heads
-    w = att.weight(p).detach()
-    w = w.reshape(H, -1, w.shape[-1])
-    b = att.bias(p)
-    b = b.detach().reshape(H, -1) if b is not None else None
-    pad = 0 if width is None else width - w.shape[1]
-    if pad:
-        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
-        b = torch.nn.functional.pad(b, (0, pad)) if b is not None else None
-    return w, b
-
-
-def _concat_heads(blocks, dim: int):
-    """Concatenate (weight, bias) head blocks along ``dim`` (0: more heads, 1: wider heads), then flatten to
-    head-major rows. A missing bias is zeros when another block has one."""
-    w = torch.cat([w for w, _ in blocks], dim)
-    if all(b is None for _, b in blocks):
-        return w.flatten(0, 1), None
-    b = torch.cat([b if b is not None else w_.new_zeros(w_.shape[:2]) for w_, b in blocks], dim)
-    return w.flatten(0, 1), b.flatten(0, 1)
-
-
-def _merge_heads(atts, mode: str):
-    """Params of the merged attention op, where branch i's output columns land in it, and its mask arguments.
-
-    Only concatenation and zero padding: done in the weights' dtype, no float64 round trip.
-    collapse: the ops share q/k (joined logits); each head's values are the concatenation of theirs.
-    widen: the heads of all ops side by side, q/k and v head widths zero-padded to the largest."""
-    if mode == "collapse":
-        H = atts[0].num_heads
-        dv = [a.head_widths()[2] for a in atts]
-        offsets = [sum(dv[:i]) for i in range(len(atts))]
-        columns = [torch.cat([torch.arange(h * sum(dv) + off, h * sum(dv) + off + dvi) for h in range(H)])
-                   for off, dvi in zip(offsets, dv)]
-        v_weight, v_bias = _concat_heads([_head_blocks(a, "v") for a in atts], 1)
-        params = {key: getattr(atts[0], key) for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
-        params.update(v_weight=v_weight, v_bias=v_bias)
-        return params, H, columns, H * sum(dv), atts[0].masking()
-    dqk = max(a.head_widths()[1] for a in atts)
-    dv = max(a.head_widths()[2] for a in atts)
-    params, columns, heads = {}, [], 0
-    for p, width in (("q", dqk), ("k", dqk), ("v", dv)):
-        blocks = [_head_blocks(a, p, width) for a in atts]
-        params[f"{p}_weight"], params[f"{p}_bias"] = _concat_heads(blocks, 0)
-    for a in atts:
-        H, _, dvi = a.head_widths()
-        columns.append(torch.cat([torch.arange((heads + h) * dv, (heads + h) * dv + dvi) for h in range(H)]))
-        heads += H
-    masking = dict(atts[0].masking(), mask_repeats=sum(a.mask_repeats for a in atts))  # heads side by side
-    return params, heads, columns, heads * dv, masking
-
-
-def _same_logits(a, b) -> bool:
-    if a.num_heads != b.num_heads:
-        return False
-    for key in ("q_weight", "q_bias", "k_weight", "k_bias"):
-        x, y = getattr(a, key), getattr(b, key)
-        if x is y:  # joined branches read the very same q/k constants after lift_attention and CSE
-            continue
-        if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
-            return False
-    return True
-
-
 class _MergeAttention:
     phase = "fuse"
     mode = ""
@@ -344,7 +278,7 @@ class _MergeAttention:
             parts: list[list] = []
             for n in nodes:
                 for part in parts:
-                    if _same_logits(attention_view(part[0]), attention_view(n)):
+                    if same_logits(attention_view(part[0]), attention_view(n)):
                         part.append(n)
                         break
                 else:
@@ -369,7 +303,7 @@ class _MergeAttention:
         options = {"is_causal": atts[0].is_causal is True, "tokens_first": atts[0].tokens_first}
 
         def merge():
-            params, heads, _, total, _ = _merge_heads(atts, "widen")
+            params, heads, _, total, _ = merge_heads(atts, "widen")
             return params, heads, total
         return cost.decide(ctx, cost.attention_group(shape, branches, merge, _out_features(nodes[0]), options,
                                                      atts[0].dtype))
@@ -382,7 +316,7 @@ class _MergeAttention:
 
     def replace(self, match, ctx):
         atts = [attention_view(n) for n in match.nodes]
-        params, heads, columns, total, masking = _merge_heads(atts, self.mode)
+        params, heads, columns, total, masking = merge_heads(atts, self.mode)
         graph = ctx.graph
         readers = [u for n in match.nodes for u in n.users]
         with graph.inserting_before(_first(readers, ctx)):

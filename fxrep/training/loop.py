@@ -165,16 +165,19 @@ def _set_up(model, train_data, cfg: TrainConfig, rank: int, world: int) -> _Run:
         out.mkdir(parents=True, exist_ok=True)
     # one process or many: the order of an epoch follows from (seed, epoch) alone
     sampler = _ResumableSampler(train_data, world, rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        drop_last=len(sampler) >= cfg.batch_size, persistent_workers=cfg.num_workers > 0)
+    loader = DataLoader(_SeededSamples(train_data, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, drop_last=len(sampler) >= cfg.batch_size,
+                        persistent_workers=cfg.num_workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG alone
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     return _Run(device, schedule, optimizer, model, loader, sampler, scaler, use_amp, out, model)
 
 
 class _ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can leave out the first samples of an epoch: those a run had used before it
-    was interrupted (``skip``, reset to 0 by ``set_epoch``)."""
+    """``DistributedSampler`` that yields ``(epoch, index)`` keys (for ``_SeededSamples``) and can leave out
+    the first samples of an epoch: those a run had used before it was interrupted (``skip``, reset to 0 by
+    ``set_epoch``)."""
 
     skip = 0
 
@@ -183,10 +186,27 @@ class _ResumableSampler(DistributedSampler):
         self.skip = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.skip:]])
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """A data set whose sample ``i`` of epoch ``e`` draws its random augmentation from a generator seeded by
+    (seed, e, i): the same crops and flips in any process, worker or resumed run, whatever ran before."""
+
+    def __init__(self, data, seed: int):
+        self.data, self.seed = data, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63)
+            return self.data[index]
 
 
 def _record(run: _Run, cfg: TrainConfig, eval_data, rank: int, step: int, loss: float, lam: float) -> dict:
@@ -217,8 +237,6 @@ def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, wor
             run.sampler.skip = done_in_epoch * cfg.batch_size
             done_in_epoch = 0
             for x, y in run.loader:
-                if step >= last:
-                    break
                 lam = run.schedule(step)
                 loss_value = _step(model, run, cfg, teacher, x, y, lam, step)
                 step += 1
@@ -233,6 +251,8 @@ def _loop(model, run: _Run, cfg: TrainConfig, teacher, eval_data, rank: int, wor
                 if run.out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save_checkpoint(run.out / "checkpoint", model, run.optimizer, run.scaler, step, history,
                                     rank, world)
+                if step >= last:  # before the loader draws the next batch (its augmentation uses the RNG)
+                    break
             epoch += 1
     finally:
         if bar is not None:
