@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-kernels lint bench clean
+.PHONY: demo test test-kernels fuzz lint bench clean
 
 # the tests whose numbers depend on the CPU's kernels, run again with other kernel sets than this machine's
 # (docs/numerics.md): what one CPU rounds differently must still pass on another
@@ -29,6 +29,10 @@ test: $(STAMP)
 test-kernels: $(STAMP)
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(NUMERICS_TESTS)
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest $(NUMERICS_TESTS)
+
+fuzz: $(STAMP)
+	FXREP_HYPOTHESIS_PROFILE=thorough $(PY) -m pytest tests/test_fuzz.py tests/test_reliability.py \
+		tests/test_algebra.py tests/test_spellings.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check fxrep tests benchmarks

@@ -141,22 +141,41 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
             report.applied.append(Applied(pattern.name, m.summary, origins, dict(details)))
             applied += 1
         if matches:
-            _cleanup(ctx)
+            _cleanup(ctx, pattern)
             if after_pattern is not None:
                 after_pattern(pattern, report.applied[-len(matches):])
     return applied, skips
 
 
-def _cleanup(ctx: FuseContext) -> None:
+def _cleanup(ctx: FuseContext, pattern) -> None:
     """Erase what the rewrites replaced (``ctx.replace_node``; an in-place or impure node a pattern replaced
     is its responsibility, and dead-code elimination would keep it), then dead code."""
     graph = ctx.graph
-    replaced = {n for n in ctx.replaced_since_cleanup() if n.graph is graph}
+    replaced = {n: new for n, new in ctx.replaced_since_cleanup().items() if n.graph is graph}
+    _redirect_stale_reads(graph, {n: new for n, new in replaced.items() if n.users}, pattern)
     for node in reversed(graph.nodes):
         if node in replaced and not node.users:
             graph.erase_node(node)
     _eliminate_dead_code(graph)
     ctx.invalidate()
+
+
+def _redirect_stale_reads(graph: fx.Graph, stale: dict, pattern) -> None:
+    """A replaced node that has readers again was read by a later rewrite of the same pattern that built on
+    what its ``match`` saw (``ctx.resolve`` is the fix in the pattern). ``replace_node(old, new)`` states that
+    both are the same value, so reading ``new`` instead is exact, where ``new`` comes before the reader;
+    otherwise the graph cannot be repaired and the pattern is named."""
+    if not stale:
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for old, new in stale.items():
+        for user in list(old.users):
+            if new not in order or order[new] >= order[user]:
+                raise InternalError(
+                    f"pattern {getattr(pattern, 'name', pattern)!r} read {old.name}, which one of its own "
+                    f"rewrites had replaced by {new.name}, in {user.name} (a node it builds must read "
+                    "ctx.resolve(node) for the nodes its match() saw); please report this")
+            user.replace_input_with(old, new)
 
 
 def _eliminate_dead_code(graph: fx.Graph) -> None:
@@ -208,6 +227,7 @@ def _run_phase(phase: str, patterns: list, ctx: FuseContext, report: FuseReport,
     InternalError with what still changes (``fxrep.convergence``)."""
     history: list = []
     state = fingerprint(ctx.graph)
+    first_rewrite = len(report.applied)
     for _ in range(ctx.options.max_sweeps):
         report.sweeps += 1
         applied, seen = _sweep(patterns, ctx, report, after_pattern)
@@ -215,12 +235,26 @@ def _run_phase(phase: str, patterns: list, ctx: FuseContext, report: FuseReport,
             if not provisional or not applied:  # provisional: only as the phase's last sweep sees it
                 skips.setdefault((s.pattern, s.reason, s.origins), s)
         if not applied:
-            ctx.graph.lint()  # a pattern that broke the graph is caught at the end of its phase
+            _lint(ctx.graph, phase, report.applied[first_rewrite:])
             return
         before, state = state, fingerprint(ctx.graph)
         history.append((before, state, report.applied[-applied:]))
     builtin = {p.name for p in builtin_patterns()}
     raise InternalError(not_converged_message(phase, ctx.options.max_sweeps, history, builtin))
+
+
+def _lint(graph: fx.Graph, phase: str, rewrites: list) -> None:
+    """A pattern that broke the graph (a node read before it is defined, say) is caught at the end of its
+    phase and reported as fxrep's bug, with the patterns that rewrote in that phase."""
+    try:
+        graph.lint()
+    except RuntimeError as e:
+        names = sorted({a.pattern for a in rewrites})
+        raise InternalError(
+            f"the graph is malformed after the {phase!r} phase ({str(e).splitlines()[0]}); patterns that "
+            f"rewrote in it: {', '.join(names) or 'none'}. This is a bug in fxrep or in one of those "
+            "patterns; please report it with the model. Until it is fixed, fuse without the pattern: "
+            "fxrep.fuse(model, patterns=fxrep.default_registry().without(...))") from None
 
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,

@@ -132,9 +132,13 @@ class FuseContext:
         if "tensor_meta" in old.meta and "tensor_meta" not in new.meta:
             new.meta["tensor_meta"] = old.meta["tensor_meta"]  # same value, same shape
 
-    def replaced_since_cleanup(self) -> list:
-        """The nodes ``replace_node`` replaced since the last call (the engine erases them)."""
-        out, self._fresh_replaced = self._fresh_replaced, []
+    def replaced_since_cleanup(self) -> dict:
+        """{node ``replace_node`` replaced since the last call: what it resolves to} (the engine erases the
+        keys). The replacements are forgotten: after the engine's cleanup a replaced node is erased, or alive
+        again only because a rewrite read it, and ``resolve`` must not lead to an erased node."""
+        out = {n: self.resolve(n) for n in self._fresh_replaced}
+        self._fresh_replaced = []
+        self._replaced.clear()
         return out
 
     def mutation_hazards(self) -> set:
@@ -143,6 +147,9 @@ class FuseContext:
         return self.cached("mutation_hazards", lambda: mutation_hazards(self.graph))
 
     def resolve(self, node: fx.Node) -> fx.Node:
+        """What ``node`` was replaced by in this pattern's rewrites so far (``node`` if it was not). A
+        ``replace`` that builds on nodes its ``match`` saw must resolve them: an earlier rewrite of the same
+        sweep may have replaced them."""
         while node in self._replaced:
             node = self._replaced[node]
         return node

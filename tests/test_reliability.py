@@ -1,5 +1,7 @@
 """Never break a model: layout-dependent readers, in-place ops, guards, fixed points, and the self-check."""
 
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from torch import fx
 
 import fxrep
+from fxrep.engine import _redirect_stale_reads
 from fxrep.ir import as_linear, emit_linear, fetch_attr, fingerprint
 from fxrep.testing import assert_fused_equivalent, compare_outputs, fuzz_check, random_graphs
 
@@ -204,3 +207,61 @@ def test_a_dead_inplace_write_into_a_fresh_value_is_removed():
     fused = assert_fused_equivalent(RandomGraphModel(spec), x)
     assert not any(n.op == "call_module" for n in fused.graph.nodes)
     assert _structure(fxrep.fuse(fused, example_inputs=x)) == _structure(fused)
+
+
+class DoubleToAdd:
+    """A user pattern that builds on what its match saw without ``ctx.resolve``: ``x * 2`` -> ``x + x``.
+    In ``(x * 2) * 2`` the outer rewrite reads the inner product, which the inner rewrite replaced."""
+
+    name, phase = "double_to_add", "canonicalize"
+
+    def __init__(self, place_after_readers: bool = False):
+        self.place_after_readers = place_after_readers
+
+    def match(self, node, ctx):
+        if node.op == "call_function" and node.target is operator.mul and node.args[1:] == (2,):
+            return fxrep.Match([node], node.args[0], "x * 2 -> x + x")
+        return None
+
+    def replace(self, match, ctx):
+        node, x = match.nodes[0], match.data
+        where = next(iter(ctx.graph.find_nodes(op="output"))) if self.place_after_readers else node
+        with ctx.graph.inserting_before(where):
+            ctx.replace_node(node, ctx.graph.call_function(operator.add, (x, x)))
+
+
+class Doubles(nn.Module):
+    def forward(self, x):
+        return torch.relu((x * 2) * 2) - x
+
+
+def test_a_rewrite_that_reads_a_value_its_pattern_replaced_reads_the_replacement():
+    registry = fxrep.PatternRegistry([DoubleToAdd()])
+    x = torch.randn(3, 4)
+    fused = fxrep.fuse(Doubles().eval(), patterns=registry, example_inputs=(x,), check=True)
+    assert [n.target for n in fused.graph.nodes if n.op == "call_function"].count(operator.add) == 2
+    assert not any(n.target is operator.mul for n in fused.graph.nodes)
+    torch.testing.assert_close(fused(x), Doubles()(x), rtol=0, atol=0)  # x*2 and x+x are both exact
+
+
+def test_a_pattern_that_breaks_the_order_of_the_graph_is_named():
+    registry = fxrep.PatternRegistry([DoubleToAdd(place_after_readers=True)])
+    message = r"malformed after the 'canonicalize' phase.*: double_to_add"
+    with pytest.raises(fxrep.InternalError, match=message):
+        fxrep.fuse(Doubles().eval(), patterns=registry)
+
+
+def test_a_stale_read_that_cannot_be_repaired_names_the_pattern():
+    """The repair reads the replacement only where it comes before the reader; otherwise fxrep says which
+    pattern to fix (``ctx.resolve``)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    old = graph.call_function(torch.neg, (x,))
+    reader = graph.call_function(torch.relu, (old,))
+    new = graph.call_function(torch.neg, (x,))  # after the reader
+    graph.output(reader)
+    with pytest.raises(fxrep.InternalError, match=r"'double_to_add' read neg, .*ctx.resolve"):
+        _redirect_stale_reads(graph, {old: new}, DoubleToAdd())
+    graph.erase_node(new)
+    with pytest.raises(fxrep.InternalError, match=r"'double_to_add' read neg"):
+        _redirect_stale_reads(graph, {old: new}, DoubleToAdd())

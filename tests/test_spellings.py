@@ -157,3 +157,23 @@ def test_hugging_face_style_attention_lifts_and_merges(branches, dtype):
         return
     assert report.after["sdpa"] == 1 and report.after["softmax"] == 0, report
     assert report.after["linear"] <= 2
+
+
+@pytest.mark.parametrize("how", ["stack_sum", "stack_sum_last", "torch_sum_stack", "stack_mean"])
+def test_stacked_sums_of_stacked_sums(how):
+    """Sums nested in sums (a branch that is itself a ParallelThingsBlock): the inner sums are rewritten in
+    the same sweep as the outer one, which must read the inner rewrites, not the sums they replaced (found by
+    the fuzzer as a graph used before its definition)."""
+    join = SUMS[how]
+
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lins = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+        def forward(self, x):
+            inner = [join([self.lins[0](x), self.lins[1](x)]), join([x, x]), join([self.lins[2](x), x])]
+            return join([join(inner[:2]), inner[2], self.lins[3](x)])
+
+    fused = assert_fused_equivalent(Nested().eval(), (torch.randn(2, 3, 4),))
+    assert not any(n.target is torch.stack for n in fused.graph.nodes)

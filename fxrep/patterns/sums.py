@@ -51,13 +51,14 @@ class ExpandStackedSums:
     def replace(self, match, ctx):
         node, stack = match.nodes[0], match.data
         graph = ctx.graph
+        tensors = [ctx.resolve(t) for t in stack.tensors]  # an inner stacked sum may already be adds
         with graph.inserting_before(node):
-            acc = stack.tensors[0]
-            for t in stack.tensors[1:]:
+            acc = tensors[0]
+            for t in tensors[1:]:
                 acc = graph.call_function(torch.add, (acc, t))
             if as_reduction(node).kind == "mean":
                 acc = graph.call_function(torch.div, (acc, float(len(stack.tensors))))
-            elif acc is stack.tensors[0]:
+            elif acc is tensors[0]:
                 # a one-element sum is a new tensor, not an alias
                 acc = graph.call_function(torch.clone, (acc,))
         ctx.replace_node(node, acc)
