@@ -17,7 +17,7 @@ from .errors import (
 )
 from .pattern import FunctionPattern, FuseContext, Match, Pattern, Skip
 from .program import fuse
-from .registry import PatternRegistry, default_registry, register_pattern, unregister_pattern
+from .registry import PatternRegistry, default_registry
 from .report import FuseReport
 from .stats import count_flops, count_params
 from .tracing import trace
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fuse", "trace", "FuseReport", "Match", "Skip", "Pattern", "FunctionPattern", "FuseContext",
-    "PatternRegistry", "default_registry", "register_pattern", "unregister_pattern", "count_flops",
+    "PatternRegistry", "default_registry", "count_flops",
     "count_params", "FxrepError", "TraceError", "TrainingModeError", "UnsupportedModelError", "PatternError",
     "EquivalenceError", "InputError", "InternalError", "MissingDependencyError",
 ]

@@ -6,9 +6,10 @@ of phases to run in several); inside a phase it sweeps
 the graph with every pattern of that phase, in registry order, until no pattern matches (a fixed point).
 A ``Skip`` is a failed match that carries its reason; it ends up in the report.
 
-Registries are values: ``default_registry()`` returns a fresh copy of the built-ins, and ``fuse(...,
-patterns=...)`` takes any registry or list of patterns. ``register_pattern`` adds to the process-wide default
-list that ``default_registry()`` copies, for users who want their pattern in every call.
+Registries are values: ``default_registry()`` returns a fresh copy of the built-ins, ``with_pattern``,
+``without`` and ``reordered`` return new registries, and ``fuse(..., patterns=...)`` takes any registry or
+list of patterns. There is no process-wide state: a pattern reaches a call only through the registry passed
+to it (build it once, ``MY_PATTERNS = fxrep.default_registry().with_pattern(p)``, and pass it everywhere).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .pattern import PHASES, FunctionPattern, FuseContext, Match, Pattern, Skip
 from .patterns import builtin_patterns
 
 __all__ = ["PHASES", "FunctionPattern", "FuseContext", "Match", "Pattern", "Skip", "PatternRegistry",
-           "register_pattern", "unregister_pattern", "default_registry"]
+           "default_registry"]
 
 
 def _check_pattern(p) -> None:
@@ -72,6 +73,14 @@ class PatternRegistry:
     def get(self, name: str):
         return self._patterns[self._index(name)]
 
+    def with_pattern(self, pattern, *, before: str | None = None,
+                     after: str | None = None) -> PatternRegistry:
+        """A copy with ``pattern`` added (at the end, or before/after the named one); this one stays as it
+        is."""
+        out = self.copy()
+        out.register(pattern, before=before, after=after)
+        return out
+
     def without(self, *names: str) -> PatternRegistry:
         for n in names:
             self._index(n)
@@ -101,30 +110,6 @@ class PatternRegistry:
         return "PatternRegistry([" + ", ".join(f"{p.name}@{p.phase}" for p in self._patterns) + "])"
 
 
-_user_defaults: list = []
-
-
-def register_pattern(pattern, *, before: str | None = None, after: str | None = None):
-    """Add ``pattern`` to the patterns every ``fuse`` call uses by default. Raises PatternError if the name
-    is taken. Use ``fuse(..., patterns=registry)`` instead to keep the change local to one call."""
-    registry = default_registry()
-    registry.register(pattern, before=before, after=after)  # validates name and position
-    _user_defaults.append((pattern, before, after))
-    return pattern
-
-
-def unregister_pattern(name: str) -> None:
-    """Remove a pattern added with ``register_pattern``."""
-    for i, (p, _, _) in enumerate(_user_defaults):
-        if p.name == name:
-            del _user_defaults[i]
-            return
-    raise PatternError(f"no user pattern named {name!r} was registered with register_pattern")
-
-
 def default_registry() -> PatternRegistry:
-    """A fresh registry with the built-in patterns (and those added with ``register_pattern``)."""
-    registry = PatternRegistry(builtin_patterns())
-    for p, before, after in _user_defaults:
-        registry.register(p, before=before, after=after)
-    return registry
+    """A fresh registry with the built-in patterns."""
+    return PatternRegistry(builtin_patterns())

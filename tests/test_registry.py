@@ -101,18 +101,21 @@ def test_registering_a_name_twice_is_an_error():
         registry.register(FoldBatchNormIntoLinear())
         registry.register(FoldBatchNormIntoLinear())
     with pytest.raises(fxrep.PatternError, match="already registered"):
-        fxrep.register_pattern(fxrep.FunctionPattern("merge_affine", lambda n, c: None, lambda m, c: None))
+        fxrep.default_registry().with_pattern(
+            fxrep.FunctionPattern("merge_affine", lambda n, c: None, lambda m, c: None))
 
 
-def test_register_pattern_adds_to_every_default_registry():
+def test_registries_are_values():
+    """with_pattern returns a new registry; nothing a user adds reaches another registry or the defaults."""
     p = fxrep.FunctionPattern("noop_for_test", lambda n, c: None, lambda m, c: None)
-    fxrep.register_pattern(p, after="merge_affine")
-    try:
-        names = fxrep.default_registry().names()
-        assert names[names.index("merge_affine") + 1] == "noop_for_test"
-    finally:
-        fxrep.unregister_pattern("noop_for_test")
+    base = fxrep.default_registry()
+    mine = base.with_pattern(p, after="merge_affine")
+    names = mine.names()
+    assert names[names.index("merge_affine") + 1] == "noop_for_test"
+    assert "noop_for_test" not in base.names()
     assert "noop_for_test" not in fxrep.default_registry().names()
+    assert mine.without("noop_for_test").names() == base.names()
+    assert not hasattr(fxrep, "register_pattern")
 
 
 def _break_first_linear(node, ctx):

@@ -184,15 +184,11 @@ class WrongShape:
 def test_a_graph_that_does_not_run_is_never_returned_and_the_advice_works():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
     x = torch.randn(5, 4)
-    fxrep.register_pattern(WrongShape())
-    try:
-        with pytest.raises(fxrep.InternalError, match=r"raises RuntimeError.*'wrong_shape'.*drops an output"):
-            fxrep.fuse(model, example_inputs=(x,))
-        fused = fxrep.fuse(model, patterns=fxrep.default_registry().without("wrong_shape"),
-                           example_inputs=(x,))
-        compare_outputs(model(x), fused(x))
-    finally:
-        fxrep.unregister_pattern("wrong_shape")
+    registry = fxrep.default_registry().with_pattern(WrongShape())
+    with pytest.raises(fxrep.InternalError, match=r"raises RuntimeError.*'wrong_shape'.*drops an output"):
+        fxrep.fuse(model, patterns=registry, example_inputs=(x,))
+    fused = fxrep.fuse(model, patterns=registry.without("wrong_shape"), example_inputs=(x,))
+    compare_outputs(model(x), fused(x))
 
 
 def test_a_dead_inplace_write_into_a_fresh_value_is_removed():
