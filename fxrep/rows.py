@@ -119,18 +119,20 @@ def _shared_request(node: fx.Node):
 # --------------------------------------------------------------------------
 
 class _Builder:
-    """New nodes before ``anchor``: slices of its inputs, and the op itself on them."""
+    """New nodes before ``anchor``: slices of its inputs, and the op itself on them (``made``, in order)."""
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node):
         self.graph, self.anchor = graph, anchor
+        self.made: list = []
 
     def rows(self, node, axis: int, start: int, stop: int) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            return self.graph.call_function(aten.slice.Tensor, (node, axis, start, stop))
+        return self.call(aten.slice.Tensor, (node, axis, start, stop))
 
     def call(self, target, args, kwargs=None) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
-            return self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+            made = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+        self.made.append(made)
+        return made
 
 
 def _elementwise(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
@@ -335,50 +337,77 @@ def _shape_reader_sizes(node: fx.Node) -> list | None:
     return plans
 
 
-def _move_up(graph: fx.Graph, node: fx.Node) -> bool:
+def _move_up(graph: fx.Graph, node: fx.Node) -> tuple[list, set] | None:
     """Answer the one request every reader of ``node`` makes by computing ``node``'s op on the requested rows
-    of its inputs; ``node`` and its readers' slices go. False (graph unchanged) where no rule applies."""
+    of its inputs; ``node`` and its readers' slices go. Returns (the nodes made, the nodes erased), or None
+    (graph unchanged) where no rule applies."""
     request = _shared_request(node) if node.op == "call_function" and node.users else None
     rule = RULES.get(node.target) if request is not None else None
     known = rule is not None and recorded_shape(node) is not None
     shape_readers = _shape_reader_sizes(node) if known else None
     if shape_readers is None:
-        return False
-    before = set(graph.nodes)
+        return None
+    builder = _Builder(graph, node)
     try:
-        new = rule(_Builder(graph, node), node, *request)
+        new = rule(builder, node, *request)
     except _Stop:
         new = None
     if new is None:
-        for made in [n for n in graph.nodes if n not in before][::-1]:
+        for made in reversed(builder.made):
             graph.erase_node(made)
-        return False
+        return None
+    made, erased = list(builder.made), {node}
     for user, sizes in shape_readers:
         with graph.inserting_before(user):
             expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
         expanded.meta.update(user.meta)
         user.replace_all_uses_with(expanded)
         graph.erase_node(user)
+        erased.add(user)
     axis = request[0]
     for user in list(node.users):
         if user.target is aten.select.int:
             with graph.inserting_before(user):
-                user.replace_all_uses_with(graph.call_function(aten.squeeze.dims, (new, [axis])))
+                squeezed = graph.call_function(aten.squeeze.dims, (new, [axis]))
+            user.replace_all_uses_with(squeezed)
+            made.append(squeezed)
         else:
             user.replace_all_uses_with(new)
         graph.erase_node(user)
+        erased.add(user)
     graph.erase_node(node)
-    return True
+    return made, erased
 
 
 def move_row_selections_up(graph: fx.Graph) -> bool:
     """Move every row selection (``slice``/``select`` on a static axis) up through the ops that map rows to
     rows, as far as it goes; returns whether the graph changed. New nodes carry no ``meta["val"]``: export the
-    module again before reading shapes (``prune_unread_rows`` does)."""
+    module again before reading shapes (``prune_unread_rows`` does).
+
+    Linear in graph size: one pass from the outputs up, in which a move can only create requests on the
+    moved op's inputs (visited later in the pass) and on the nodes it made (visited next); a second pass
+    confirms the fixed point."""
     changed = False
-    while any(_move_up(graph, node) for node in reversed(list(graph.nodes))):  # stops at the first move
+    while _one_pass(graph):
         changed = True
     return changed
+
+
+def _one_pass(graph: fx.Graph) -> bool:
+    pending = list(graph.nodes)  # a stack: nodes are visited from the last to the first
+    erased: set = set()
+    moved = False
+    while pending:
+        node = pending.pop()
+        if node in erased:
+            continue
+        result = _move_up(graph, node)
+        if result is not None:
+            made, gone = result
+            erased |= gone
+            pending.extend(made)  # the op on the cut rows is visited before the cuts of its inputs
+            moved = True
+    return moved
 
 
 __all__ = ["prune_unread_rows", "move_row_selections_up", "row_request", "RULES", "ELEMENTWISE"]
