@@ -4,6 +4,7 @@
 applying only the exact identities of docs/identities.md whose preconditions it has checked.
 """
 
+from .api import fuse
 from .errors import (
                      EquivalenceError,
                      FxrepError,
@@ -16,7 +17,6 @@ from .errors import (
                      UnsupportedModelError,
 )
 from .pattern import FunctionPattern, FuseContext, Match, Pattern, Skip
-from .program import fuse
 from .registry import PatternRegistry, default_registry
 from .report import FuseReport
 from .stats import count_flops, count_params

@@ -1,4 +1,5 @@
-"""``fxrep.fuse``: trace, validate, run the pattern phases to a fixed point, clean up, report, check."""
+"""The engine behind ``fxrep.fuse`` (``fxrep.api``): trace, validate, run the pattern phases to a fixed
+point, clean up, report, check."""
 
 from __future__ import annotations
 
@@ -259,35 +260,9 @@ def _lint(graph: fx.Graph, phase: str, rewrites: list) -> None:
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
          concrete_args: dict | None = None, autotune: bool = False, decisions=None, max_sweeps: int = 50):
-    """Rewrite ``model`` into an equivalent GraphModule with parallel branches merged.
-
-    Args:
-        model: an ``nn.Module`` (traced with torch.fx) or a ``torch.fx.GraphModule`` (traced, or
-            ``ExportedProgram.module()``); must be in eval mode. ``fxrep.fuse`` also takes an ExportedProgram
-            (``fxrep.program.fuse_program``).
-            It is never modified: fxrep builds new parameters and a new graph.
-        example_inputs: a tensor or tuple of tensors (positional arguments of ``forward``). They give the
-            report its FLOP counts, enable ``check``, and are run through the fused graph before it is
-            returned: a graph that does not run on them is an fxrep bug, raised as InternalError.
-        patterns: a ``PatternRegistry`` or list of patterns (default: ``default_registry()``).
-        check: run original and fused model on ``example_inputs`` and raise EquivalenceError if they differ
-            by more than ``rtol`` (default by dtype: 1e-5 float32, 1e-10 float64, 1e-2 fp16/bf16) relative
-            to max |y|.
-        concrete_args: for an nn.Module, the ``forward`` arguments to fix while tracing (as in
-            ``torch.fx.symbolic_trace``). Default: optional ``None``/``bool`` arguments other than the first
-            and other than those ``example_inputs`` supply as tensors
-            (``fxrep.tracing.default_concrete_args``). A fixed argument keeps a runtime guard: calling the
-            fused model with another value raises.
-        autotune: decide whether parallel branches widen by timing both forms on this machine (like cuDNN's
-            benchmark mode). Default: a table of kernel times shipped with fxrep decides, so the fused graph
-            is the same on every machine and under any load.
-        decisions: ``report.decisions`` of an earlier call (or its ``as_dict()`` values, e.g. from JSON):
-            replayed without timing, so an autotuned result can be reproduced exactly.
-        max_sweeps: how many sweeps a phase may take to reach its fixed point.
-
-    Returns:
-        A new ``torch.fx.GraphModule``; its ``meta["fxrep_report"]`` is a FuseReport (``print`` it).
-    """
+    """Fuse an ``nn.Module`` (traced with torch.fx) or a GraphModule into a new GraphModule: validate, run the
+    pattern phases to their fixed points, clean up, run on ``example_inputs``, report, check. The arguments
+    are ``fxrep.fuse``'s (``fxrep.api``, the front door, which decides what reaches this function)."""
     if not isinstance(model, nn.Module):
         raise FxrepError(f"fxrep.fuse takes an nn.Module, a torch.fx.GraphModule or a "
                          f"torch.export.ExportedProgram, not {type(model).__name__}")
@@ -312,7 +287,7 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     if device != CPU:  # a twin of the user's model: its tensors are fxrep's own and CPU copies
         gm.to(device)  # (on CPU, gm may share the user's leaf modules: Module.to re-flattens an RNN's)
     if check:
-        _check(model, gm, user_inputs, rtol, report)
+        check_equivalent(model, gm, user_inputs, rtol, report)
     return gm
 
 
@@ -398,7 +373,9 @@ def _find_breaking_pattern(model, example_inputs, concrete_args, registry, optio
     return None, ""
 
 
-def _check(model, gm, example_inputs, rtol, report) -> None:
+def check_equivalent(model, gm, example_inputs, rtol, report) -> None:
+    """``fuse(check=True)``: EquivalenceError (naming the patterns applied) where ``gm`` differs from
+    ``model``."""
     if example_inputs is None:
         example_inputs = to_device(_inputs_from_shapes(model), model_device(model))
     if example_inputs is None:

@@ -8,32 +8,20 @@ dynamic batch dimension. The input program is never modified.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from . import engine
 from .equivalence import compare_outputs
 from .errors import InputError, InternalError, TrainingModeError, UnsupportedModelError
 from .ir import bind
+from .snapshot import preserved
 from .validation import training_modules
-
-
-@functools.wraps(engine.fuse)
-def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
-         concrete_args: dict | None = None, **options):
-    if isinstance(model, ExportedProgram):
-        if concrete_args is not None:
-            raise InputError("concrete_args fix arguments while tracing; an ExportedProgram is traced "
-                             "already. Leave concrete_args out.")
-        return fuse_program(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
-                            **options)
-    return engine.fuse(model, example_inputs=example_inputs, patterns=patterns, check=check, rtol=rtol,
-                       concrete_args=concrete_args, **options)
 
 
 def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, check: bool = False,
@@ -71,7 +59,7 @@ def as_program(model, example_inputs) -> ExportedProgram:
         raise TrainingModeError(f"the model is in training mode (e.g. {', '.join(training[:3])}): call "
                                 "model.eval() before exporting it.")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    with torch.no_grad():
+    with torch.no_grad(), preserved(model):  # export rebinds module attributes; the caller's stay as they are
         return torch.export.export(model, inputs)
 
 
@@ -170,4 +158,6 @@ def dynamic_shapes_of(ep: ExportedProgram, module):
 
 
 def _symbolic_dims(value: torch.Tensor) -> list[int]:
-    return [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt)]
+    """The dimensions of a fake tensor that stay symbolic (a SymInt that export specialized to a constant, a
+    batch the model asserts, say, is static)."""
+    return [i for i, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and not is_concrete_int(s)]

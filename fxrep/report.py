@@ -30,6 +30,7 @@ class FuseReport:
     specialized: dict = field(default_factory=dict)  # forward arguments fixed while tracing: name -> value
     decisions: dict = field(default_factory=dict)  # widen decisions by shape key (fxrep.cost.Decision)
     cost_model: str = ""  # what decided them
+    capture: str = ""  # how the model became a graph: torch.fx, or torch.export and why (fxrep.api)
 
     def decisions_as_dict(self) -> dict:
         """``decisions`` as plain data (JSON-ready), accepted back by ``fuse(..., decisions=...)``."""
@@ -57,6 +58,8 @@ class FuseReport:
             keys = [k for k in self.before if k in self.after]
             rows = [(k, _fmt(self.before[k]), _fmt(self.after[k])) for k in keys]
             lines += self._table(rows, ("", "before", "after"))
+        if self.capture:
+            lines.append(f"captured with {self.capture}")
         if self.specialized:
             fixed = ", ".join(f"{k}={v!r}" for k, v in self.specialized.items())
             lines.append(f"arguments fixed while tracing (another value raises): {fixed}")

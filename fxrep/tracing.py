@@ -176,9 +176,9 @@ def trace_graph(model: nn.Module, example_inputs=None, concrete_args: dict | Non
             raise TraceError(
                 f"torch.fx could not trace {type(model).__name__} (failed inside module '{where}'): "
                 f"{type(e).__name__}: {e}\n"
-                "Fix: data-dependent Python control flow cannot be traced. Make that module a leaf "
-                "(a torch.fx.Tracer subclass whose is_leaf_module returns True for it), rewrite the branch "
-                "with torch.where, or trace the model yourself and pass the GraphModule to fxrep.fuse."
+                "Fix: let fxrep capture it with torch.export, fxrep.fuse(model, example_inputs=(x,)) "
+                "(capture='auto', the default, does when fx fails); or capture it yourself "
+                "(torch.export.export(model, (x,))) and pass the program to fxrep.fuse."
             ) from e
     portable_guards(gm, concrete, recompile=False)
     gm.meta["fxrep_specialized"] = dict(concrete)

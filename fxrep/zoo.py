@@ -132,7 +132,7 @@ def try_fuse(model: nn.Module, x: torch.Tensor, flow: str = "module", patterns=N
     (caches and other containers included) are fingerprinted before and compared after. With
     ``check_traced_again`` the original must still trace with plain torch.fx after fusing if it did before
     (a tracer that leaves Proxies behind in a cache breaks exactly that)."""
-    from .program import fuse
+    from .api import fuse
 
     result = ZooResult("", "", flow, "exact", params=sum(p.numel() for p in model.parameters()))
     with torch.no_grad():

@@ -1,15 +1,17 @@
-"""The conformance suite: ViTs and branched blocks written by others (timm, torchvision, Hugging Face), fused
-in every flow they can be captured in (the module, a graph the user traced with plain
-``torch.fx.symbolic_trace``, and a ``torch.export`` program with a dynamic batch, some also in core ATen after
-``run_decompositions()``), exact at the example batch and at another one, with one attention and one
-activation per block where the branches conform. Hugging Face ``transformers`` 5.x models cannot be fx-traced:
-they run in the exported flows only (their sdpa models pass an all-True boolean mask, which core ATen adds to
-the logits as ``where(mask, 0, -inf)``)."""
+"""The conformance suite: ViTs and branched blocks written by others (timm, torchvision, Hugging Face,
+einops-based vit-pytorch, open_clip), fused in every flow they can be captured in (the module, a graph the
+user traced with plain ``torch.fx.symbolic_trace``, and a ``torch.export`` program with a dynamic batch, some
+also in core ATen after ``run_decompositions()``), exact at the example batch and at another one, with one
+attention and one activation per block where the branches conform. Hugging Face ``transformers`` 5.x models
+and einops code cannot be fx-traced: in the module flow ``fxrep.fuse`` captures them with torch.export itself.
+(Hugging Face sdpa models pass an all-True boolean mask, which core ATen adds to the logits as
+``where(mask, 0, -inf)``.)"""
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from timm.layers import Attention, Mlp
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 from transformers import (
@@ -21,6 +23,8 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.models.vit.modeling_vit import ViTAttention, ViTMLP
+from vit_pytorch import ViT
+from vit_pytorch.parallel_vit import ViT as ParallelViT
 
 import fxrep
 from fxrep.equivalence import assert_equivalent
@@ -87,6 +91,7 @@ def _hugging_face(model_class, config_class, attn_implementation: str):
 
 
 IMAGE = dict(img_size=32, patch_size=8, num_classes=5)
+EINOPS = dict(image_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
 ALL_FLOWS, EXPORTED = ("module", "traced", "exported"), ("exported",)
 CORE = ("core_aten",)  # exported, then ExportedProgram.run_decompositions()
 CASES = {
@@ -106,7 +111,15 @@ CASES = {
     # exported, nn.MultiheadAttention is inlined with its input transposed to (tokens, batch, dim) before the
     # in-projection: each attention lifts, but the lift has no tokens-first form yet, so branches do not widen
     "torchvision_blocks_x3": (lambda: TorchvisionBranches(3), "tokens", 1, ("module", "traced")),
-    **{f"hf_{name}_{impl}": (_hugging_face(*classes, impl), "image", 2, EXPORTED + CORE)
+    # einops-based collections (vit-pytorch) and open_clip: fx cannot trace einops, fxrep.fuse captures
+    # those with torch.export
+    "einops_vit": (lambda: ViT(**EINOPS), "image", 2, ("module", "exported")),
+    **{f"einops_parallel_vit_x{b}": (lambda b=b: ParallelViT(num_parallel_branches=b, **EINOPS), "image", 2,
+                                     ("module", "exported")) for b in (2, 3)},
+    "open_clip_vit": (lambda: OpenClipVisionTransformer(image_size=32, patch_size=8, width=32, layers=2,
+                                                        heads=2, mlp_ratio=2.0, output_dim=16), "image", 2,
+                      ALL_FLOWS),
+    **{f"hf_{name}_{impl}": (_hugging_face(*classes, impl), "image", 2, ("module",) + EXPORTED + CORE)
        for name, classes in (("vit", (ViTForImageClassification, ViTConfig)),
                              ("deit", (DeiTForImageClassification, DeiTConfig)),
                              ("dinov2", (Dinov2Model, Dinov2Config)))

@@ -48,6 +48,13 @@ def _owner(node: fx.Node, analysis: AffineAnalysis):
     return next(iter(owners)) if len(owners) == 1 else None
 
 
+def _describe_unowned(kind: str) -> str:
+    what = "attention branches" if kind == "attention" else "MLP branches"
+    return (f"{what} on one input whose outputs are not read only by Linears that are summed (an attention "
+            "without an output projection, say): the merged op's columns have no Linear to be split into, "
+            "so they stay apart")
+
+
 def _describe_inputs(xs) -> str:
     lns = [as_layer_norm(x) for x in xs]
     if all(ln is not None for ln in lns) and len({ln.input for ln in lns}) == 1:
@@ -112,6 +119,7 @@ def sibling_groups(ctx, kind: str):
         groups: dict = {}
         shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
         mixed_pre: dict = {}   # MLP branches whose pre-activation is arithmetic on Linears, not one Linear
+        unowned: dict = {}     # branches on one input whose output is not read by Linears into one sum
         for n in ctx.graph.nodes:
             if kind == "mlp":
                 key = activation_key(n)
@@ -132,9 +140,13 @@ def sibling_groups(ctx, kind: str):
                 key, x, dtype = "attention", att.input, att.dtype
             owner = _owner(n, analysis)
             if owner is None:
+                unowned.setdefault((key, x), []).append(n)
                 continue
             groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
         mergeable, skipped = [], []
+        for nodes in unowned.values():
+            if len(nodes) > 1:
+                skipped.append(Skip(nodes, _describe_unowned(kind)))
         for n, key, x, dtype in shared_pre:
             owner = _owner(n, analysis)
             if x in groups.get((owner, key, dtype), {}):
