@@ -147,7 +147,7 @@ def make_inputs(dim: int, dtype: torch.dtype, seed: int = 0, batch: int = 2, tok
 
 ATTENTION_FORMS = ("timm_sdpa", "timm_explicit", "separate_sdpa", "separate_softmax_scale_before",
                    "separate_softmax_scale_after", "softmax_module", "einsum")
-ATTENTION_NEAR_MISSES = ("mask", "causal", "qk_norm", "input")
+ATTENTION_NEAR_MISSES = ("mask", "causal", "qk_norm", "input", "no_projection")
 
 
 @dataclass
@@ -169,7 +169,8 @@ class AttentionSpec:
     lam: float | None = None
     mask: bool = False         # every branch adds one shared per-head (1, heads, N, N) mask
     dtype: torch.dtype = torch.float32
-    near_miss: str | None = None   # mask: a mask per branch; causal: only the last branch is causal
+    near_miss: str | None = None   # mask: a mask per branch; causal: only the last branch is causal;
+    #                                no_projection: no output projection (the heads' width is dim)
     seed: int = 0
 
     def expect(self) -> dict:
@@ -226,7 +227,10 @@ class _Branch(nn.Module):
         return self.project(o)
 
     def project(self, o):
-        out = self.attn.proj(o) if self.spec.form.startswith("timm") else self.o(o)
+        if self.spec.near_miss == "no_projection":  # vit-pytorch's to_out = nn.Identity() (heads x dim = dim)
+            out = o
+        else:
+            out = self.attn.proj(o) if self.spec.form.startswith("timm") else self.o(o)
         return out * self.gamma if self.gamma is not None else out
 
     def forward(self, x, mask):

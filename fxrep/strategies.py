@@ -79,6 +79,9 @@ def branched_attention_blocks(draw, **kwargs) -> Case:
         spec.mask = False  # SDPA takes a mask or is_causal, not both
     if spec.near_miss == "qk_norm" and not spec.form.startswith("timm"):
         spec.form = "timm_sdpa"
+    if spec.near_miss == "no_projection":  # branches with their own softmax, heads as wide as the stream
+        spec.form = "separate_sdpa" if spec.form.startswith("timm") else spec.form
+        spec.dim, spec.lam = spec.heads * spec.head_dim, None
     model = GeneratedAttentionBlock(spec)
     return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed), {"spec": spec})
 

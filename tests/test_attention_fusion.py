@@ -1,5 +1,6 @@
 """Property tests of attention recognition, widening and joining (docs/identities.md §2, §3, §8)."""
 
+import pytest
 import torch
 from helpers import sdpa_calls
 from hypothesis import given, settings
@@ -43,6 +44,9 @@ def test_attention_near_misses_are_exact_and_reported(case):
     gm = assert_fused_equivalent(case.model, case.inputs)
     report = gm.meta["fxrep_report"]
     assert report.skipped, "a near miss must be reported as a skipped candidate"
+    if case.info["spec"].near_miss == "no_projection":
+        assert any("no Linear to be split into" in s.reason for s in report.skipped if s.pattern ==
+                   "widen_attention"), [s.reason for s in report.skipped]
 
 
 def test_joined_four_branch_attention_is_one_sdpa_of_single_branch_heads():
@@ -128,3 +132,13 @@ def test_an_attention_fxrep_cannot_read_is_reported_not_passed_over():
     gm = assert_fused_equivalent(Unknown().eval(), (torch.randn(2, 5, 8),))
     reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "lift_attention"]
     assert any("not recognized as attention" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("form", ["separate_sdpa", "softmax_module", "einsum"])
+def test_attention_branches_without_an_output_projection_leave_a_reason(form):
+    """vit-pytorch's attention with ``heads * dim_head == dim`` has ``to_out = nn.Identity()``: its branches
+    cannot widen (no Linear takes the merged heads' columns apart), and the report says so."""
+    spec = AttentionSpec(dim=8, heads=2, head_dim=4, branches=3, form=form, near_miss="no_projection")
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), make_inputs(8, torch.float32, 0))
+    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "widen_attention"]
+    assert any("no Linear to be split into" in r for r in reasons), reasons
