@@ -1,10 +1,13 @@
 """Reliability on models written by others: fuse every timm model module and torchvision classifier.
 
-    python benchmarks/zoo.py [--source timm torchvision] [--flows module traced exported] [--max-params 60e6]
-                             [--only swin,levit] [--csv runs/zoo.csv]
+    python benchmarks/zoo.py [--source timm torchvision huggingface] [--flows module traced exported]
+                             [--max-params 60e6] [--only swin,levit] [--csv runs/zoo.csv]
+    python benchmarks/zoo.py --hf          # Hugging Face vision models through fxrep.fuse(model) alone
 
 One model per timm module (the smallest by name, sized on the meta device) and every torchvision
-classification model, under the parameter cap, random weights, batch 1, default input size. Each is fused
+classification model, under the parameter cap, random weights, batch 1, default input size; with
+``--source huggingface`` (or ``--hf``) every Hugging Face image classification model type, built from its
+default config with small sizes (``fxrep.zoo.huggingface_zoo``). Each is fused
 as a new user would, in three flows (``fxrep.fuse(model)``, ``fxrep.fuse(torch.fx.symbolic_trace(model))``
 where plain fx traces it, and ``fxrep.fuse(torch.export.export(model, (x,)))`` where export captures it),
 run, compared with the original, and the original is checked for changes (fxrep.zoo.try_fuse). Prints a table
@@ -25,7 +28,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from fxrep.zoo import BAD_OUTCOMES, ZooResult, build, timm_zoo, torchvision_zoo, try_fuse
+from fxrep.zoo import BAD_OUTCOMES, ZooResult, build, huggingface_zoo, timm_zoo, torchvision_zoo, try_fuse
 
 COLUMNS = ("exact", "error", "untraceable", "broken", "wrong", "mutated", "fixed_point", "internal", "raw",
            "no_run")
@@ -33,7 +36,9 @@ COLUMNS = ("exact", "error", "untraceable", "broken", "wrong", "mutated", "fixed
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", nargs="+", default=["timm", "torchvision"], choices=["timm", "torchvision"])
+    ap.add_argument("--source", nargs="+", default=["timm", "torchvision"],
+                    choices=["timm", "torchvision", "huggingface"])
+    ap.add_argument("--hf", action="store_true", help="Hugging Face models only, module flow only")
     ap.add_argument("--flows", nargs="+", default=["module", "traced", "exported"],
                     choices=["module", "traced", "exported"])
     ap.add_argument("--max-params", type=float, default=60e6)
@@ -41,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="runs/zoo.csv")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.hf:
+        args.source, args.flows = ["huggingface"], ["module"]
     torch.set_num_threads(args.threads)
     start = time.time()
 
@@ -49,6 +56,8 @@ def main(argv=None) -> int:
         models += [("timm", *t) for t in timm_zoo(args.max_params)]
     if "torchvision" in args.source:
         models += [("torchvision", *t) for t in torchvision_zoo(args.max_params)]
+    if "huggingface" in args.source:
+        models += [("huggingface", *t) for t in huggingface_zoo()]
     if args.only:
         keys = args.only.split(",")
         models = [m for m in models if any(k in m[1] or k in m[2] for k in keys)]

@@ -78,13 +78,18 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     common = dict(patterns=patterns, check=check, rtol=rtol, **options)
     if isinstance(model, fx.GraphModule):
         return _traced(model, example_inputs, concrete_args, common, "the GraphModule given")
-    if capture == "fx":
-        return _traced(model, example_inputs, concrete_args, common, "torch.fx")
     if capture == "export":
         return _fuse_exported(model, example_inputs, why="capture='export'", **common)
+    return _fuse_module(model, example_inputs, concrete_args, common, fall_back=capture == "auto")
+
+
+def _fuse_module(model, example_inputs, concrete_args, common: dict, fall_back: bool):
+    """torch.fx first; where it cannot trace the model and ``fall_back``, torch.export on the inputs."""
     try:
         return _traced(model, example_inputs, concrete_args, common, "torch.fx")
     except TraceError as e:
+        if not fall_back:
+            raise
         fx_failure = e
     if example_inputs is None:
         raise TraceError(f"{_first_line(fx_failure)}\nFix: fxrep can capture this model with torch.export "

@@ -101,10 +101,45 @@ def torchvision_zoo(max_params: float = 60e6) -> list[tuple[str, str, int]]:
     return out
 
 
+# Hugging Face: every image classification model type transformers maps, built from its default config
+# with the sizes below where the config has them (random weights, nothing downloaded). Left out: types that
+# need weights or packages from elsewhere (timm_wrapper: a hub checkpoint; dinat: natten), multimodal
+# classifiers, and imagegpt (token ids, not pixels).
+_HF_SKIP = {"timm_wrapper", "dinat", "shieldgemma2", "imagegpt", "perceiver", "clip", "siglip", "siglip2",
+            "metaclip_2"}
+_HF_SMALL = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+             "image_size": 64, "embed_dim": 32, "patch_size": 16}
+
+
+def huggingface_zoo() -> list[tuple[str, str, int]]:
+    """(model type, model type, 0) for every Hugging Face image classification model type fxrep tries."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    return [(t, t, 0) for t in sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) if t not in _HF_SKIP]
+
+
+def _huggingface(model_type: str) -> tuple[nn.Module, tuple]:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    config = transformers.AutoConfig.for_model(model_type)
+    for key, value in _HF_SMALL.items():
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, value)
+    config.num_labels = 5
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[model_type]
+    model = getattr(transformers, names if isinstance(names, str) else names[0])(config)
+    size = getattr(config, "image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    return model, (3, size, size) if model_type != "levit" else (3, 224, 224)
+
+
 def build(source: str, name: str) -> tuple[nn.Module, torch.Tensor]:
     """The model with random weights, in eval mode, and a batch-1 input of its default size."""
     torch.manual_seed(0)
-    if source == "timm":
+    if source == "huggingface":
+        model, size = _huggingface(name)
+    elif source == "timm":
         import timm
 
         model = timm.create_model(name, pretrained=False)

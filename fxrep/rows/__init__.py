@@ -1,0 +1,138 @@
+"""Rows nobody reads: compute only the token rows a program's outputs read.
+
+A ViT classifier reads one row of its last block's output, the class token (timm: ``x[:, 0]``). Everything
+after the last block's attention keys and values works token by token (Linear, LayerNorm, GELU, residual
+adds, each attention query row), so that block needs the other 196 rows for its keys and values only. This
+rewrite moves the row selection up the graph, through every op that maps rows to rows, until it meets a
+tensor that something else reads whole:
+
+    select(layer_norm(add(x, mlp(x))), 1, 0)  ->  squeeze(layer_norm(add(x[:, 0:1], mlp(x[:, 0:1]))), 1)
+    sdpa(q, k, v)[:, :, 0:1]                   ->  sdpa(q[:, :, 0:1], k, v)
+
+It is exact: each moved op computes the same numbers on fewer rows (up to a GEMM's rounding for a different
+row count). Where an op is not known to be row-wise on the selected axis, the selection stays where it is. In
+a fused d3b4 the last of three blocks is a third of the work; in DeiT-Tiny-12 the last of twelve is a twelfth.
+
+The rewrite works on ATen graphs as ``torch.export`` writes them (shapes from ``meta["val"]``):
+``prune_unread_rows`` takes and returns an ExportedProgram.
+"""
+
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..ir.aten_core import recorded_shape, same_size
+from ..program import export_rewritten
+from .rules import ELEMENTWISE, RULES, _Builder, _reads_shape_only, _shared_request, _Stop, row_request
+
+aten = torch.ops.aten
+
+
+def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tuple) -> \
+        torch.export.ExportedProgram:
+    """A new program that computes only the rows its outputs read (see the module docstring); ``program`` is
+    not modified, and one with nothing to prune is returned as it is. The result is checked against
+    ``program`` on ``example_inputs`` (``numerics.MODEL_RTOL`` for its dtype); a difference raises
+    InternalError."""
+    module = program.module()
+    if not move_row_selections_up(module.graph):
+        return program
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return export_rewritten(program, module, example_inputs,
+                            rewrite="computing only the rows the outputs read", switch="prune_rows=False")
+
+
+def _shape_reader_sizes(node: fx.Node) -> list | None:
+    """``[(expand_as(x, node), sizes)]``: the sizes to write each shape-only reader of ``node`` with
+    (``expand(x, sizes)``), so that ``node`` can go; None where a size is symbolic and not ``x``'s own."""
+    plans = []
+    for user in [u for u in node.users if _reads_shape_only(u, node)]:
+        source, target = recorded_shape(user.args[0]), recorded_shape(node)
+        if source is None or target is None or len(source) > len(target):
+            return None
+        source = (None,) * (len(target) - len(source)) + tuple(source)
+        sizes = [t if isinstance(t, int) else -1 if s is not None and same_size(s, t) else None
+                 for s, t in zip(source, target)]
+        if None in sizes:
+            return None
+        plans.append((user, sizes))
+    return plans
+
+
+def _move_up(graph: fx.Graph, node: fx.Node) -> tuple[list, set] | None:
+    """Answer the one request every reader of ``node`` makes by computing ``node``'s op on the requested rows
+    of its inputs; ``node`` and its readers' slices go. Returns (the nodes made, the nodes erased), or None
+    (graph unchanged) where no rule applies."""
+    request = _shared_request(node) if node.op == "call_function" and node.users else None
+    rule = RULES.get(node.target) if request is not None else None
+    known = rule is not None and recorded_shape(node) is not None
+    shape_readers = _shape_reader_sizes(node) if known else None
+    if shape_readers is None:
+        return None
+    builder = _Builder(graph, node)
+    try:
+        new = rule(builder, node, *request)
+    except _Stop:
+        new = None
+    if new is None:
+        for made in reversed(builder.made):
+            graph.erase_node(made)
+        return None
+    made, erased = list(builder.made), {node}
+    for user, sizes in shape_readers:
+        with graph.inserting_before(user):
+            expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
+        expanded.meta.update(user.meta)
+        user.replace_all_uses_with(expanded)
+        graph.erase_node(user)
+        erased.add(user)
+    axis = request[0]
+    for user in list(node.users):
+        if user.target is aten.select.int:
+            with graph.inserting_before(user):
+                squeezed = graph.call_function(aten.squeeze.dims, (new, [axis]))
+            user.replace_all_uses_with(squeezed)
+            made.append(squeezed)
+        else:
+            user.replace_all_uses_with(new)
+        graph.erase_node(user)
+        erased.add(user)
+    graph.erase_node(node)
+    return made, erased
+
+
+def move_row_selections_up(graph: fx.Graph) -> bool:
+    """Move every row selection (``slice``/``select`` on a static axis) up through the ops that map rows to
+    rows, as far as it goes; returns whether the graph changed. New nodes carry no ``meta["val"]``: export the
+    module again before reading shapes (``prune_unread_rows`` does).
+
+    Linear in graph size: one pass from the outputs up, in which a move can only create requests on the
+    moved op's inputs (visited later in the pass) and on the nodes it made (visited next); a second pass
+    confirms the fixed point."""
+    changed = False
+    while _one_pass(graph):
+        changed = True
+    return changed
+
+
+def _one_pass(graph: fx.Graph) -> bool:
+    pending = list(graph.nodes)  # a stack: nodes are visited from the last to the first
+    erased: set = set()
+    moved = False
+    while pending:
+        node = pending.pop()
+        if node in erased:
+            continue
+        result = _move_up(graph, node)
+        if result is not None:
+            made, gone = result
+            erased |= gone
+            pending.extend(made)  # the op on the cut rows is visited before the cuts of its inputs
+            moved = True
+    return moved
+
+
+__all__ = ["prune_unread_rows", "move_row_selections_up", "row_request", "RULES", "ELEMENTWISE"]
