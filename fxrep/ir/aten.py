@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .activations import ACTIVATION_ATEN
 from .aten_core import fold_core_aten, recorded_shape
 from .binding import bind
 
@@ -120,9 +121,7 @@ TABLE: dict = {
               scale="scale", enable_gqa="enable_gqa")),
     aten.softmax.int: (torch.softmax, _softmax),
     aten._softmax.default: (torch.softmax, _softmax),
-    aten.gelu.default: (F.gelu, _same("input", approximate="approximate")),
-    aten.silu.default: (F.silu, _same("input")),
-    aten.relu.default: (F.relu, _same("input")),
+    **{op: (spec.functions[0], spec.aten_call) for op, spec in ACTIVATION_ATEN.items()},
     aten.view.default: ("view", _same("input", "size")),
     aten.reshape.default: (torch.reshape, _same("input", "shape")),
     aten._unsafe_view.default: (torch.reshape, _same("input", "size")),

@@ -13,6 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx._symbolic_trace import _assert_is_none
 
+from .activations import (  # noqa: F401 - re-exported: the readers' tables
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    ACTIVATION_VARIANT_ARG,
+)
+
 LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
 LAYER_NORM_TARGETS = {F.layer_norm, torch.layer_norm}
 SDPA_TARGETS = {F.scaled_dot_product_attention}
@@ -31,19 +38,8 @@ ARITHMETIC = (
 ADD_TARGETS, SUB_TARGETS, MUL_TARGETS, DIV_TARGETS, NEG_TARGETS = (targets for _, targets, _ in ARITHMETIC)
 ARITHMETIC_TARGETS = set().union(*(targets for _, targets, _ in ARITHMETIC))
 
-# Elementwise activations: function or method -> canonical name; the argument that selects a variant.
-ACTIVATION_FUNCTIONS = {
-    F.gelu: "gelu", F.relu: "relu", torch.relu: "relu", F.silu: "silu", torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish", F.mish: "mish",
-    F.leaky_relu: "leaky_relu", F.elu: "elu",
-}
-ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-ACTIVATION_VARIANT_ARG = {"gelu": ("approximate", "none"), "leaky_relu": ("negative_slope", 0.01),
-                          "elu": ("alpha", 1.0)}
-
-# Modules and the functional call each one is (``functionalize_modules``); the identity at eval.
-ACTIVATION_MODULES = {nn.ReLU: F.relu, nn.SiLU: F.silu, nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh,
-                      nn.Hardswish: F.hardswish, nn.Mish: F.mish}
+# Elementwise activations: one ActivationSpec each (``ir.activations``); these tables are derived from them.
+# Modules: the class -> its spec (``functionalize_modules`` calls the spec's function); the identity at eval.
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 # Runtime checks with no result: never dead code, never merged.

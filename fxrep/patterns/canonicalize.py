@@ -69,6 +69,15 @@ class DropIdentity:
         ctx.replace_node(match.nodes[0], match.data)
 
 
+def _activation_spec(m: nn.Module):
+    """The ActivationSpec of ``m``'s class, or of a base class whose ``forward`` it inherits unchanged."""
+    for cls in type(m).__mro__:
+        spec = ACTIVATION_MODULES.get(cls)
+        if spec is not None:
+            return spec if type(m).forward is cls.forward else None
+    return None
+
+
 class FunctionalizeModules:
     name = "functionalize_modules"
     phase = "canonicalize"
@@ -77,8 +86,7 @@ class FunctionalizeModules:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return None
         m = _module(node)
-        if not (isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU, nn.Softmax, nn.LeakyReLU, nn.ELU)) or
-                type(m) in ACTIVATION_MODULES):
+        if not (isinstance(m, (nn.Linear, nn.LayerNorm, nn.Softmax)) or _activation_spec(m) is not None):
             return None
         if getattr(m, "inplace", False) and not write_is_invisible(node):
             return None  # the write to its input would be visible elsewhere: keep the module call
@@ -99,16 +107,11 @@ class FunctionalizeModules:
                 b = g.get_attr(f"{path}.bias") if m.bias is not None else None
                 new = g.call_function(F.layer_norm, (x, tuple(m.normalized_shape)),
                                       {"weight": w, "bias": b, "eps": m.eps})
-            elif isinstance(m, nn.GELU):
-                new = g.call_function(F.gelu, (x,), {"approximate": m.approximate})
             elif isinstance(m, nn.Softmax):
                 new = g.call_function(F.softmax, (x,), {"dim": m.dim})
-            elif isinstance(m, nn.LeakyReLU):
-                new = g.call_function(F.leaky_relu, (x,), {"negative_slope": m.negative_slope})
-            elif isinstance(m, nn.ELU):
-                new = g.call_function(F.elu, (x,), {"alpha": m.alpha})
             else:
-                new = g.call_function(ACTIVATION_MODULES[type(m)], (x,))
+                function, kwargs = _activation_spec(m).module_call(m)
+                new = g.call_function(function, (x,), kwargs)
         new.meta["fxrep_origin"] = (path,)
         ctx.replace_node(node, new)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..ir.activations import ACTIVATION_ATEN
 from ..ir.aten_core import recorded_shape, same_size
 
 aten = torch.ops.aten
@@ -19,12 +20,10 @@ aten = torch.ops.aten
 ELEMENTWISE = frozenset({
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.maximum.default,
     aten.minimum.default, aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
-    aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
     aten.neg.default, aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default,
     aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.clone.default, aten.alias.default,
-    aten._to_copy.default,
-    aten.contiguous.default,
-})
+    aten._to_copy.default, aten.contiguous.default,
+}) | frozenset(ACTIVATION_ATEN)  # every activation (ir.activations) is elementwise
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 # --- which rows a node asks for
