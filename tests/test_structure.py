@@ -116,3 +116,36 @@ def test_patterns_do_not_reach_into_each_other():
         if name.startswith("fxrep.patterns."):
             others = {m for m in imports(name, path, set(mods)) if m.startswith("fxrep.patterns")}
             assert not others, f"{name} imports {others}"
+
+
+# The layers (docs/architecture.md): the compiler core, and the rooms built on it. The core never imports
+# a room, so `import fxrep` and `fxrep.fuse` load no deployment, training or test code.
+ROOMS = {
+    "deploy": ("fxrep.export", "fxrep.rows", "fxrep.xnnpack", "fxrep.mobile"),
+    "training": ("fxrep.training",),
+    "testing": ("fxrep.testing", "fxrep.strategies", "fxrep.generated", "fxrep.fuzzing", "fxrep.assertions"),
+    "tools": ("fxrep.zoo", "fxrep.demo", "fxrep.cli", "fxrep.benchmarking", "fxrep.models"),
+}
+
+
+def _room(name: str):
+    for room, prefixes in ROOMS.items():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return room
+    return "core"
+
+
+def test_the_core_never_imports_a_room():
+    mods = modules()
+    wrong = {name: sorted(m for m in imports(name, path, set(mods)) if _room(m) != "core")
+             for name, path in mods.items() if _room(name) == "core"}
+    wrong = {k: v for k, v in wrong.items() if v}
+    assert not wrong, f"core modules importing deployment, training, testing or tools: {wrong}"
+
+
+def test_deployment_does_not_import_training_or_testing():
+    mods = modules()
+    for name, path in mods.items():
+        if _room(name) == "deploy":
+            rooms = {_room(m) for m in imports(name, path, set(mods))}
+            assert rooms <= {"core", "deploy"}, f"{name} imports {rooms}"
