@@ -155,7 +155,7 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
                             "vs deep fp32 as exported", ".pte MB"], rows))
 
 
-def onnx_sessions(models: dict, x) -> dict:
+def onnx_sessions(models: dict, x, prune_rows: bool = True) -> dict:
     import onnxruntime as ort
 
     from fxrep.export import to_onnx
@@ -163,7 +163,7 @@ def onnx_sessions(models: dict, x) -> dict:
     out = {}
     tmp = Path(tempfile.mkdtemp())
     for name, m in models.items():
-        path = to_onnx(m, (x,), tmp / f"{abs(hash(name))}.onnx")
+        path = to_onnx(m, (x,), tmp / f"{abs(hash(name))}.onnx", prune_rows=prune_rows)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         # ORT's worker threads spin between runs by default and would steal the cores from the interleaved
@@ -213,8 +213,10 @@ def main(argv=None) -> int:
             if args.onnx and batch == 1 and device.type == "cpu" and dtype == torch.float32:
                 names = (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head")
                 sel = {k: models[k] for k in names}
-                for k, fn in onnx_sessions(sel, x).items():
+                for k, fn in onnx_sessions(sel, x).items():  # only the rows the output reads (default)
                     variants[("onnxruntime", k)] = fn
+                for k, fn in onnx_sessions({k: sel[k] for k in names[1:]}, x, prune_rows=False).items():
+                    variants[("onnxruntime", f"{k}{ALL_ROWS}")] = fn
             timed = measure_latency({f"{b}|{k}": m for (b, k), m in variants.items()}, (x,),
                                     repeats=args.repeats, warmup=5)
             for (backend, name) in variants:

@@ -51,11 +51,16 @@ def load_fused(directory: str | Path) -> torch.nn.Module:
     return torch.export.load(path).module()
 
 
-def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int | None = None) -> Path:
+def to_onnx(gm: torch.nn.Module, example_inputs: tuple, path: str | Path, opset: int | None = None, *,
+            prune_rows: bool = True) -> Path:
     """Export to ONNX with torch's exporter (needs the ``export`` extra: onnx, onnxscript). Takes a module or
     an ExportedProgram; a module in training mode is refused (``TrainingModeError``), not switched to eval
-    mode."""
-    program = as_program(gm, check_inputs(example_inputs))
+    mode. With ``prune_rows`` (default) the program computes only the token rows its outputs read
+    (``prune_unread_rows``, checked against the unpruned program on ``example_inputs``)."""
+    inputs = check_inputs(example_inputs)
+    program = as_program(gm, inputs)
+    if prune_rows:
+        program = prune_unread_rows(program, inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"opset_version": opset} if opset else {}

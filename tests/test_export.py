@@ -216,8 +216,15 @@ def test_export_program_refuses_a_training_model_and_leaves_it_as_it_is():
     assert torch.equal(program.module()(x), model(x))
 
 
+def _onnx_slice_count(path) -> int:
+    import onnx
+
+    return sum(1 for n in onnx.load(str(path)).graph.node if n.op_type in ("Slice", "Gather"))
+
+
 def test_to_onnx_runs_in_onnxruntime_and_refuses_a_training_model(tmp_path):
-    """A fused d3b4 in ONNX (torch's dynamo exporter) computes what the fused module computes in ONNX Runtime;
+    """A fused d3b4 in ONNX (torch's dynamo exporter), with and without row pruning, computes what the fused
+    module computes in ONNX Runtime;
     a model in training mode is refused and left in training mode (to_onnx used to call .eval() on it)."""
     ort = pytest.importorskip("onnxruntime")
     from fxrep.export import to_onnx
@@ -225,11 +232,15 @@ def test_to_onnx_runs_in_onnxruntime_and_refuses_a_training_model(tmp_path):
     model = _d3b4()
     (x,) = _images(2)
     fused = fxrep.fuse(model, example_inputs=(x,))
-    path = to_onnx(fused, (x,), tmp_path / "fused.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        compare_outputs(model(x), torch.from_numpy(y), 1e-5)
+    sizes = {}
+    for prune in (True, False):  # only the rows the output reads (the class token in the last block), or all
+        path = to_onnx(fused, (x,), tmp_path / f"fused_{prune}.onnx", prune_rows=prune)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            compare_outputs(model(x), torch.from_numpy(y), 1e-5)
+        sizes[prune] = _onnx_slice_count(path)
+    assert sizes[True] > sizes[False]  # the pruned graph selects rows early
     fused.train()
     with pytest.raises(fxrep.TrainingModeError, match=r"model.eval\(\)"):
         to_onnx(fused, (x,), tmp_path / "refused.onnx")
