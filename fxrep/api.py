@@ -118,7 +118,7 @@ def _fuse_exported(model, example_inputs, *, why: str, fx_failure=None, check=Fa
     validate(model)  # eval mode, supported dtypes: the same refusals as the fx path, before exporting
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     exported, batch = _export(model, inputs, fx_failure)
-    fused = program.fuse_program(exported, patterns=common.pop("patterns"), **common)
+    fused = program.fuse_program(exported, **common)
     module = fused.module()
     _accept_calls_like(model, module, len(inputs))
     report = fused.graph_module.meta["fxrep_report"]
