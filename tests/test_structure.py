@@ -149,3 +149,15 @@ def test_deployment_does_not_import_training_or_testing():
         if _room(name) == "deploy":
             rooms = {_room(m) for m in imports(name, path, set(mods))}
             assert rooms <= {"core", "deploy"}, f"{name} imports {rooms}"
+
+
+@pytest.mark.parametrize("module", ["fxrep", "fxrep.export", "fxrep.testing", "fxrep.ir"])
+def test_the_public_api_is_stated_and_resolves(module):
+    """Each public module lists what is public, and every listed name exists."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    assert mod.__all__, f"{module} states no public API"
+    missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+    assert not missing, f"{module}.__all__ lists names it does not have: {missing}"
+    assert len(mod.__all__) == len(set(mod.__all__))

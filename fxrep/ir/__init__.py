@@ -85,19 +85,12 @@ from .targets import (
     VIEW_METHODS,
 )
 
+# What a pattern author needs (README "Custom patterns"): typed views of the ops, argument binding, the
+# builders that emit new weights, and origins for the report. The other names above are fxrep's own: they are
+# importable for the built-in patterns but not part of the public API and may change.
 __all__ = [
-    "bind", "torch_spellings", "add_constant", "bitwise_equal", "const_node", "emit_attention", "emit_linear",
-    "emit_split_heads",
-    "fingerprint", "fresh_attribute_name", "sdpa_masking", "is_guard", "is_inplace", "is_view",
-    "layout_sensitive_reader", "mutation_hazards",
-    "owns_its_memory", "write_is_invisible", "evaluate", "load_attribute", "AttentionView", "LayerNormView",
-    "LinearView", "SdpaView", "SoftmaxView", "activation_key", "arith_kind", "as_float_cast", "as_layer_norm",
-    "as_linear", "known_shape", "shape_source",
-    "as_masked_scores", "as_sdpa", "is_timm_function", "as_softmax", "attention_view", "constant_tensor",
-    "dropout_is_identity", "einsum_kind",
-    "fetch_attr", "is_call", "is_matmul", "is_shape_read", "is_softmax", "merge_origins", "origin",
-    "scalar_constant", "scalar_or_channel", "scale_op", "ReductionView", "StackView", "as_reduction",
-    "as_stack", "ADD_TARGETS", "DIV_TARGETS", "GUARD_TARGETS",
-    "LAYER_NORM_TARGETS", "LINEAR_TARGETS", "MATMUL_TARGETS", "MUL_TARGETS", "NEG_TARGETS", "SDPA_TARGETS",
-    "SOFTMAX_TARGETS", "SUB_TARGETS", "VIEW_FUNCTIONS", "VIEW_METHODS",
+    "bind", "fetch_attr", "known_shape", "merge_origins",
+    "as_linear", "as_layer_norm", "as_softmax", "as_sdpa", "attention_view", "activation_key", "arith_kind",
+    "LinearView", "LayerNormView", "SoftmaxView", "SdpaView", "AttentionView",
+    "emit_linear", "emit_attention", "const_node", "fingerprint",
 ]
