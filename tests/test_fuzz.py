@@ -43,7 +43,7 @@ def test_rounding_that_the_graph_amplifies_is_told_apart_from_a_wrong_rewrite():
     after an attention divides by the difference of two nearly equal values, so float32 rounding of the merged
     weights shows as 1.5e-5. The float64 copy of the same graph fuses to 1e-10: rounding, not a wrong
     rewrite."""
-    from fxrep.fuzzing import _exact_in_float64
+    from fxrep.testing.fuzzing import _exact_in_float64
 
     case = _case([("attention", (0, 0), 7), ("layer_norm", (1, 0), 1)], dim=2)
     assert _exact_in_float64(case)

@@ -123,7 +123,7 @@ def test_patterns_do_not_reach_into_each_other():
 ROOMS = {
     "deploy": ("fxrep.export", "fxrep.rows", "fxrep.xnnpack", "fxrep.mobile"),
     "training": ("fxrep.training",),
-    "testing": ("fxrep.testing", "fxrep.strategies", "fxrep.generated", "fxrep.fuzzing", "fxrep.assertions"),
+    "testing": ("fxrep.testing",),
     "tools": ("fxrep.zoo", "fxrep.demo", "fxrep.cli", "fxrep.benchmarking", "fxrep.models"),
 }
 

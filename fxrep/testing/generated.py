@@ -1,6 +1,6 @@
 """Branched blocks written the way users write them, each built from a spec that says what ``fuse`` should
 do with it (``expect``), so tests can assert structure as well as values. Plain nn.Modules: no hypothesis
-here (``fxrep.strategies`` draws the specs)."""
+here (``fxrep.testing.strategies`` draws the specs)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Hypothesis strategies that draw branched blocks (``fxrep.generated``) and random graph programs
-(``fxrep.fuzzing``), each as a ``Case`` of a model in eval mode and inputs for it."""
+"""Hypothesis strategies that draw branched blocks (``fxrep.testing.generated``) and random graph programs
+(``fxrep.testing.fuzzing``), each as a ``Case`` of a model in eval mode and inputs for it."""
 
 from __future__ import annotations
 

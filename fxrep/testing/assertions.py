@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .engine import fuse
-from .equivalence import assert_equivalent, check_inputs
-from .snapshot import ModelSnapshot
+from ..api import fuse
+from ..equivalence import assert_equivalent, check_inputs
+from ..snapshot import ModelSnapshot
 
 
 def assert_fused_equivalent(model: nn.Module, inputs, *, fused=None, rtol: float | None = None,

@@ -1,6 +1,6 @@
 """Random, mostly non-conforming graph programs for differential fuzzing: ``fuse`` must raise a documented
 FxrepError or return a model that computes the same function, and must leave the input model unchanged.
-``fxrep.strategies.random_graphs`` draws them; ``benchmarks/fuzz.py`` runs thousands."""
+``fxrep.testing.strategies.random_graphs`` draws them; ``benchmarks/fuzz.py`` runs thousands."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import EquivalenceError, FxrepError
 from .assertions import assert_fused_equivalent
-from .errors import EquivalenceError, FxrepError
 from .generated import ACTIVATIONS, Case, explicit_timm_attention, randomize
 
 FUZZ_OPS = ("linear", "shared_linear", "layer_norm", "functional_norm", "activation", "add", "scale_const",

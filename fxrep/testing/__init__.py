@@ -4,16 +4,17 @@
     @given(branched_mlp_blocks())
     def test_my_model(case): assert_fused_equivalent(case.model, case.inputs)
 
-One import for users; the parts live in ``fxrep.assertions`` (the assertion), ``fxrep.equivalence`` (the
-comparison), ``fxrep.generated`` (branched blocks), ``fxrep.strategies`` (hypothesis) and ``fxrep.fuzzing``.
+One import for users; the parts live in ``assertions`` (the assertion), ``fxrep.equivalence`` (the
+comparison), ``generated`` (branched blocks), ``strategies`` (hypothesis) and ``fuzzing`` (random graph
+programs), modules of this package.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..equivalence import DEFAULT_RTOL, assert_equivalent, compare_outputs, relative_error
 from .assertions import assert_fused_equivalent
-from .equivalence import DEFAULT_RTOL, assert_equivalent, compare_outputs, relative_error
 from .fuzzing import FUZZ_OPS, GraphSpec, RandomGraphModel, fuzz_check
 from .generated import (
     ACTIVATIONS,
