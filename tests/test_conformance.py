@@ -109,7 +109,8 @@ CASES = {
     "timm_blocks_x2": (lambda: TimmBranches(2), "tokens", 1, ALL_FLOWS),
     "timm_blocks_x4": (lambda: TimmBranches(4), "tokens", 1, ALL_FLOWS),
     # exported, nn.MultiheadAttention is inlined with its input transposed to (tokens, batch, dim) before the
-    # in-projection: each attention lifts, but the lift has no tokens-first form yet, so branches do not widen
+    # in-projection and flattens (tokens, batch) before the out-projection: not lifted yet, so the branches
+    # stay apart
     "torchvision_blocks_x3": (lambda: TorchvisionBranches(3), "tokens", 1, ("module", "traced")),
     # einops-based collections (vit-pytorch) and open_clip: fx cannot trace einops, fxrep.fuse captures
     # those with torch.export
