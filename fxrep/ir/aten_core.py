@@ -10,7 +10,9 @@
   is -inf throughout, so the two agree;
 - ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s`` is ``stack(xs)`` (timm's branch sums);
 - ``native_layer_norm(x, shape, w, b, eps)[0]``, its mean and rstd unread, is
-  ``layer_norm(x, shape, w, b, eps)``.
+  ``layer_norm(x, shape, w, b, eps)``;
+- ``add(linear(x, w), b)`` with a constant ``b`` of ``w``'s row count (a Linear on a permuted input decomposes
+  to a batched matmul and a separate bias add) is ``linear(x, w, b)``.
 
 Every fold checks the shapes export recorded (``meta["val"]``, possibly symbolic: sizes must be provably
 equal) and that the inner nodes have no other reader; anything else stays as it is.
@@ -136,6 +138,26 @@ def _matmul(out):
     return aten.matmul.default, (a, b)
 
 
+def _biased_linear(add):
+    """(x, w, b) if ``add`` is ``add(linear(x, w), b)`` with ``b`` a parameter or constant of shape
+    (out_features,) and the Linear read only by the add, else None."""
+    if add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return None
+    lin, bias = add.args
+    if _call(lin, aten.linear.default) is None or not _only_reader(lin, add) or \
+            (len(lin.args) > 2 and lin.args[2] is not None) or not isinstance(bias, fx.Node) or \
+            bias.op not in ("get_attr", "placeholder"):
+        return None
+    w_shape, b_shape = recorded_shape(lin.args[1]), recorded_shape(bias)
+    if w_shape is None or len(w_shape) != 2 or not _same(b_shape, (w_shape[0],)):
+        return None
+    value, b_value = lin.meta.get("val"), bias.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not isinstance(b_value, torch.Tensor) or \
+            value.dtype != b_value.dtype:
+        return None
+    return lin.args[0], lin.args[1], bias
+
+
 def _stack(out):
     """``stack(xs)`` if ``out`` is ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s``, else
     None."""
@@ -206,7 +228,7 @@ def _finite_constant(node) -> bool:
 _PURE = {*_VIEWS, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.permute.default, aten.t.default,
          aten.clone.default, aten.expand.default, aten.native_layer_norm.default, operator.getitem,
          aten.where.self, aten.full_like.default, aten.cat.default, aten.logical_not.default, aten.any.dim,
-         aten.eq.Scalar}
+         aten.eq.Scalar, aten.linear.default}
 
 
 def _replace(gm, old, target, args) -> None:
@@ -256,6 +278,11 @@ def fold_core_aten(gm: fx.GraphModule) -> int:
         is_product = _call(node, aten.addmm.default, aten.mm.default) is not None
         found = _matrix_product(node) if is_product else None
         if found is not None and _checked(node, *found) is not None:
+            _replace(gm, node, aten.linear.default, found)
+            folded += 1
+    for node in list(gm.graph.nodes):  # and the bias adds of the Linears folded above
+        found = _biased_linear(node) if _call(node, aten.add.Tensor) is not None else None
+        if found is not None:
             _replace(gm, node, aten.linear.default, found)
             folded += 1
     return folded

@@ -120,7 +120,7 @@ def scale_op(node: fx.Node) -> tuple[fx.Node, float] | None:
 
 
 def is_matmul(node: fx.Node) -> bool:
-    return is_call(node, MATMUL_TARGETS) or (node.op == "call_method" and node.target == "matmul")
+    return is_call(node, MATMUL_TARGETS) or (node.op == "call_method" and node.target in ("matmul", "bmm"))
 
 
 def einsum_kind(node: fx.Node) -> str | None:

@@ -24,7 +24,7 @@ LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
 LAYER_NORM_TARGETS = {F.layer_norm, torch.layer_norm}
 SDPA_TARGETS = {F.scaled_dot_product_attention}
 SOFTMAX_TARGETS = {F.softmax, torch.softmax, torch.Tensor.softmax}
-MATMUL_TARGETS = {operator.matmul, torch.matmul}
+MATMUL_TARGETS = {operator.matmul, torch.matmul, torch.bmm}  # bmm: matmul of 3-d tensors
 DROPOUT_TARGETS = {F.dropout, torch.dropout}
 
 # Arithmetic: (kind, functions, method name). ``ir.readers.arith_kind`` is the one classifier over this.
