@@ -5,6 +5,7 @@ from .attention import LiftAttention
 from .canonicalize import DropEmptyAttentionMask, DropIdentity, FoldConstants, FunctionalizeModules
 from .cse import EliminateCommonSubexpressions
 from .layernorm import ExtractLayerNormAffine
+from .layout import CancelPermutes, PermutesOutOfSums, UnflattenLinearRows
 from .lower import LowerAttention
 from .mha import LiftMultiheadAttention
 from .rank_aware import RankAwareAttention
@@ -16,7 +17,7 @@ def builtin_patterns() -> list:
     """New instances of the built-in patterns (a list the caller owns)."""
     return [
         DropIdentity(), DropEmptyAttentionMask(), FunctionalizeModules(), FoldConstants(),
-        ExpandStackedSums(),
+        ExpandStackedSums(), UnflattenLinearRows(), PermutesOutOfSums(), CancelPermutes(),
         EliminateCommonSubexpressions(), ExtractLayerNormAffine(),
         LiftMultiheadAttention(), LiftAttention(),
         MergeAffine(),
@@ -28,4 +29,5 @@ def builtin_patterns() -> list:
 __all__ = ["builtin_patterns", "MergeAffine", "LiftAttention", "DropIdentity", "DropEmptyAttentionMask",
            "FoldConstants", "FunctionalizeModules", "EliminateCommonSubexpressions", "ExtractLayerNormAffine",
            "LowerAttention", "RankAwareAttention", "ExpandStackedSums", "LiftMultiheadAttention",
+           "UnflattenLinearRows", "PermutesOutOfSums", "CancelPermutes",
            "CollapseAttention", "WidenAttention", "WidenMLP"]
