@@ -108,10 +108,9 @@ CASES = {
                                                   ALL_FLOWS),
     "timm_blocks_x2": (lambda: TimmBranches(2), "tokens", 1, ALL_FLOWS),
     "timm_blocks_x4": (lambda: TimmBranches(4), "tokens", 1, ALL_FLOWS),
-    # exported, nn.MultiheadAttention is inlined with its input transposed to (tokens, batch, dim) before the
-    # in-projection and flattens (tokens, batch) before the out-projection: not lifted yet, so the branches
-    # stay apart
-    "torchvision_blocks_x3": (lambda: TorchvisionBranches(3), "tokens", 1, ("module", "traced")),
+    # exported, nn.MultiheadAttention is inlined tokens-first around the in-projection, with the
+    # out-projection on flattened (tokens * batch) rows: the branches still merge (docs/identities.md §9)
+    "torchvision_blocks_x3": (lambda: TorchvisionBranches(3), "tokens", 1, ALL_FLOWS + CORE),
     # einops-based collections (vit-pytorch) and open_clip: fx cannot trace einops, fxrep.fuse captures
     # those with torch.export
     "einops_vit": (lambda: ViT(**EINOPS), "image", 2, ("module", "exported")),

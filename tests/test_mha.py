@@ -4,9 +4,10 @@ exactly; what cannot be lifted is a skip with its reason."""
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxrep
 from fxrep.testing import assert_fused_equivalent, compare_outputs
 
 
@@ -43,6 +44,34 @@ def test_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, 
     report = gm.meta["fxrep_report"]
     assert report.count("lift_multihead_attention") == branches
     assert report.after["sdpa"] == 1 and not any(n.op == "call_module" for n in gm.graph.nodes)
+
+
+@settings(max_examples=10)
+@given(branches=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 4), bias=st.booleans(),
+       batch_first=st.booleans(), need_weights=st.booleans(), core_aten=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_exported_multihead_attention_branches_lift_and_merge(branches, heads, head_dim, bias, batch_first,
+                                                              need_weights, core_aten, seed):
+    """``torch.export`` inlines ``nn.MultiheadAttention``: tokens first around the in-projection (a transpose
+    for ``batch_first``), the output projection on flattened (tokens*batch) rows, each branch's output
+    transposed back before the sum, and, with ``need_weights``, the attention through ``bmm`` with heads
+    folded into the batch. The branches lift as tokens-first attention and merge into one, exactly, in the
+    ATen and the core ATen graph, and at another batch size."""
+    torch.manual_seed(seed)
+    dim = heads * head_dim
+    model = MhaBranches(branches, dim, heads, bias, batch_first, need_weights).eval()
+    x = torch.randn(2, 5, dim) if batch_first else torch.randn(5, 2, dim)
+    # fxrep reasons about a dynamic batch on dim 0 only: the tokens-first model is exported static
+    dynamic = ({0: torch.export.Dim("batch")},) if batch_first else None
+    program = torch.export.export(model, (x,), dynamic_shapes=dynamic)
+    if core_aten:
+        program = program.run_decompositions()
+    fused = fxrep.fuse(program, example_inputs=(x,))
+    report = fused.graph_module.meta["fxrep_report"]
+    assert report.count("lift_attention") == branches, report
+    assert report.after["sdpa"] == 1 and report.after["softmax"] == 0, report
+    other = torch.randn(3, 5, dim) if batch_first else torch.randn(5, 2, dim)
+    assert_fused_equivalent(model, (other,), fused=fused.module())
 
 
 def test_torchvision_vision_transformer_lifts_every_attention():

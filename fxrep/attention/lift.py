@@ -11,7 +11,8 @@ from torch import fx
 
 from .. import algebra
 from ..ir import as_linear, merge_origins, shape_source
-from .probe import Probe, ProbeFailed, ShapeMismatch, decode_heads, output_chain, verify
+from ..ir.layout import rank
+from .probe import LayoutMismatch, Probe, ProbeFailed, ShapeMismatch, decode_heads, output_chain, verify
 from .recognize import Candidate, Chain, NotAttention
 
 f64 = algebra.f64
@@ -60,16 +61,32 @@ class Lift:
     summary: str
     attn_mask: object = None
     is_causal: object = False
+    tokens_first: bool = False
+    # the output is (batch, tokens) where the input is (tokens, batch), or the reverse
+    transpose_out: bool = False
 
 
 def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> Lift:
     """``cand`` as a verified ``multi_head_attention`` (decoded and verified on a probe input of its input's
-    rank), or NotAttention with the reason."""
+    rank), or NotAttention with the reason. An input of known shape (a, b, d) whose views do not keep (a, b)
+    as (batch, tokens) is tried as (tokens, batch): ``torch.export`` writes ``nn.MultiheadAttention`` so."""
     x = cand.value.linear.input
     for t in cand.logits.terms.values():
         if t.q.linear.input is not x or t.k.linear.input is not x:
             raise NotAttention("q, k and v are computed from different tensors (cross-attention)")
     shape, known, exported = _probe_shape(x, cand.value.linear.weight.shape[1])
+    try:
+        return _lift_batch_first(cand, order, cache, x, shape, known, exported)
+    except LayoutMismatch as batch_first:
+        if not known or len(shape) != 3:
+            raise
+        try:
+            return _lift_at(cand, order, cache, x, shape, known, tokens_first=True)
+        except LayoutMismatch:
+            raise batch_first from None
+
+
+def _lift_batch_first(cand, order, cache, x, shape, known, exported) -> Lift:
     few = shape[:-2] + (min(shape[-2], PROBE_TOKENS), shape[-1])
     if known and not exported and few != shape:  # a few tokens verify the same layout faster, unless the code
         try:  # is sized for the real token count (an exported graph's reshapes spell it as a literal)
@@ -79,21 +96,32 @@ def lift(gm: fx.GraphModule, cand: Candidate, order: dict, cache: LiftCache) -> 
     return _lift_at(cand, order, cache, x, shape, known)
 
 
-def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: tuple, known: bool) -> Lift:
+def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: tuple, known: bool,
+             tokens_first: bool = False) -> Lift:
     x_probe = torch.zeros(shape, dtype=f64)
     probe = Probe(x, x_probe, order, cache.constants)
 
     def decode(chain, transposed):  # joined branches read each other's q/k: decode each chain once
-        key = (chain.end, transposed, x, shape)
+        key = (chain.end, transposed, x, shape, tokens_first)
         if key not in cache.heads:
-            cache.heads[key] = decode_heads(chain, probe, x_probe, transposed)
+            cache.heads[key] = decode_heads(chain, probe, x_probe, transposed, tokens_first)
         return cache.heads[key]
 
     vmap = decode(cand.value, False)
     H, dv = vmap.shape
     terms = _lifted_terms(cand, decode, H, order)
     scale = terms[-1].qmap.shape[1] ** -0.5 if cand.scale is None else float(cand.scale)
-    z, out_nodes, col_head, col_feat = output_chain(cand.anchor, probe, x_probe, H, dv)
+    folded = len(shape) == 3 and rank(cand.anchor) == 3  # heads folded into the batch (bmm)
+    out_tokens_first = tokens_first
+    try:
+        z, out_nodes, col_head, col_feat = output_chain(cand.anchor, probe, x_probe, H, dv, tokens_first,
+                                                        folded)
+    except LayoutMismatch:  # (tokens, batch) in and (batch, tokens) out, or the other way round
+        if len(shape) != 3:
+            raise
+        out_tokens_first = not tokens_first
+        z, out_nodes, col_head, col_feat = output_chain(cand.anchor, probe, x_probe, H, dv, tokens_first,
+                                                        folded, out_tokens_first)
     head_order, feats = _output_heads(col_head, col_feat, H, dv)
     heads = torch.tensor(head_order)
     qk = _qk_params(terms, head_order, heads, scale, probe, cache)
@@ -105,7 +133,7 @@ def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: 
     stand_ins = {n: v for n, v in ((cand.attn_mask, cand.mask_stand_in), (cand.is_causal, False))
                  if isinstance(n, fx.Node)}
     verify(probe, x, nodes, z, params, H, shape, cache.verified, stand_ins, cand.is_causal is True,
-           cand.probe_overrides())
+           cand.probe_overrides(), tokens_first, out_tokens_first)
     if not known:
         _verify_extra_axis(probe, x, nodes, z, params, H, shape, cache, stand_ins, cand)
     width = sum(t.qmap.shape[1] for t in terms)
@@ -115,7 +143,8 @@ def _lift_at(cand: Candidate, order: dict, cache: LiftCache, x: fx.Node, shape: 
     causal = {True: " (causal)", False: ""}.get(cand.is_causal, " (causal when asked)")
     return Lift(x, z, params, H, cand.value.linear.weight.dtype, nodes, terms, cache.emitted, width,
                 merge_origins(linears), f"{kind} attention{masked}{causal}, {H} heads (q/k width {width}, "
-                f"v width {dv}) -> multi_head_attention", cand.attn_mask, cand.is_causal)
+                f"v width {dv}){' tokens first' if tokens_first else ''} -> multi_head_attention",
+                cand.attn_mask, cand.is_causal, tokens_first, out_tokens_first != tokens_first)
 
 
 def _probe_shape(x: fx.Node, d: int) -> tuple[tuple, bool, bool]:

@@ -28,6 +28,11 @@ class ShapeMismatch(NotAttention):
     """The subgraph evaluated on a probe returns a tensor of another shape than the lifted op."""
 
 
+class LayoutMismatch(NotAttention):
+    """A view chain does not keep the batch and token axes apart as the input's layout was assumed to be (the
+    lift tries the other layout: tokens first, as ``nn.MultiheadAttention`` computes)."""
+
+
 class Probe:
     """Evaluates small parts of the graph on probe tensors (shape arithmetic included)."""
 
@@ -110,25 +115,44 @@ def _lead_rows(lead: tuple, trailing: int) -> torch.Tensor:
     return torch.arange(int(torch.tensor(lead).prod())).reshape(lead + (1,) * trailing)
 
 
-def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch.Tensor:
+def logical_shape(x_value, tokens_first: bool) -> tuple[tuple, int]:
+    """(batch axes, token count) of the attention's input: (*lead, N, d), or (N, B, d) tokens first."""
+    if tokens_first:
+        return (x_value.shape[1],), x_value.shape[0]
+    return tuple(x_value.shape[:-2]), x_value.shape[-2]
+
+
+def unfold_heads(t, lead: tuple):
+    """(B, H, ...) from (B*H, ...) for one batch axis (batch-major, as ``view(N, B*H, d).transpose(0, 1)``
+    folds them); ``t`` as it is otherwise. A wrong guess is caught by the code checks that follow."""
+    if isinstance(t, torch.Tensor) and len(lead) == 1 and t.dim() == 3 and t.shape[0] % lead[0] == 0:
+        return t.unflatten(0, (lead[0], t.shape[0] // lead[0]))
+    return t
+
+
+def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool,
+                 tokens_first: bool = False) -> torch.Tensor:
     """Run the chain on a coded Linear output; return the (H, d) map of head rows into the Linear's rows.
 
-    The Linear's input is ``x_value`` of shape (*lead, N, d): every leading axis must stay a batch axis, so
-    the chain must end in (*lead, H, N, dh) (or (*lead, H, dh, N) when ``transposed``)."""
+    The Linear's input is ``x_value`` of shape (*lead, N, d) (or (N, B, d) ``tokens_first``): every leading
+    axis must stay a batch axis, so the chain must end in (*lead, H, N, dh) (or (*lead, H, dh, N) when
+    ``transposed``), or with one batch axis in (B*H, N, dh): heads folded into the batch, as
+    ``nn.MultiheadAttention`` computes its attention weights with ``bmm``."""
     lin = chain.linear
-    lead, N = tuple(x_value.shape[:-2]), x_value.shape[-2]
+    lead, N = logical_shape(x_value, tokens_first)
     F_ = lin.out_features
     y = _coded(lead + (N, F_))
+    y = y.transpose(0, 1) if tokens_first else y  # the codes still say (batch, token, feature)
     env = probe.run(chain.nodes, {lin.node: y, lin.input: x_value}, passthrough=chain.scale_nodes)
-    t = env[chain.end] if chain.nodes else y
+    t = unfold_heads(env[chain.end] if chain.nodes else y, lead)
     if not isinstance(t, torch.Tensor) or t.dim() != len(lead) + 3:
         fewer = isinstance(t, torch.Tensor) and t.dim() < len(lead) + 3
         folded = ": it folds input axes together" if fewer else ""
-        raise NotAttention(f"{describe(chain.end)} is not a (batch, heads, tokens, dim) tensor for an input "
-                           f"of shape {tuple(x_value.shape)}{folded}")
+        raise LayoutMismatch(f"{describe(chain.end)} is not a (batch, heads, tokens, dim) tensor for an "
+                           f"input of shape {tuple(x_value.shape)}{folded}")
     t = t.transpose(-2, -1) if transposed else t
     if tuple(t.shape[:len(lead)]) != lead or t.shape[-2] != N:
-        raise NotAttention(f"{describe(chain.end)} does not keep the batch and token axes of an input of "
+        raise LayoutMismatch(f"{describe(chain.end)} does not keep the batch and token axes of an input of "
                            f"shape {tuple(x_value.shape)} apart")
     t = t.long()
     row, n, f = t // (F_ * N), (t // F_) % N, t % F_
@@ -136,16 +160,20 @@ def decode_heads(chain: Chain, probe: Probe, x_value, transposed: bool) -> torch
     ok = ((row == _lead_rows(lead, 3)).all() and (n == torch.arange(N).view(N, 1)).all()
           and (f == head_map).all())
     if not ok:
-        raise NotAttention(f"{describe(chain.end)} mixes tokens or batch elements into heads")
+        raise LayoutMismatch(f"{describe(chain.end)} mixes tokens or batch elements into heads")
     head_map = head_map[:, 0, :]
     if head_map.unique().numel() != head_map.numel():
         raise NotAttention(f"{describe(chain.end)} repeats features across heads")
     return head_map
 
 
-def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
-    """Follow the attention output through views to the (*lead, tokens, H*dv) tensor; return it, the view
-    nodes and its column -> (head, feature) maps."""
+def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int, tokens_first: bool = False,
+                 folded: bool = False, out_tokens_first: bool | None = None):
+    """Follow the attention output through views to the (*lead, tokens, H*dv) tensor (or (tokens, batch,
+    H*dv) ``out_tokens_first``, by default as the input ``tokens_first``); return it, the view nodes and its
+    column -> (head, feature) maps. ``folded``: the attention output is (B*H, N, dv), heads folded into the
+    batch."""
+    out_tokens_first = tokens_first if out_tokens_first is None else out_tokens_first
     nodes, n = [], anchor
     while True:  # a view read only by the next view (and by shape reads that build its shape)
         readers = [u for u in n.users if not is_shape_read(u)]
@@ -153,24 +181,27 @@ def output_chain(anchor: fx.Node, probe: Probe, x_value, H: int, dv: int):
             break
         n = readers[0]
         nodes.append(n)
-    lead, N = tuple(x_value.shape[:-2]), x_value.shape[-2]
+    lead, N = logical_shape(x_value, tokens_first)
     o = _coded(lead + (H, N, dv))
-    env = probe.run(nodes, {anchor: o})
+    env = probe.run(nodes, {anchor: o.flatten(0, 1) if folded else o})
     z = env[n]
+    if out_tokens_first and isinstance(z, torch.Tensor) and z.dim() == 3:
+        z = z.transpose(0, 1)
     if not isinstance(z, torch.Tensor) or tuple(z.shape) != lead + (N, H * dv):
-        raise NotAttention(f"the attention output {describe(n)} is not merged back to (batch, tokens, "
-                           f"heads*dim)")
+        order = "tokens, batch" if out_tokens_first else "batch, tokens"
+        raise LayoutMismatch(f"the attention output {describe(n)} is not merged back to ({order}, "
+                             f"heads*dim)")
     z = z.long()
     j, tok, h, row = z % dv, (z // dv) % N, (z // (dv * N)) % H, z // (dv * N * H)
     first = (0,) * len(lead) + (0,)
     if not ((row == _lead_rows(lead, 2)).all() and (tok == torch.arange(N).view(N, 1)).all()
             and (h == h[first]).all() and (j == j[first]).all()):
-        raise NotAttention(f"{describe(n)} mixes tokens or batch elements")
+        raise LayoutMismatch(f"{describe(n)} mixes tokens or batch elements")
     return n, nodes, h[first], j[first]
 
 
 def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None, causal: bool = False,
-           overrides=None) -> None:
+           overrides=None, tokens_first: bool = False, out_tokens_first: bool | None = None) -> None:
     """Evaluate the original subgraph and the lifted op in float64 on one random input; they must agree.
     ``verified`` keeps the values computed on that input per (x, shape), so branches that share nodes (the
     joined logits read every branch's q/k) evaluate them once. ``stand_ins`` replace run-time inputs of the
@@ -188,14 +219,19 @@ def verify(probe, x, nodes, z, params, H, shape, verified: dict, stand_ins=None,
     probe.shape_sources = {k: x_value for k in probe.shape_sources}
     env.update(probe.run(nodes - env.keys(), env, overrides=overrides))
     expected = env[z]
-    projections = verified.setdefault(("projections",) + key, {})
+    projections = verified.setdefault(("projections", tokens_first) + key, {})
 
     def project(x, w, b):  # joined branches share q/k weights: project x with them once
         if (id(w), id(b)) not in projections:
             projections[id(w), id(b)] = (w, b, torch.nn.functional.linear(x, w, b))
         return projections[id(w), id(b)][2]
 
-    actual = reference_attention(x_value, params, H, project, causal)
+    # the op reads (tokens, batch, d) where ``tokens_first`` and its output is read so where
+    # ``out_tokens_first`` (by default, as its input)
+    out_tokens_first = tokens_first if out_tokens_first is None else out_tokens_first
+    actual = reference_attention(x_value.transpose(0, 1) if tokens_first else x_value, params, H, project,
+                                 causal)
+    actual = actual.transpose(0, 1) if out_tokens_first else actual
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
         raise ShapeMismatch(f"recognized attention did not verify numerically (its output has shape "
                            f"{tuple(getattr(expected, 'shape', ()))}, the lifted op's {tuple(actual.shape)})")

@@ -23,6 +23,8 @@ the q weights. Joined logits ``sum_t c_t Q_t K_t^T`` become one head of query/ke
 
 from __future__ import annotations
 
+import torch
+
 from ..attention import Candidate, LiftCache, NotAttention, check_closure, check_cost, is_anchor, lift
 from ..attention.recognize import describe
 from ..ir import as_float_cast, emit_attention, is_shape_read, is_softmax
@@ -75,9 +77,15 @@ class LiftAttention:
 
     def replace(self, match, ctx):
         found = match.data
+        x, tokens_first = ctx.resolve(found.x), found.tokens_first
         with ctx.graph.inserting_before(found.z):
-            new = emit_attention(ctx.graph, ctx.resolve(found.x), found.params, found.heads, found.dtype,
+            if found.transpose_out:
+                # the output is read in the other layout: attend on the input in that layout, so that the
+                # readers (an output projection) read the attention itself and the widening patterns see it
+                x, tokens_first = ctx.graph.call_function(torch.transpose, (x, 0, 1)), not tokens_first
+            new = emit_attention(ctx.graph, x, found.params, found.heads, found.dtype,
                                  found.z.name + "_attn", found.origins, found.emitted,
-                                 attn_mask=found.attn_mask, is_causal=found.is_causal)
+                                 attn_mask=found.attn_mask, is_causal=found.is_causal,
+                                 tokens_first=tokens_first)
         ctx.replace_node(found.z, new)
         return {"heads": found.heads}
