@@ -44,9 +44,9 @@ def test_attention_near_misses_are_exact_and_reported(case):
     gm = assert_fused_equivalent(case.model, case.inputs)
     report = gm.meta["fxrep_report"]
     assert report.skipped, "a near miss must be reported as a skipped candidate"
-    if case.info["spec"].near_miss == "no_projection":
-        assert any("no Linear to be split into" in s.reason for s in report.skipped if s.pattern ==
-                   "widen_attention"), [s.reason for s in report.skipped]
+    if case.info["spec"].near_miss == "read_outside":  # no Linear and sum takes its branch's columns apart
+        assert any(s.pattern in ("widen_attention", "collapse_attention") for s in report.skipped), \
+            [s.reason for s in report.skipped]
 
 
 def test_joined_four_branch_attention_is_one_sdpa_of_single_branch_heads():
@@ -135,10 +135,15 @@ def test_an_attention_fxrep_cannot_read_is_reported_not_passed_over():
 
 
 @pytest.mark.parametrize("form", ["separate_sdpa", "softmax_module", "einsum"])
-def test_attention_branches_without_an_output_projection_leave_a_reason(form):
-    """vit-pytorch's attention with ``heads * dim_head == dim`` has ``to_out = nn.Identity()``: its branches
-    cannot widen (no Linear takes the merged heads' columns apart), and the report says so."""
-    spec = AttentionSpec(dim=8, heads=2, head_dim=4, branches=3, form=form, near_miss="no_projection")
-    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), make_inputs(8, torch.float32, 0))
-    reasons = [s.reason for s in gm.meta["fxrep_report"].skipped if s.pattern == "widen_attention"]
-    assert any("no Linear to be split into" in r for r in reasons), reasons
+@pytest.mark.parametrize("lam", [None, 1.0])
+def test_attention_branches_without_an_output_projection_merge(form, lam):
+    """vit-pytorch's attention with one head as wide as the stream has ``to_out = nn.Identity()``: its
+    branches are summed as they are. They widen into one attention over the union of heads (or, joined,
+    collapse into one softmax), each branch reading its columns of the merged output."""
+    spec = AttentionSpec(dim=8, heads=2, head_dim=4, branches=3, form=form, projection=False, lam=lam)
+    x = make_inputs(8, torch.float32, 0)
+    gm = assert_fused_equivalent(GeneratedAttentionBlock(spec), x)
+    report = gm.meta["fxrep_report"]
+    assert _sdpa_heads(gm, x) == [6 if lam is None else 2], report
+    assert report.count("widen_attention" if lam is None else "collapse_attention") == 1
+    assert not [s for s in report.skipped if s.pattern in ("widen_attention", "collapse_attention")], report

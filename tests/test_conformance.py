@@ -116,6 +116,10 @@ CASES = {
     "einops_vit": (lambda: ViT(**EINOPS), "image", 2, ("module", "exported")),
     **{f"einops_parallel_vit_x{b}": (lambda b=b: ParallelViT(num_parallel_branches=b, **EINOPS), "image", 2,
                                      ("module", "exported")) for b in (2, 3)},
+    # one head as wide as the stream: vit-pytorch has no output projection (to_out = nn.Identity()), the
+    # branches' attention outputs are summed as they are
+    "einops_parallel_vit_no_projection": (lambda: ParallelViT(num_parallel_branches=2, **{
+        **EINOPS, "heads": 1, "dim_head": EINOPS["dim"]}), "image", 2, ("module", "exported")),
     "open_clip_vit": (lambda: OpenClipVisionTransformer(image_size=32, patch_size=8, width=32, layers=2,
                                                         heads=2, mlp_ratio=2.0, output_dim=16), "image", 2,
                       ALL_FLOWS),

@@ -115,18 +115,21 @@ def mlp_group(shape: tuple, hidden: list, out_features: int, activation: tuple, 
 
 
 def _attention_ops(rows: int, batch: int, tokens: int, d: int, heads: int, dqk: int, dv: int,
-                   out: int) -> tuple:
-    return (Linear(rows, d, heads * dqk), Linear(rows, d, heads * dqk), Linear(rows, d, heads * dv),
-            Attention(batch * heads, tokens, dqk, dv), Linear(rows, heads * dv, out))
+                   out: int | None) -> tuple:
+    ops = (Linear(rows, d, heads * dqk), Linear(rows, d, heads * dqk), Linear(rows, d, heads * dv),
+           Attention(batch * heads, tokens, dqk, dv))
+    return ops + (Linear(rows, heads * dv, out),) if out is not None else ops
 
 
-def attention_group(shape: tuple, branches: list, merge: Callable, out_features: int, options: dict,
+def attention_group(shape: tuple, branches: list, merge: Callable, out_features: int | None, options: dict,
                     dtype) -> WidenGroup:
     """Each branch's attention and the Linears that read it, against the merged attention and one Linear.
 
     ``branches``: (params, heads, output width) per branch; ``merge()`` gives the merged (params, heads,
-    output width), built only when the group is timed (it follows from the branches). Masks are left out (they
-    cost the same either way); ``options`` are ``is_causal`` and ``tokens_first``."""
+    output width, each branch's columns), built only when the group is timed (it follows from the branches).
+    ``out_features`` None: the branches have no output projection, their outputs are summed as they are
+    (the merged form sums its column slices). Masks are left out (they cost the same either way);
+    ``options`` are ``is_causal`` and ``tokens_first``."""
     from ..ops import multi_head_attention
 
     tokens_first = bool(options.get("tokens_first"))
@@ -136,10 +139,13 @@ def attention_group(shape: tuple, branches: list, merge: Callable, out_features:
     widths = [(h, p["q_weight"].shape[0] // h, p["v_weight"].shape[0] // h) for p, h, _ in branches]
     apart = tuple(op for h, dqk, dv in widths for op in _attention_ops(rows, batch, tokens, d, h, dqk, dv,
                                                                        out_features))
-    apart += (Elementwise("add", rows * out_features),) * (len(branches) - 1)
+    summed = out_features if out_features is not None else max(h * dv for h, _, dv in widths)
+    apart += (Elementwise("add", rows * summed),) * (len(branches) - 1)
     heads = sum(h for h, _, _ in widths)
     dqk, dv = max(w[1] for w in widths), max(w[2] for w in widths)
     wide = _attention_ops(rows, batch, tokens, d, heads, dqk, dv, out_features)
+    if out_features is None:
+        wide += (Elementwise("add", rows * summed),) * (len(branches) - 1)
     per_branch = "+".join(f"{h}x{q}/{v}" for h, q, v in widths)
     key = (f"attention in={tuple(shape)} {_dtype_name(dtype)} heads={per_branch} out={out_features} "
            f"causal={bool(options.get('is_causal'))} tokens_first={tokens_first}")
@@ -147,11 +153,16 @@ def attention_group(shape: tuple, branches: list, merge: Callable, out_features:
     def build():
         x = torch.randn(shape, dtype=dtype)
 
-        def form(params, num_heads, width):
+        def form(params, num_heads, width, columns=None):
             p = {k: (_random(*v.shape, dtype=dtype) if v is not None else None) for k, v in params.items()}
-            w = _random(out_features, width, dtype=dtype)
-            return lambda: torch.nn.functional.linear(
-                multi_head_attention(x, **p, num_heads=num_heads, **options), w)
+            if out_features is not None:
+                w = _random(out_features, width, dtype=dtype)
+                return lambda: torch.nn.functional.linear(
+                    multi_head_attention(x, **p, num_heads=num_heads, **options), w)
+            if columns is None:
+                return lambda: multi_head_attention(x, **p, num_heads=num_heads, **options)
+            return lambda: sum(multi_head_attention(x, **p, num_heads=num_heads, **options)[..., c]
+                               for c in columns)
         apart_forms = [form(*b) for b in branches]
         return (lambda: sum(f() for f in apart_forms)), form(*merge())
     return WidenGroup("attention", key, tuple(shape), dtype, len(branches), apart, wide, build)

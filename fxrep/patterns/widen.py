@@ -8,6 +8,8 @@
 
 All three rewrite the same way: build the merged op, then point every Linear that read branch ``i`` at the
 merged op's columns for branch ``i`` (``algebra.place_columns``). ``merge_affine`` then sums those Linears.
+An attention branch without an output projection, whose output ends through arithmetic alone in the node the
+others end in, becomes its columns of the merged op (a ``narrow`` view, or an ``index_select``).
 Preconditions, checked per group: the branches read the same input node (node identity), use the same
 activation (same variant) and dtype, their pre-activation is read by nothing else, and every reader of their
 output is a Linear whose result flows (through scales and sums only) into one and the same stop node.
@@ -21,157 +23,37 @@ import torch
 from torch import fx
 
 from .. import algebra, cost
-from ..affine import AffineAnalysis, affine_analysis
 from ..attention.merge import merge_heads, same_logits
 from ..ir import (
     activation_key,
-    arith_kind,
-    as_layer_norm,
     as_linear,
     attention_view,
+    const_node,
     emit_attention,
     emit_linear,
     known_shape,
     merge_origins,
 )
 from ..pattern import Match, Skip
+from ..siblings import sibling_groups
 
 
-def _owner(node: fx.Node, analysis: AffineAnalysis):
-    """The single stop node all Linear readers of ``node`` flow into, or None."""
-    owners = set()
-    for u in node.users:
-        lin = as_linear(u)
-        if lin is None or lin.input is not node or u not in analysis.owner:
-            return None
-        owners |= analysis.owner[u]
-    return next(iter(owners)) if len(owners) == 1 else None
-
-
-def _describe_unowned(kind: str) -> str:
-    what = "attention branches" if kind == "attention" else "MLP branches"
-    return (f"{what} on one input whose outputs are not read only by Linears that are summed (an attention "
-            "without an output projection, say): the merged op's columns have no Linear to be split into, "
-            "so they stay apart")
-
-
-def _describe_inputs(xs) -> str:
-    lns = [as_layer_norm(x) for x in xs]
-    if all(ln is not None for ln in lns) and len({ln.input for ln in lns}) == 1:
-        eps = sorted({ln.eps for ln in lns})
-        if len(eps) > 1:
-            return "branches normalize the same tensor with different LayerNorm eps (" + \
-                   " vs ".join(f"{e:g}" for e in eps) + ")"
-        return "branches read LayerNorms of the same tensor that could not be shared"
-    return "branches read different tensors (" + ", ".join(sorted({x.name for x in xs})) + ")"
-
-
-def _describe_mixed(nodes) -> str:
-    """Why branches whose pre-activations are sums of Linears (partly joined, 0 < lam < 1, or lam = 0 written
-    as a mix) stay apart: merge_affine writes such a sum as one Linear unless one of its Linears is also read
-    elsewhere, which is then named."""
-    leaks = set()
-    for n in nodes:
-        todo, seen = [n.args[0]], set()
-        while todo:
-            a = todo.pop()
-            if a in seen or not isinstance(a, fx.Node):
-                continue
-            seen.add(a)
-            if as_linear(a) is not None:
-                leaks |= {a.name for u in a.users if u not in seen and arith_kind(u) is None
-                          and u not in nodes}
-            elif arith_kind(a) is not None:
-                todo += [b for b in a.args if isinstance(b, fx.Node)]
-    pres = ", ".join(dict.fromkeys(n.args[0].name for n in nodes))
-    verb = "is" if len(leaks) == 1 else "are"
-    why = f": {', '.join(sorted(leaks))} {verb} also read elsewhere, so fxrep keeps the sum as written" \
-        if leaks else ""
-    return (f"pre-activations {pres} are sums of Linears, not one Linear each{why}; these branches do not "
-            "widen")
-
-
-def _masking_key(att) -> tuple:
-    """Attention ops merge only with the same mask node, the same ``is_causal`` and, with a mask, the same
-    heads per tiling of a per-head mask (docs/identities.md §6)."""
-    return (att.attn_mask, att.is_causal, att.tokens_first,
-            att.num_heads // att.mask_repeats if att.attn_mask is not None else None)
-
-
-def _split_by_masking(nodes, skipped: list) -> list:
-    """``nodes`` split by ``_masking_key``; the branches left out of the largest part are reported."""
-    parts: dict = {}
-    for n in nodes:
-        parts.setdefault(_masking_key(attention_view(n)), []).append(n)
-    if len(parts) > 1:
-        largest = max(parts.values(), key=len)
-        odd = [n for ns in parts.values() if ns is not largest for n in ns]
-        skipped.append(Skip(odd, "attention branches on one input use different masks or is_causal (or "
-                                 "per-head masks over different head counts): merged only where they agree"))
-    return list(parts.values())
-
-
-def sibling_groups(ctx, kind: str):
-    """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged (lists of nodes), and the
-    Skips of near misses."""
-    def compute():
-        analysis = affine_analysis(ctx)
-        groups: dict = {}
-        shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
-        mixed_pre: dict = {}   # MLP branches whose pre-activation is arithmetic on Linears, not one Linear
-        unowned: dict = {}     # branches on one input whose output is not read by Linears into one sum
-        for n in ctx.graph.nodes:
-            if kind == "mlp":
-                key = activation_key(n)
-                pre = as_linear(n.args[0]) if key is not None else None
-                if pre is None:
-                    pre_node = n.args[0] if key is not None else None
-                    if isinstance(pre_node, fx.Node) and arith_kind(pre_node) is not None:
-                        mixed_pre.setdefault((_owner(n, analysis), key), []).append(n)
-                    continue
-                x, dtype = pre.input, pre.weight.dtype
-                if len(pre.node.users) != 1:
-                    shared_pre.append((n, key, x, dtype))
-                    continue
-            else:
-                att = attention_view(n)
-                if att is None:
-                    continue
-                key, x, dtype = "attention", att.input, att.dtype
-            owner = _owner(n, analysis)
-            if owner is None:
-                unowned.setdefault((key, x), []).append(n)
-                continue
-            groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
-        mergeable, skipped = [], []
-        for nodes in unowned.values():
-            if len(nodes) > 1:
-                skipped.append(Skip(nodes, _describe_unowned(kind)))
-        for n, key, x, dtype in shared_pre:
-            owner = _owner(n, analysis)
-            if x in groups.get((owner, key, dtype), {}):
-                skipped.append(Skip([n], f"this branch's pre-activation {n.args[0].name} is also read by "
-                                         "another op: it cannot widen with the branches beside it"))
-        for (owner, key), nodes in mixed_pre.items():
-            beside = sum(len(ns) for (o, k, _), by_input in groups.items() if (o, k) == (owner, key)
-                         for ns in by_input.values())
-            if owner is not None and len(nodes) + beside > 1:
-                skipped.append(Skip(nodes, _describe_mixed(nodes), provisional=True))
-        for by_input in groups.values():
-            for nodes in by_input.values():
-                parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
-                mergeable += [p for p in parts if len(p) > 1]
-            if len(by_input) > 1:  # report the branches left out of the largest group
-                largest = max(by_input.values(), key=len)
-                odd = [n for ns in by_input.values() if ns is not largest for n in ns]
-                skipped.append(Skip(odd, _describe_inputs(list(by_input))))
-        return mergeable, skipped
-    return ctx.cached(f"siblings:{kind}", compute)
+def _take_columns(graph: fx.Graph, merged: fx.Node, cols: torch.Tensor, hint: str) -> fx.Node:
+    """``merged[..., cols]``: a ``narrow`` view where the columns are contiguous, else an ``index_select``."""
+    start = int(cols[0])
+    if torch.equal(cols, torch.arange(start, start + cols.numel())):
+        return graph.call_function(torch.narrow, (merged, -1, start, cols.numel()))
+    return graph.call_function(torch.index_select, (merged, -1, const_node(graph, cols, hint + "_columns")))
 
 
 def _repoint_readers(ctx, branches, merged: fx.Node, columns, total: int) -> None:
-    """Every Linear that read branch i now reads ``merged`` (``total`` wide) at ``columns[i]``."""
+    """Every Linear that read branch i now reads ``merged`` (``total`` wide) at ``columns[i]``; a branch read
+    by sums (an attention without an output projection) becomes its columns of ``merged``."""
     for node, cols in zip(branches, columns):
+        if any(as_linear(u) is None for u in node.users):
+            with ctx.graph.inserting_before(_first(list(node.users), ctx)):
+                ctx.replace_node(node, _take_columns(ctx.graph, merged, cols, node.name))
+            continue
         for user in list(node.users):
             lin = as_linear(user)
             with ctx.graph.inserting_before(user):
@@ -204,9 +86,10 @@ def _match_group(node, ctx, cache_key: str, groups, summary):
     return None
 
 
-def _out_features(node: fx.Node) -> int:
-    """The summed width of the Linears that read ``node`` (every reader of a widen candidate is a Linear)."""
-    return sum(as_linear(u).out_features for u in node.users)
+def _out_features(node: fx.Node) -> int | None:
+    """The summed width of the Linears that read ``node``; None where it is read by sums (no projection)."""
+    linears = [as_linear(u) for u in node.users]
+    return None if None in linears else sum(lin.out_features for lin in linears)
 
 
 def _activation_name(node: fx.Node) -> str:
@@ -314,10 +197,13 @@ class _MergeAttention:
         branches = [(a.params(), a.num_heads, a.num_heads * a.head_widths()[2]) for a in atts]
         options = {"is_causal": atts[0].is_causal is True, "tokens_first": atts[0].tokens_first}
 
+        widths = [_out_features(n) for n in nodes]  # None: no output projection
+        out_features = widths[0] if len(set(widths)) == 1 else None
+
         def merge():
-            params, heads, _, total, _ = merge_heads(atts, "widen")
-            return params, heads, total
-        return cost.decide(ctx, cost.attention_group(shape, branches, merge, _out_features(nodes[0]), options,
+            params, heads, columns, total, _ = merge_heads(atts, "widen")
+            return (params, heads, total) + ((columns,) if out_features is None else ())
+        return cost.decide(ctx, cost.attention_group(shape, branches, merge, out_features, options,
                                                      atts[0].dtype))
 
     def _summary(self, nodes) -> str:

@@ -147,7 +147,7 @@ def make_inputs(dim: int, dtype: torch.dtype, seed: int = 0, batch: int = 2, tok
 
 ATTENTION_FORMS = ("timm_sdpa", "timm_explicit", "separate_sdpa", "separate_softmax_scale_before",
                    "separate_softmax_scale_after", "softmax_module", "einsum")
-ATTENTION_NEAR_MISSES = ("mask", "causal", "qk_norm", "input", "no_projection")
+ATTENTION_NEAR_MISSES = ("mask", "causal", "qk_norm", "input", "read_outside")
 
 
 @dataclass
@@ -169,8 +169,10 @@ class AttentionSpec:
     lam: float | None = None
     mask: bool = False         # every branch adds one shared per-head (1, heads, N, N) mask
     dtype: torch.dtype = torch.float32
+    projection: bool = True    # False: no output projection (vit-pytorch's to_out = nn.Identity()), the
+    #                            heads' width is dim and the form is not timm's (timm's Attention has one)
     near_miss: str | None = None   # mask: a mask per branch; causal: only the last branch is causal;
-    #                                no_projection: no output projection (the heads' width is dim)
+    #                                read_outside: the first branch's output is also read outside the sum
     seed: int = 0
 
     def expect(self) -> dict:
@@ -227,7 +229,7 @@ class _Branch(nn.Module):
         return self.project(o)
 
     def project(self, o):
-        if self.spec.near_miss == "no_projection":  # vit-pytorch's to_out = nn.Identity() (heads x dim = dim)
+        if not self.spec.projection:  # vit-pytorch's to_out = nn.Identity() (heads x head_dim = dim)
             out = o
         else:
             out = self.attn.proj(o) if self.spec.form.startswith("timm") else self.o(o)
@@ -293,7 +295,7 @@ class GeneratedAttentionBlock(nn.Module):
         masks = [self.masks[i] for i in range(s.branches)] if s.near_miss == "mask" else \
             [self.mask] * s.branches if s.mask else [None] * s.branches
         if s.lam is None:
-            return x + sum(b(xi, m) for b, xi, m in zip(self.branches, xs, masks))
+            return self.residual(x, [b(xi, m) for b, xi, m in zip(self.branches, xs, masks)])
         qkv = [b.qkv(xi) for b, xi in zip(self.branches, xs)]
         logits = [b.logits(q, k) for b, (q, k, _) in zip(self.branches, qkv)]
         logits = [lg if m is None else lg + m for lg, m in zip(logits, masks)]
@@ -302,4 +304,10 @@ class GeneratedAttentionBlock(nn.Module):
         for b, lg, (_, _, v), xi in zip(self.branches, logits, qkv, xs):
             probs = ((1 - self.lam) * lg + self.lam * mean).softmax(dim=-1)
             outs.append(b.finish(probs, v, xi))
-        return x + sum(outs)
+        return self.residual(x, outs)
+
+    def residual(self, x, outs):
+        out = x + sum(outs)
+        if self.spec.near_miss == "read_outside" and self.spec.branches > 1:
+            out = out + outs[0].tanh()  # the first branch is read by a nonlinear op besides the sum
+        return out

@@ -56,7 +56,8 @@ def branched_mlp_blocks(draw, **kwargs) -> Case:
 
 def attention_specs(branches=None, near_miss: bool | None = False, dtypes=(torch.float32, torch.float64)):
     """Hypothesis strategy of AttentionSpec over heads, head dims, branches 1-6, all ATTENTION_FORMS, bias,
-    norm placement, LayerScale, lam, a shared mask, dtypes; ``near_miss=True`` draws one of
+    norm placement, LayerScale, lam, a shared mask, dtypes, with or without output projections;
+    ``near_miss=True`` draws one of
     ATTENTION_NEAR_MISSES."""
     misses = st.sampled_from(ATTENTION_NEAR_MISSES) if near_miss else st.none()
     return st.builds(
@@ -66,7 +67,7 @@ def attention_specs(branches=None, near_miss: bool | None = False, dtypes=(torch
         form=st.sampled_from(ATTENTION_FORMS), bias=st.booleans(),
         norm=st.sampled_from(["per_branch", "shared"]),
         layerscale=st.booleans(), lam=_lam_values(), mask=st.booleans(), dtype=st.sampled_from(dtypes),
-        near_miss=misses, seed=st.integers(0, 2**16),
+        projection=st.sampled_from([True, True, False]), near_miss=misses, seed=st.integers(0, 2**16),
     )
 
 
@@ -79,9 +80,11 @@ def branched_attention_blocks(draw, **kwargs) -> Case:
         spec.mask = False  # SDPA takes a mask or is_causal, not both
     if spec.near_miss == "qk_norm" and not spec.form.startswith("timm"):
         spec.form = "timm_sdpa"
-    if spec.near_miss == "no_projection":  # branches with their own softmax, heads as wide as the stream
+    if spec.near_miss == "qk_norm":
+        spec.projection = True  # q/k norms are timm's, whose Attention always projects
+    if not spec.projection:  # heads as wide as the stream (vit-pytorch with heads * dim_head == dim)
         spec.form = "separate_sdpa" if spec.form.startswith("timm") else spec.form
-        spec.dim, spec.lam = spec.heads * spec.head_dim, None
+        spec.dim = spec.heads * spec.head_dim
     model = GeneratedAttentionBlock(spec)
     return Case(model, make_inputs(spec.dim, spec.dtype, spec.seed), {"spec": spec})
 
