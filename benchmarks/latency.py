@@ -3,12 +3,15 @@
     python benchmarks/latency.py [--batch 1 8] [--threads 2 1] [--repeats 30] [--onnx] [--compile]
                                  [--plot FILE] [--device cuda --dtype float16]
     python benchmarks/latency.py --parallel-vit [--threads 2] [--repeats 20]
-    python benchmarks/latency.py --executorch [--threads 2] [--repeats 30] [--plot FILE]
+    python benchmarks/latency.py --executorch [--executorch-only] [--threads 2] [--repeats 30] [--plot FILE]
 
 Models (random weights; fusing is exact, so weights do not change speed):
 - baseline: timm ``vit_tiny_patch16_224`` (12 layers, 3 heads of 64, MLP 768);
 - fxrep_deit_tiny_{d6b2,d4b3,d3b4} fused at lam = 1 (collapsed), with the rank-aware attention form and with
   the per-head form; and fused at lam = 0 (widened only: same FLOPs, fewer layers);
+- every fused model computes only the rows its output reads (``fxrep.fuse``'s default, ``prune_rows``); the
+  fused d6b2/d4b3/d3b4 rank-aware forms also with every row (``prune_rows=False``), and the baseline through
+  ``fxrep.fuse`` (nothing to merge: the rows alone);
 - ``hand-written d3``: a timm VisionTransformer built directly in the shape of the fused d3b4 per-head form
   (3 blocks, 3 heads of q/k/v width 256, MLP 768), to show the fused GraphModule adds no overhead.
 Runs are interleaved (every model once per round), warm-up excluded, medians with min-max;
@@ -47,13 +50,14 @@ import fxrep.models  # noqa: F401
 from fxrep.benchmarking import markdown_table, measure_latency
 
 
-def fused(name: str, lam: float, x, rank_aware: bool = True, dtype=torch.float32):
+def fused(name: str, lam: float, x, rank_aware: bool = True, dtype=torch.float32, prune_rows: bool = True):
     model = timm.create_model(name, num_classes=1000, init_values=0.1).eval()
     model.set_join(lam)
     registry = fxrep.default_registry()
     if not rank_aware:
         registry = registry.without("rank_aware_attention")
-    return fxrep.fuse(model.to(dtype), example_inputs=(x.to(dtype),), patterns=registry)
+    return fxrep.fuse(model.to(dtype), example_inputs=(x.to(dtype),), patterns=registry,
+                      prune_rows=prune_rows)
 
 
 def hand_written_d3() -> torch.nn.Module:
@@ -65,10 +69,14 @@ def hand_written_d3() -> torch.nn.Module:
 
 def build(x, dtype) -> dict:
     baseline = timm.create_model("vit_tiny_patch16_224", num_classes=1000).eval().to(dtype)
-    models = {"baseline DeiT-Tiny (12 layers)": baseline}
+    models = {"baseline DeiT-Tiny (12 layers)": baseline,
+              "baseline through fxrep.fuse (rows read only)": fxrep.fuse(baseline,
+                                                                          example_inputs=(x.to(dtype),))}
     for v in ("d6b2", "d4b3", "d3b4"):
         models[f"{v} collapsed, rank-aware"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True, dtype)
         models[f"{v} collapsed, per-head"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, False, dtype)
+        models[f"{v} collapsed, rank-aware{ALL_ROWS}"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True, dtype,
+                                                               prune_rows=False)
     for v in ("d6b2", "d3b4"):
         models[f"{v} widened (lam=0)"] = fused(f"fxrep_deit_tiny_{v}", 0.0, x, True, dtype)
     models["hand-written d3 (fused d3b4 per-head shape)"] = hand_written_d3().to(dtype)
@@ -126,7 +134,8 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
     models["fused d3b4, per-head"] = fused("fxrep_deit_tiny_d3b4", 1.0, x, False)
     # what computing only the class token's rows in the last block (fxrep.rows) buys: fp32 without it
     models["deep DeiT-Tiny-12" + ALL_ROWS] = models["deep DeiT-Tiny-12"]
-    models["fused d3b4, rank-aware" + ALL_ROWS] = models["fused d3b4, rank-aware"]
+    models["fused d3b4, rank-aware" + ALL_ROWS] = fused("fxrep_deit_tiny_d3b4", 1.0, x, True,
+                                                        prune_rows=False)
     models[AS_EXPORTED] = models["deep DeiT-Tiny-12"]
     out = Path(tempfile.mkdtemp(prefix="fxrep_pte_"))
     programs, sizes = {}, {}
@@ -186,9 +195,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--plot", default=None, help="write a PNG bar chart here")
     ap.add_argument("--parallel-vit", action="store_true", help="timm's vit_small_patch16_18x2_224 instead")
-    ap.add_argument("--executorch", action="store_true", help="ExecuTorch/XNNPACK programs, fp32 and int8")
+    ap.add_argument("--executorch", action="store_true",
+                    help="ExecuTorch/XNNPACK programs, fp32 and int8, after the eager (and ONNX) table")
+    ap.add_argument("--executorch-only", action="store_true", help="with --executorch: that table alone")
     args = ap.parse_args(argv)
-    if args.executorch:
+    if args.executorch and args.executorch_only:
         print(executorch_rows(args.threads[0], args.repeats, args.plot))
         return 0
     if args.parallel_vit:
@@ -212,11 +223,11 @@ def main(argv=None) -> int:
                     variants[("compile", k)] = torch.compile(models[k])
             if args.onnx and batch == 1 and device.type == "cpu" and dtype == torch.float32:
                 names = (base_name, "d3b4 collapsed, rank-aware", "d3b4 collapsed, per-head")
-                sel = {k: models[k] for k in names}
-                for k, fn in onnx_sessions(sel, x).items():  # only the rows the output reads (default)
+                for k, fn in onnx_sessions({k: models[k] for k in names}, x).items():  # only the rows read
                     variants[("onnxruntime", k)] = fn
-                for k, fn in onnx_sessions({k: sel[k] for k in names[1:]}, x, prune_rows=False).items():
-                    variants[("onnxruntime", f"{k}{ALL_ROWS}")] = fn
+                every_row = f"d3b4 collapsed, rank-aware{ALL_ROWS}"  # fused and exported with every row
+                for k, fn in onnx_sessions({every_row: models[every_row]}, x, prune_rows=False).items():
+                    variants[("onnxruntime", k)] = fn
             timed = measure_latency({f"{b}|{k}": m for (b, k), m in variants.items()}, (x,),
                                     repeats=args.repeats, warmup=5)
             for (backend, name) in variants:
@@ -232,6 +243,8 @@ def main(argv=None) -> int:
     print(table)
     if args.plot:
         plot(all_rows, args.plot)
+    if args.executorch:  # the same run: eager, ONNX Runtime and ExecuTorch side by side
+        print(executorch_rows(args.threads[0], args.repeats, None))
     return 0
 
 

@@ -32,7 +32,7 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
          concrete_args: dict | None = None, capture: str = "auto", autotune: bool = False, decisions=None,
-         max_sweeps: int = 50):
+         max_sweeps: int = 50, prune_rows: bool = True):
     """Rewrite ``model`` into an equivalent one with parallel branches merged.
 
     Args:
@@ -58,12 +58,16 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
         decisions: ``report.decisions`` of an earlier call (or its ``decisions_as_dict()``, e.g. from JSON):
             replayed without timing, so an autotuned result can be reproduced exactly.
         max_sweeps: how many sweeps a phase may take to reach its fixed point.
+        prune_rows: with ``example_inputs``, compute only the token rows the outputs read (a classifier's
+            last block runs its attention queries, output projection and MLP on the class token alone;
+            ``fxrep.row_pruning``), checked against the unpruned graph on the example inputs. ``False``
+            computes every row.
 
     Returns:
         For an ExportedProgram, a new ExportedProgram (report in ``graph_module.meta["fxrep_report"]``);
         otherwise a new ``torch.fx.GraphModule`` (report in ``meta["fxrep_report"]``, ``print`` it).
     """
-    options = dict(autotune=autotune, decisions=decisions, max_sweeps=max_sweeps)
+    options = dict(autotune=autotune, decisions=decisions, max_sweeps=max_sweeps, prune_rows=prune_rows)
     if capture not in CAPTURES:
         raise InputError(f"capture={capture!r}: use one of {', '.join(map(repr, CAPTURES))}")
     if isinstance(model, ExportedProgram):

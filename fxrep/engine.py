@@ -10,6 +10,7 @@ import dataclasses
 import torch
 from torch import fx, nn
 
+from . import row_pruning
 from .convergence import fingerprint, not_converged_message
 from .cost import ReplayedCostModel, cost_model_for
 from .devices import CPU, cpu_twin, model_device, to_device
@@ -259,7 +260,8 @@ def _lint(graph: fx.Graph, phase: str, rewrites: list) -> None:
 
 
 def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol: float | None = None,
-         concrete_args: dict | None = None, autotune: bool = False, decisions=None, max_sweeps: int = 50):
+         concrete_args: dict | None = None, autotune: bool = False, decisions=None, max_sweeps: int = 50,
+         prune_rows: bool = True):
     """Fuse an ``nn.Module`` (traced with torch.fx) or a GraphModule into a new GraphModule: validate, run the
     pattern phases to their fixed points, clean up, run on ``example_inputs``, report, check. The arguments
     are ``fxrep.fuse``'s (``fxrep.api``, the front door, which decides what reaches this function)."""
@@ -278,6 +280,10 @@ def fuse(model, *, example_inputs=None, patterns=None, check: bool = False, rtol
     options = FuseOptions(device, cost_model_for(autotune, decisions), max_sweeps)
     ctx = run_patterns(gm, registry, report, options=options)
     _clean_up_graph_module(gm)
+    pruned = prune_rows and example_inputs is not None and row_pruning.prune_unread_rows(gm, example_inputs,
+                                                                                         report)
+    if pruned:  # only the rows the outputs read: fxrep.row_pruning
+        _clean_up_graph_module(gm)
     if example_inputs is not None:
         flops = _run_fused(gm, example_inputs, reference,
                            lambda: _find_breaking_pattern(model, example_inputs, concrete_args, registry,

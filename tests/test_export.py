@@ -231,9 +231,9 @@ def test_to_onnx_runs_in_onnxruntime_and_refuses_a_training_model(tmp_path):
 
     model = _d3b4()
     (x,) = _images(2)
-    fused = fxrep.fuse(model, example_inputs=(x,))
     sizes = {}
     for prune in (True, False):  # only the rows the output reads (the class token in the last block), or all
+        fused = fxrep.fuse(model, example_inputs=(x,), prune_rows=prune)
         path = to_onnx(fused, (x,), tmp_path / f"fused_{prune}.onnx", prune_rows=prune)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

@@ -1,0 +1,376 @@
+"""Rows nobody reads, in a torch-level graph: the GraphModule ``fxrep.fuse`` returns.
+
+The same rewrite as ``fxrep.rows`` (which works on the ATen graphs ``torch.export`` writes), on the ops a
+traced and fused model is made of: a row selection (``x[:, 0]``, ``x[:, a:b]``, ``select``, ``narrow``) moves
+up through every op that maps rows to rows on that axis, and the op is computed on the selected rows of its
+inputs (``narrow`` views). Rules, per op, for a selection on output axis ``a``:
+
+- elementwise ops (arithmetic with broadcasting, activations, casts): each operand that has the axis with
+  more than one row is cut; an operand of size 1 there (or without the axis) is read whole;
+- ``F.linear`` (``a`` not the last axis), ``F.layer_norm`` (``a`` not a normalized axis), softmax over another
+  axis: the input is cut;
+- ``F.scaled_dot_product_attention``: on the query axis the query and the mask's query rows are cut (keys and
+  values are read whole); on a batch or head axis every operand is cut; causal or dropout attention stops;
+- ``transpose``/``permute``, ``unflatten``/``flatten``, ``reshape``/``view`` move the axis where it stays one
+  axis (a view's literal row count becomes the selected count).
+
+Anything else (a Linear over the token axis, a reduction, a split read by others) keeps the selection where
+it is. Shapes come from shape propagation on the example inputs, which is rerun after each pass.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .equivalence import compare_outputs
+from .errors import InternalError
+from .ir import activation_key, arith_kind, as_layer_norm, as_linear, as_sdpa, as_softmax, bind
+from .ir.effects import mutation_hazards
+from .ir.layout import as_permute, as_reshape
+from .ir.readers import as_float_cast, is_call
+from .report import Applied
+
+aten = torch.ops.aten
+_SELECT = {torch.select, aten.select.int}
+_NARROW = {torch.narrow}
+_FLATTEN = {torch.flatten}
+_REDUCTIONS = {torch.sum, torch.mean}
+_UNFLATTEN = {torch.unflatten}
+_ELEMENTWISE_METHODS = {"contiguous", "clone"}
+
+
+def _shape(node) -> tuple | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+# --- which rows a node asks for -----------------------------------------------------------------------------
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def row_request(node: fx.Node):
+    """``(source, axis, start, stop, squeeze)`` when ``node`` selects rows ``start:stop`` of one axis of
+    ``source`` (``squeeze``: the axis is dropped, as ``x[:, 0]`` and ``select`` do); else None."""
+    if node.op not in ("call_function", "call_method") or not node.args or \
+            not isinstance(node.args[0], fx.Node):
+        return None
+    source = node.args[0]
+    shape = _shape(source)
+    if shape is None:
+        return None
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _indexing(source, shape, node.args[1])
+    if is_call(node, _SELECT) or (node.op == "call_method" and node.target == "select"):
+        args = bind(node)
+        if args is None or not _int(args.get("dim")) or not _int(args.get("index")):
+            return None
+        axis = args["dim"] % len(shape)
+        index = args["index"] % shape[axis]
+        return _bounded(source, shape, axis, index, index + 1, True)
+    if node.op == "call_function" and node.target is aten.slice.Tensor:  # as torch.export writes x[:, a:b]
+        found = _aten_slice(node, shape)
+        if found is None:
+            return None
+        axis, start, stop = found
+        return _bounded(source, shape, axis, start, stop, False)
+    if is_call(node, _NARROW) or (node.op == "call_method" and node.target == "narrow"):
+        args = bind(node)
+        if args is None or not all(_int(args.get(k)) for k in ("dim", "start", "length")):
+            return None
+        axis = args["dim"] % len(shape)
+        start = args["start"] % shape[axis]
+        return _bounded(source, shape, axis, start, start + args["length"], False)
+    return None
+
+
+def _indexing(source, shape, index):
+    """``source[index]`` where ``index`` is full slices but one entry (an int or a step-1 slice)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > len(shape) or not index:
+        return None
+    picked = [(i, e) for i, e in enumerate(index) if e != slice(None)]
+    if len(picked) != 1 or any(not isinstance(e, (slice, int)) or isinstance(e, bool) for e in index):
+        return None
+    axis, entry = picked[0]
+    if _int(entry):
+        i = entry % shape[axis]
+        return _bounded(source, shape, axis, i, i + 1, True)
+    if entry.step not in (None, 1) or not all(b is None or _int(b) for b in (entry.start, entry.stop)):
+        return None
+    start, stop, _ = entry.indices(shape[axis])
+    return _bounded(source, shape, axis, start, stop, False)
+
+
+def _aten_slice(node, shape):
+    """(axis, start, stop) of ``aten.slice.Tensor(x, dim, start, end, step)`` with step 1, else None."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    axis = node.kwargs.get("dim", args[1] if args[1] is not None else 0)
+    start, stop = node.kwargs.get("start", args[2]), node.kwargs.get("end", args[3])
+    step = node.kwargs.get("step", args[4] if args[4] is not None else 1)
+    if not _int(axis) or step != 1 or not all(b is None or _int(b) for b in (start, stop)):
+        return None
+    axis %= len(shape)
+    return (axis, *slice(start, stop).indices(shape[axis])[:2])
+
+
+def _bounded(source, shape, axis, start, stop, squeeze):
+    if stop <= start or (start, stop) == (0, shape[axis]) or stop > shape[axis]:
+        return None  # nothing to cut (or nothing at all)
+    return source, axis, start, stop, squeeze
+
+
+def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """``x.expand_as(node)`` (the rank-aware attention's key): reads only ``node``'s shape."""
+    return user.op == "call_method" and user.target == "expand_as" and len(user.args) == 2 and \
+        user.args[1] is node and user.args[0] is not node and not user.kwargs
+
+
+def _expand_sizes(user: fx.Node) -> list | None:
+    """The sizes to write ``x.expand_as(node)`` as ``x.expand(sizes)`` with (-1 where ``x`` has the size
+    already, so a dynamic batch stays dynamic); None where a size differs and is not static."""
+    source, target = _shape(user.args[0]), _shape(user.args[1])
+    if source is None or target is None or len(source) != len(target):
+        return None
+    return [-1 if s == t else t for s, t in zip(source, target)]
+
+
+def _shared_request(node: fx.Node):
+    """``(axis, start, stop)`` when every reader of ``node`` asks for the same rows of it (or reads only its
+    shape); else None."""
+    keys = set()
+    for user in node.users:
+        if _reads_shape_only(user, node):
+            continue
+        request = row_request(user)
+        if request is None or request[0] is not node:
+            return None
+        keys.add(request[1:4])
+    return keys.pop() if len(keys) == 1 else None
+
+
+# --- how an op computes some rows of its output ---------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _operand_axis(operand, axis: int, rank: int):
+    """The axis of a broadcast operand that carries output axis ``axis``, or None (read it whole)."""
+    shape = _shape(operand)
+    if shape is None:
+        raise _Stop  # a tensor operand of unknown shape
+    a = axis - (rank - len(shape))
+    return a if a >= 0 and shape[a] != 1 else None
+
+
+def _cuts(node: fx.Node, axis: int) -> dict:
+    """{input node: the axis to cut it on, or None to read it whole} for the op of ``node`` computing rows of
+    output axis ``axis``; raises _Stop where the op does not map rows to rows there."""
+    rank = len(_shape(node))
+    tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+    lin = as_linear(node)
+    if lin is not None:
+        return _single(node, lin.input, axis, axis != rank - 1)
+    ln = as_layer_norm(node)
+    if ln is not None:
+        return _single(node, ln.input, axis, axis < rank - len(ln.normalized_shape))
+    sm = as_softmax(node)
+    if sm is not None:
+        return _single(node, sm.input, axis, _int(sm.dim) and axis != sm.dim % rank)
+    sdpa = as_sdpa(node)
+    if sdpa is not None:
+        return _attention(sdpa, axis, rank)
+    permute = as_permute(node)
+    if permute is not None:
+        return _single(node, permute.input, permute.perm[axis], True)
+    moved = _flattening(node, axis, rank)
+    if moved is not None:
+        return moved
+    reduced = _reduction(node, axis)
+    if reduced is not None:
+        return reduced
+    if node.op == "call_function" and node.target is aten.slice.Tensor:  # rows of another axis
+        other = _aten_slice(node, _shape(node.args[0]))
+        return _single(node, node.args[0], axis, other is not None and other[0] != axis)
+    elementwise = arith_kind(node) is not None or activation_key(node) is not None or \
+        as_float_cast(node) is not None or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+    if elementwise:  # inputs without a tensor shape are Python values (sizes, scalars): read as they are
+        return {a: _operand_axis(a, axis, rank) for a in tensors}
+    raise _Stop
+
+
+def _single(node, x, x_axis, ok: bool) -> dict:
+    """``x`` cut on ``x_axis``, every other input (weights) read whole."""
+    if not ok or not isinstance(x, fx.Node):
+        raise _Stop
+    return {a: (x_axis if a is x else None) for a in node.all_input_nodes}
+
+
+def _attention(sdpa, axis: int, rank: int) -> dict:
+    if sdpa.is_causal is not False or sdpa.dropout_p not in (0, 0.0) or sdpa.enable_gqa is not False or \
+            axis == rank - 1:
+        raise _Stop
+    cuts = {n: None for n in sdpa.node.all_input_nodes}
+    cuts[sdpa.query] = axis
+    if axis < rank - 2:  # a batch or head axis: every operand's
+        for n in (sdpa.key, sdpa.value):
+            cuts[n] = _operand_axis(n, axis, rank)
+    if isinstance(sdpa.attn_mask, fx.Node):
+        cuts[sdpa.attn_mask] = _operand_axis(sdpa.attn_mask, axis, rank)
+    return cuts
+
+
+def _flattening(node, axis: int, rank: int):
+    """Cuts through ``unflatten``/``flatten``/``reshape``/``view`` where the axis stays one axis; None where
+    ``node`` is none of them."""
+    is_unflatten = is_call(node, _UNFLATTEN) or (node.op == "call_method" and node.target == "unflatten")
+    is_flatten = is_call(node, _FLATTEN) or (node.op == "call_method" and node.target == "flatten")
+    if not (is_unflatten or is_flatten):
+        view = as_reshape(node)
+        if view is None:
+            return None
+        before, after = _shape(view.input), _shape(node)
+        if before is None or before[:axis + 1] != after[:axis + 1] or len(view.shape) != len(after) or \
+                isinstance(view.shape[axis], fx.Node):
+            raise _Stop  # the rows' axis is merged or split, or its size is computed
+        return {a: (axis if a is view.input else None) for a in node.all_input_nodes}
+    args = bind(node)
+    x = args.get("input") if args else None
+    in_rank = len(_shape(x)) if isinstance(x, fx.Node) and _shape(x) is not None else None
+    if in_rank is None:
+        raise _Stop
+    if is_unflatten:
+        dim, sizes = args["dim"] % in_rank, args["sizes"]
+        if axis < dim:
+            return _single(node, x, axis, True)
+        return _single(node, x, axis - len(sizes) + 1, axis >= dim + len(sizes))
+    start, end = args.get("start_dim", 0) % in_rank, args.get("end_dim", -1) % in_rank
+    if axis < start:
+        return _single(node, x, axis, True)
+    return _single(node, x, axis + end - start, axis > start)
+
+
+def _reduction(node, axis: int):
+    """Cuts through ``sum``/``mean`` over other axes (the rank-aware attention sums its heads); None where
+    ``node`` is neither."""
+    if not (is_call(node, _REDUCTIONS) or (node.op == "call_method" and node.target in ("sum", "mean"))):
+        return None
+    args = bind(node)
+    x = args.get("input") if args else None
+    dims = args.get("dim") if args else None
+    x_shape = _shape(x) if isinstance(x, fx.Node) else None
+    if x_shape is None or dims is None or args.get("dtype") is not None:
+        raise _Stop  # a reduction over every axis, or of unknown shape
+    dims = {d % len(x_shape) for d in (dims if isinstance(dims, (list, tuple)) else (dims,))}
+    kept = list(range(len(x_shape))) if args.get("keepdim") else \
+        [d for d in range(len(x_shape)) if d not in dims]
+    return _single(node, x, kept[axis], kept[axis] not in dims)
+
+
+def _rebuilt(graph: fx.Graph, node: fx.Node, cuts: dict, axis: int, start: int, stop: int) -> fx.Node:
+    """``node``'s op on its inputs cut to rows ``start:stop`` (before ``node``)."""
+    narrowed = {}
+    with graph.inserting_before(node):
+        for x, x_axis in cuts.items():
+            if x_axis is not None:
+                narrowed[x] = graph.call_function(torch.narrow, (x, x_axis, start, stop - start))
+        new = graph.node_copy(node, lambda n: narrowed.get(n, n))
+        view = as_reshape(node)
+        if view is not None:  # the view's literal row count is the selected count now (checked in _cuts)
+            shape = list(view.shape)
+            if shape[axis] != -1:
+                shape[axis] = stop - start
+            new.args = (new.args[0], tuple(shape)) if node.op == "call_method" else \
+                (new.args[0], tuple(shape), *new.args[2:])
+    return new
+
+
+def _move_up(graph: fx.Graph, node: fx.Node, hazards: set) -> bool:
+    """Answer the one request every reader of ``node`` makes by computing ``node`` on the requested rows."""
+    if node.op not in ("call_function", "call_method") or not node.users or _shape(node) is None or \
+            node in hazards or any(u in hazards for u in node.users):
+        return False
+    request = _shared_request(node)
+    if request is None:
+        return False
+    axis, start, stop = request
+    shape_readers = [u for u in node.users if _reads_shape_only(u, node)]
+    sizes = [_expand_sizes(u) for u in shape_readers]
+    if None in sizes:
+        return False
+    try:
+        cuts = _cuts(node, axis)
+        reads = _flat_args(node)
+        if any(x_axis is not None and sum(a is x for a in reads) > 1 for x, x_axis in cuts.items()):
+            raise _Stop  # an input read twice, once cut and once whole: node_copy would cut both
+        new = _rebuilt(graph, node, cuts, axis, start, stop)
+    except _Stop:
+        return False
+    for user, size in zip(shape_readers, sizes):
+        with graph.inserting_before(user):
+            user.replace_all_uses_with(graph.call_method("expand", (user.args[0], *size)))
+        graph.erase_node(user)
+    for user in list(node.users):
+        if row_request(user)[4]:  # x[:, i] or select: the axis goes
+            with graph.inserting_before(user):
+                user.replace_all_uses_with(graph.call_function(torch.select, (new, axis, 0)))
+        else:
+            user.replace_all_uses_with(new)
+        graph.erase_node(user)
+    graph.erase_node(node)
+    return True
+
+
+def _flat_args(node: fx.Node) -> list:
+    out: list = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+def move_row_selections_up(gm: fx.GraphModule, example_inputs: tuple) -> int:
+    """Move every row selection in ``gm`` up through the ops that map rows to rows, as far as it goes; returns
+    how many ops now compute fewer rows. Shapes are propagated from ``example_inputs`` before each pass."""
+    moved = 0
+    while True:
+        ShapeProp(gm).propagate(*example_inputs)
+        this_pass, hazards = 0, mutation_hazards(gm.graph)
+        for node in reversed(list(gm.graph.nodes)):  # a node is erased only after it is visited
+            if _move_up(gm.graph, node, hazards):
+                this_pass += 1
+        if not this_pass:
+            break
+        moved += this_pass
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return moved
+
+
+def prune_unread_rows(gm: fx.GraphModule, example_inputs: tuple, report=None) -> int:
+    """Rewrite fxrep's own ``gm`` in place to compute only the rows its outputs read (see the module
+    docstring); returns how many ops now compute fewer rows. The result is checked against ``gm`` as it was,
+    on ``example_inputs`` (``numerics.MODEL_RTOL`` for the outputs' dtype); a difference raises
+    InternalError."""
+    with torch.no_grad():
+        try:
+            before = gm(*example_inputs)
+        except Exception:  # noqa: BLE001 - a fused graph that does not run is reported by the engine
+            return 0
+        moved = move_row_selections_up(gm, example_inputs)
+        if moved:
+            try:
+                compare_outputs(before, gm(*example_inputs))
+            except Exception as e:  # noqa: BLE001 - a graph fxrep built that computes something else
+                raise InternalError(f"computing only the rows the outputs read broke the graph "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:300]}). This is a bug in "
+                                    "fxrep; please report it with the model, and pass prune_rows=False "
+                                    "meanwhile.") from e
+    if moved and report is not None:
+        report.applied.append(Applied("prune_unread_rows", f"{moved} ops compute only the rows their outputs "
+                                      "read (prune_rows=False: every row)", ()))
+    return moved
