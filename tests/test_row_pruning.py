@@ -98,3 +98,20 @@ def test_fused_timm_vit_runs_its_last_block_on_the_class_token():
     fresh = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(model(fresh), fused(fresh)) <= TOLERANCE
+
+
+@settings(max_examples=4, deadline=None)
+@given(case=toy_case())
+def test_onnx_of_a_fused_model_computes_only_the_rows_read(case, tmp_path_factory):
+    """The ONNX form: ``to_onnx`` of the fused GraphModule (itself pruned), run in ONNX Runtime."""
+    ort = pytest.importorskip("onnxruntime")
+    from fxrep.export import to_onnx
+
+    model, x = case
+    x = torch.cat([x, x]) if x.shape[0] == 1 else x
+    gm = fxrep.fuse(model, example_inputs=(x,))
+    path = to_onnx(gm, (x,), tmp_path_factory.mktemp("onnx") / "fused.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert relative_error(model(x), torch.from_numpy(y)) <= TOLERANCE
