@@ -7,7 +7,7 @@ Rows: branched ViTs (fxrep BranchedBlock, lam = 1) at DeiT-Tiny width (192, 3 he
 12-block branched MLP model under 1 s. Prints the exponent of time ~ nodes^k fitted over all rows.
 Then the torch.export front end: the registered ``fxrep_deit_tiny_d3b4`` (224 px, joined) exported with a
 dynamic batch, export time and ``fxrep.fuse(program)`` time apart (target: fuse < 1.5 s).
-Last, row pruning (``fxrep.rows.move_row_selections_up``) on the exported fused graphs of 12, 24 and 48
+Last, row pruning (``fxrep.export.rows.move_row_selections_up``) on the exported fused graphs of 12, 24 and 48
 blocks, against the earlier algorithm that rescanned the graph after every move (interleaved, medians).
 """
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 import fxrep
-from fxrep import rows as row_pruning
 from fxrep.benchmarking import markdown_table
+from fxrep.export import rows as row_pruning
 from fxrep.models import set_join
 from fxrep.models.registry import _create
 from fxrep.testing import GeneratedMlpBlock, MlpSpec

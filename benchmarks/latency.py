@@ -28,10 +28,10 @@ widened and with none, to see what widening buys per shape (targets: fused <= 1.
 calibrated on random images, which sets the scales but not the speed), batch 1, 224 px, run with
 ``executorch.runtime`` on this CPU, interleaved: medians, min-max and ``.pte`` sizes (targets: fused d3b4
 fp32 <= 0.35x and int8 <= 0.25x the deep fp32 program). Every program gets fxrep's XNNPACK rewrites
-(``fxrep.xnnpack``) and computes only the rows its output reads (``fxrep.rows``: the last block for the class
-token alone), the deep baseline too, and the ratios compare programs lowered alike. Listed for reference: the
-deep model and the fused d3b4 with every row computed (``prune_rows=False``), and the deep model lowered as
-exported (what ``to_edge_transform_and_lower`` does by itself).
+(``fxrep.export.xnnpack``) and computes only the rows its output reads (``fxrep.export.rows``: the last block
+for the class token alone), the deep baseline too, and the ratios compare programs lowered alike. Listed for
+reference: the deep model and the fused d3b4 with every row computed (``prune_rows=False``), and the deep
+model lowered as exported (what ``to_edge_transform_and_lower`` does by itself).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def executorch_rows(threads: int, repeats: int, plot_path: str | None) -> str:
     for v in ("d6b2", "d4b3", "d3b4"):
         models[f"fused {v}, rank-aware"] = fused(f"fxrep_deit_tiny_{v}", 1.0, x, True)
     models["fused d3b4, per-head"] = fused("fxrep_deit_tiny_d3b4", 1.0, x, False)
-    # what computing only the class token's rows in the last block (fxrep.rows) buys: fp32 without it
+    # what computing only the class token's rows in the last block (fxrep.export.rows) buys: fp32 without it
     models["deep DeiT-Tiny-12" + ALL_ROWS] = models["deep DeiT-Tiny-12"]
     models["fused d3b4, rank-aware" + ALL_ROWS] = fused("fxrep_deit_tiny_d3b4", 1.0, x, True,
                                                         prune_rows=False)

@@ -18,11 +18,11 @@ import time
 
 import torch
 from tqdm import tqdm
+from zoo_harness import build, timm_zoo, torchvision_zoo
 
 from fxrep.equivalence import relative_error
 from fxrep.errors import InternalError
-from fxrep.rows import prune_unread_rows
-from fxrep.zoo import build, timm_zoo, torchvision_zoo
+from fxrep.export.rows import prune_unread_rows
 
 TOLERANCE = 1e-5
 

@@ -5,14 +5,14 @@
     python benchmarks/zoo.py --hf          # Hugging Face vision models through fxrep.fuse(model) alone
 
 One model per timm module (the smallest by name, sized on the meta device) and every torchvision
-classification model, under the parameter cap, random weights, batch 1, default input size; with
-``--source huggingface`` (or ``--hf``) every Hugging Face image classification model type, built from its
-default config with small sizes (``fxrep.zoo.huggingface_zoo``). Each is fused
-as a new user would, in three flows (``fxrep.fuse(model)``, ``fxrep.fuse(torch.fx.symbolic_trace(model))``
-where plain fx traces it, and ``fxrep.fuse(torch.export.export(model, (x,)))`` where export captures it),
-run, compared with the original, and the original is checked for changes (fxrep.zoo.try_fuse). Prints a table
-of outcomes per source and flow, every bad row, and the run time; writes one CSV row per (model, flow).
-Target: 0 broken, 0 wrong, 0 mutated, 0 fixed_point, 0 raw.
+classification model, under the parameter cap, random weights, batch 1, default input size; with ``--source
+huggingface`` (or ``--hf``) every Hugging Face image classification model type, built from its default config
+with small sizes (``zoo_harness.huggingface_zoo``). Each is fused as a new user would, in three flows
+(``fxrep.fuse(model)``, ``fxrep.fuse(torch.fx.symbolic_trace(model))`` where plain fx traces it, and
+``fxrep.fuse(torch.export.export(model, (x,)))`` where export captures it), run, compared with the original,
+and the original is checked for changes (zoo_harness.try_fuse). Prints a table of outcomes per source and
+flow, every bad row, and the run time; writes one CSV row per (model, flow). Target: 0 broken, 0 wrong, 0
+mutated, 0 fixed_point, 0 raw.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import time
 
 import torch
 from tqdm import tqdm
-
-from fxrep.zoo import BAD_OUTCOMES, ZooResult, build, huggingface_zoo, timm_zoo, torchvision_zoo, try_fuse
+from zoo_harness import BAD_OUTCOMES, ZooResult, build, huggingface_zoo, timm_zoo, torchvision_zoo, try_fuse
 
 COLUMNS = ("exact", "error", "untraceable", "broken", "wrong", "mutated", "fixed_point", "internal", "raw",
            "no_run")

@@ -1,7 +1,7 @@
 """``fxrep.fuse``, the front door: what the caller handed in decides how the model is captured.
 
 - an ``ExportedProgram``: fused as a program, an ExportedProgram comes back (``fxrep.program``);
-- a ``torch.fx.GraphModule``: fused as it is, a GraphModule comes back (``fxrep.engine``);
+- a ``torch.fx.GraphModule``: fused as it is, a GraphModule comes back (``fxrep.pipeline``);
 - any other ``nn.Module``: traced with torch.fx; where fx cannot trace it (einops, Hugging Face, Python
   control flow), captured with ``torch.export`` on the example inputs instead, with a dynamic batch where
   the model allows one. Either way a module comes back that is called like the original: the same
@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
-from . import engine, program
+from . import pipeline, program
 from .errors import InputError, TraceError
 from .snapshot import preserved
 from .validation import validate
@@ -108,7 +108,7 @@ def _fuse_module(model, example_inputs, concrete_args, common: dict, fall_back: 
 
 
 def _traced(model, example_inputs, concrete_args, common: dict, capture: str):
-    gm = engine.fuse(model, example_inputs=example_inputs, concrete_args=concrete_args, **common)
+    gm = pipeline.fuse(model, example_inputs=example_inputs, concrete_args=concrete_args, **common)
     gm.meta["fxrep_report"].capture = capture
     return gm
 
@@ -129,7 +129,7 @@ def _fuse_exported(model, example_inputs, *, why: str, fx_failure=None, check=Fa
     report.capture = f"torch.export ({batch}); {why}"
     module.meta["fxrep_report"] = report
     if check:
-        engine.check_equivalent(model, module, inputs, rtol, report)
+        pipeline.check_equivalent(model, module, inputs, rtol, report)
     return module
 
 

@@ -19,6 +19,8 @@ from torch import fx
 from .ir import mutation_hazards
 
 PHASES = ("canonicalize", "lift", "fuse", "lower")
+# the engine's own first phase (fxrep.frontend): graphs from torch.export rewritten to the readers' spellings
+FRONTEND = "frontend"
 
 
 @dataclass
@@ -94,8 +96,8 @@ class FuseContext:
     """What a pattern sees: the GraphModule being rewritten, a cache for analyses shared by the patterns of
     one sweep (dropped whenever the graph changes) and a memo that outlives graph changes.
 
-    Patterns change the graph only through ``replace_node`` and new nodes; they never erase a node (the
-    engine erases what was replaced, after each pattern's rewrites, and dead code)."""
+    Patterns change the graph only through ``replace_node``, ``remove`` and new nodes; they never erase a node
+    (the engine erases what was replaced or removed, after each pattern's rewrites, and dead code)."""
 
     gm: fx.GraphModule
     options: FuseOptions = field(default_factory=FuseOptions)
@@ -104,6 +106,7 @@ class FuseContext:
     _replaced: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
     _fresh_replaced: list = field(default_factory=list)
+    _fresh_removed: list = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -131,6 +134,15 @@ class FuseContext:
         self._fresh_replaced.append(old)
         if "tensor_meta" in old.meta and "tensor_meta" not in new.meta:
             new.meta["tensor_meta"] = old.meta["tensor_meta"]  # same value, same shape
+
+    def remove(self, node: fx.Node) -> None:
+        """Ask the engine to erase ``node``, which has no readers and whose effect is moot (a check of a value
+        that the rewrite keeps, say); dead-code elimination keeps such nodes, and patterns never erase."""
+        self._fresh_removed.append(node)
+
+    def removed_since_cleanup(self) -> list:
+        out, self._fresh_removed = self._fresh_removed, []
+        return out
 
     def replaced_since_cleanup(self) -> dict:
         """{node ``replace_node`` replaced since the last call: what it resolves to} (the engine erases the

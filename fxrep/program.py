@@ -1,7 +1,7 @@
 """``fxrep.fuse`` for ``torch.export`` programs: ExportedProgram in, ExportedProgram out.
 
 The program is unlifted (``ep.module()``: parameters become attributes, its pytree calling convention is
-kept), its ATen graph is fused by the engine like any GraphModule (``fxrep.ir.aten`` rewrites ATen spellings
+kept), its ATen graph is fused by the engine like any GraphModule (``fxrep.frontend`` rewrites ATen spellings
 to the torch-level ones the readers know), and the fused GraphModule is exported again with the program's
 dynamic batch dimension. The input program is never modified.
 """
@@ -16,7 +16,7 @@ from torch.export.graph_signature import InputKind
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from . import engine
+from . import pipeline
 from .equivalence import compare_outputs
 from .errors import InputError, InternalError, TrainingModeError, UnsupportedModelError
 from .ir import bind
@@ -33,7 +33,7 @@ def fuse_program(ep: ExportedProgram, *, example_inputs=None, patterns=None, che
     _check_program(ep)
     module = ep.module()
     args = _positional(module, ep, example_inputs)
-    gm = engine.fuse(module, example_inputs=args, patterns=patterns, check=check, rtol=rtol, **options)
+    gm = pipeline.fuse(module, example_inputs=args, patterns=patterns, check=check, rtol=rtol, **options)
     report = gm.meta["fxrep_report"]
     try:
         fused = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes_of(ep, module), strict=False)

@@ -1,9 +1,9 @@
 """Rows nobody reads, in a torch-level graph: the GraphModule ``fxrep.fuse`` returns.
 
-The same rewrite as ``fxrep.rows`` (which works on the ATen graphs ``torch.export`` writes), on the ops a
-traced and fused model is made of: a row selection (``x[:, 0]``, ``x[:, a:b]``, ``select``, ``narrow``) moves
-up through every op that maps rows to rows on that axis, and the op is computed on the selected rows of its
-inputs (``narrow`` views). Rules, per op, for a selection on output axis ``a``:
+The same rewrite as ``fxrep.export.rows`` (which works on the ATen graphs ``torch.export`` writes), on the ops
+a traced and fused model is made of: a row selection (``x[:, 0]``, ``x[:, a:b]``, ``select``, ``narrow``)
+moves up through every op that maps rows to rows on that axis, and the op is computed on the selected rows of
+its inputs (``narrow`` views). Rules, per op, for a selection on output axis ``a``:
 
 - elementwise ops (arithmetic with broadcasting, activations, casts): each operand that has the axis with
   more than one row is cut; an operand of size 1 there (or without the axis) is read whole;

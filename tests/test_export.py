@@ -15,7 +15,7 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import assert_equivalent, compare_outputs
-from fxrep.ir.aten import DROP, IDENTITY, TABLE, _Call
+from fxrep.frontend.spellings import DROP, IDENTITY, TABLE, _Call
 
 
 def _d3b4():
@@ -97,8 +97,8 @@ def _counts(program) -> dict:
 
 def test_a_core_aten_program_fuses_like_the_default_one(d3b4_program):
     # after run_decompositions a Linear is view -> addmm(b, x, permute(w)) -> view, a batched matmul
-    # expand -> clone -> view -> bmm -> view, LayerNorm native_layer_norm()[0]: ir/aten_core.py folds them
-    # back
+    # expand -> clone -> view -> bmm -> view, LayerNorm native_layer_norm()[0]: fxrep/frontend/core_aten.py
+    # folds them back
     model, ep = d3b4_program
     fused = fxrep.fuse(ep.run_decompositions())
     assert _counts(fused) == _counts(fxrep.fuse(ep))

@@ -1,4 +1,4 @@
-"""Phones: fused models as ExecuTorch programs lowered to XNNPACK (fxrep/mobile.py), run with
+"""Phones: fused models as ExecuTorch programs lowered to XNNPACK (fxrep/export/executorch.py), run with
 ``executorch.runtime``: fp32 parity with PyTorch, int8 on a model trained here on the real MNIST data, and the
 errors that name their fix."""
 
@@ -32,7 +32,7 @@ def _fused(name: str, per_head: bool):
 
 
 # the three registered models in the rank-aware form fxrep picks for them, and d3b4 in the per-head form too
-# and lowered as exported, without fxrep.xnnpack's rewrites and with every row computed (lowering takes
+# and lowered as exported, without fxrep.export.xnnpack's rewrites and with every row computed (lowering takes
 # seconds a model, so not every pair)
 FORMS = [("fxrep_deit_tiny_d6b2", "rank_aware", True), ("fxrep_deit_tiny_d4b3", "rank_aware", True),
          ("fxrep_deit_tiny_d3b4", "rank_aware", True), ("fxrep_deit_tiny_d3b4", "per_head", True),

@@ -13,7 +13,7 @@ from test_rows import TOLERANCE, Toy, toy_case
 import fxrep
 from fxrep.equivalence import relative_error
 from fxrep.ir import as_linear
-from fxrep.ir.aten_core import recorded_shape
+from fxrep.ir.recorded import recorded_shape
 
 aten = torch.ops.aten
 FORMS = ("module", "traced", "exported", "core_aten")

@@ -1,7 +1,7 @@
-"""fxrep.rows: computing only the token rows a program's outputs read gives the same outputs (hypothesis over
-transformer shapes, poolings, masks and near misses that mix tokens), really moves the selection up where it
-can, keeps a dynamic batch dynamic, and leaves the input program unchanged. The ExecuTorch lowering of a
-pruned program is tested at the end and in test_mobile.py."""
+"""fxrep.export.rows: computing only the token rows a program's outputs read gives the same outputs
+(hypothesis over transformer shapes, poolings, masks and near misses that mix tokens), really moves the
+selection up where it can, keeps a dynamic batch dynamic, and leaves the input program unchanged. The
+ExecuTorch lowering of a pruned program is tested at the end and in test_mobile.py."""
 
 import collections
 
@@ -17,9 +17,9 @@ from torch.export import Dim
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import relative_error
-from fxrep.ir.aten_core import recorded_shape
+from fxrep.export.rows import prune_unread_rows
+from fxrep.ir.recorded import recorded_shape
 from fxrep.numerics import MODEL_RTOL
-from fxrep.rows import prune_unread_rows
 
 aten = torch.ops.aten
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -182,12 +182,12 @@ def test_a_program_with_nothing_to_prune_is_returned_as_it_is():
 
 
 def test_a_pruning_that_changes_the_output_is_an_internal_error(monkeypatch):
-    import fxrep.rows
+    import fxrep.export.rows
 
     def wrong_linear(b, node, axis, start, stop):  # cuts the wrong rows
         return b.call(node.target, [b.rows(node.args[0], axis, start + 1, stop + 1), *node.args[1:]])
 
-    monkeypatch.setitem(fxrep.rows.RULES, aten.linear.default, wrong_linear)
+    monkeypatch.setitem(fxrep.export.rows.RULES, aten.linear.default, wrong_linear)
     model, x = Toy(8, 2, 1, "none", "none", "first", 5).eval(), torch.randn(2, 5, 8)
     with pytest.raises(fxrep.InternalError, match="prune_rows=False"):
         prune_unread_rows(torch.export.export(model, (x,)), (x,))
@@ -198,7 +198,7 @@ def test_a_pruned_fused_model_lowers_to_one_xnnpack_delegate():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from fxrep.xnnpack import rewrite_for_xnnpack
+    from fxrep.export.xnnpack import rewrite_for_xnnpack
 
     _, fused, x = _fused_d3b4(1)
     program = rewrite_for_xnnpack(prune_unread_rows(torch.export.export(fused, (x,)), (x,)), (x,))
@@ -214,7 +214,7 @@ def test_models_written_by_others_prune_exactly(name):
     """timm models with their own class-token heads (CaiT's class attention, CrossViT's two branches, PiT's
     pooling stages, XCiT's class attention): pruned, and exact on a fresh input (benchmarks/rows_zoo.py runs
     the whole zoo)."""
-    from fxrep.zoo import build
+    from benchmarks.zoo_harness import build
 
     model, x = build("timm", name)
     program = torch.export.export(model, (x,))

@@ -121,10 +121,10 @@ def test_patterns_do_not_reach_into_each_other():
 # The layers (docs/architecture.md): the compiler core, and the rooms built on it. The core never imports
 # a room, so `import fxrep` and `fxrep.fuse` load no deployment, training or test code.
 ROOMS = {
-    "deploy": ("fxrep.export", "fxrep.rows", "fxrep.xnnpack", "fxrep.mobile"),
+    "deploy": ("fxrep.export",),
     "training": ("fxrep.training",),
     "testing": ("fxrep.testing",),
-    "tools": ("fxrep.zoo", "fxrep.demo", "fxrep.cli", "fxrep.benchmarking", "fxrep.models"),
+    "tools": ("fxrep.demo", "fxrep.cli", "fxrep.benchmarking", "fxrep.models"),
 }
 
 

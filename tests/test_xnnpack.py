@@ -1,7 +1,7 @@
-"""fxrep.xnnpack: the ATen rewrites made before ExecuTorch lowers a program compute what the program computes
-(hypothesis over attention shapes, shared keys, head sums and scales), leave near misses alone, keep a dynamic
-batch dynamic, and leave the input program unchanged. Run in PyTorch; the lowering itself is tested at the
-end and in test_mobile.py."""
+"""fxrep.export.xnnpack: the ATen rewrites made before ExecuTorch lowers a program compute what the program
+computes (hypothesis over attention shapes, shared keys, head sums and scales), leave near misses alone, keep
+a dynamic batch dynamic, and leave the input program unchanged. Run in PyTorch; the lowering itself is tested
+at the end and in test_mobile.py."""
 
 import collections
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch.export import Dim
 
 from fxrep.equivalence import relative_error
+from fxrep.export.xnnpack import rewrite_for_xnnpack
 from fxrep.numerics import MODEL_RTOL
-from fxrep.xnnpack import rewrite_for_xnnpack
 
 aten = torch.ops.aten
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -235,7 +235,7 @@ def test_xnnpack_takes_the_whole_fused_model():
 
 def test_a_rewrite_that_changes_the_output_is_an_internal_error(monkeypatch):
     import fxrep
-    import fxrep.xnnpack
+    import fxrep.export.xnnpack
 
     def broken(gm):  # drops every LayerNorm
         for node in list(gm.graph.nodes):
@@ -244,7 +244,7 @@ def test_a_rewrite_that_changes_the_output_is_an_internal_error(monkeypatch):
                 gm.graph.erase_node(node)
         return True
 
-    monkeypatch.setattr(fxrep.xnnpack, "layer_norm_with_linear_means", broken)
+    monkeypatch.setattr(fxrep.export.xnnpack, "layer_norm_with_linear_means", broken)
     x = torch.randn(2, 5, 6) * 3 + 1
     program = torch.export.export(Norms(False, 1e-6).eval(), (x,))
     with pytest.raises(fxrep.InternalError, match="xnnpack_rewrites=False"):

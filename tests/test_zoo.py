@@ -7,7 +7,7 @@ leave the model as it was, every attribute included."""
 import pytest
 import torch
 
-from fxrep.zoo import build, try_fuse
+from benchmarks.zoo_harness import build, try_fuse
 
 SLICE = [
     # fused graphs that raised (contiguous() dropped before a view)

@@ -8,13 +8,13 @@
 - ``reductions``: stacks and the sums/means over a stacked axis;
 - ``effects``: views, aliasing, in-place writes, layout dependence, guards (``mutation_hazards``);
 - ``evaluate``: one constant evaluator;
-- ``aten``: ATen overloads (``torch.export`` graphs) rewritten to the torch-level spellings above;
+- ``recorded``: the shapes ``torch.export`` recorded (possibly symbolic), compared provably;
 - ``build``: new constants and nodes (``emit_linear``, ``emit_attention``, ``add_constant``).
 
-Patterns import from ``fxrep.ir`` only; docs/architecture.md says where a new spelling goes.
+ATen graphs reach the readers in these spellings: ``fxrep.frontend`` rewrites them first. Patterns import
+from ``fxrep.ir`` only; docs/architecture.md says where a new spelling goes.
 """
 
-from .aten import torch_spellings
 from .attention_op import AttentionView, attention_view
 from .binding import bind
 from .build import (

@@ -3,9 +3,10 @@
 An ``ActivationSpec`` names the op's torch functions, Tensor methods, module class and ATen overloads, and the
 argument that selects a variant (GELU's ``approximate``). Every table that needs activations is derived from
 ``ACTIVATIONS``: the readers' function and method tables (``ir.targets``), the module-to-function rewrite
-(``functionalize_modules``), the ATen-to-torch spellings (``ir.aten``) and the ops row pruning moves row
-selections through (``fxrep.rows``). An activation is elementwise by definition here: one output element
-from the same element of its input, which is what widening (docs/identities.md §2) and row pruning need.
+(``functionalize_modules``), the ATen-to-torch spellings (``fxrep.frontend.spellings``) and the ops row
+pruning moves row selections through (``fxrep.export.rows``). An activation is elementwise by definition here:
+one output element from the same element of its input, which is what widening (docs/identities.md §2) and row
+pruning need.
 
 Adding one, for instance CELU, is one entry (and its tests)::
 

@@ -1,5 +1,6 @@
 """Core ATen decompositions folded back into the ops they came from, in a graph from
-``ExportedProgram.run_decompositions()``, before ``ir.aten`` rewrites spellings:
+``ExportedProgram.run_decompositions()``, before ``spellings`` rewrites ATen overloads to torch functions.
+One front-end pattern per fold (``CORE_ATEN_FOLDS``, in the order the engine runs them):
 
 - ``view(addmm(b, view(x, [M, C]), permute(w, [1, 0])), [..., F])`` (and ``mm`` without a bias, ``t(w)``) is
   ``linear(x, w, b)``;
@@ -21,31 +22,20 @@ equal) and that the inner nodes have no other reader; anything else stays as it 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .evaluate import evaluate
+from ..ir import evaluate
+from ..ir.recorded import recorded_shape
+from ..ir.recorded import same_shape as _same
+from ..pattern import FRONTEND, Match
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-
-
-def recorded_shape(node) -> tuple | None:
-    """The shape export recorded for ``node`` (``meta["val"]``; sizes may be symbolic), or None."""
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def same_size(a, b) -> bool:
-    """Whether two recorded sizes (ints or symbolic) are provably equal."""
-    return a is b or statically_known_true(a == b)
-
-
-def _same(a, b) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and \
-        all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _only_reader(node, reader) -> bool:
@@ -225,64 +215,95 @@ def _finite_constant(node) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isfinite(v).all())
 
 
-_PURE = {*_VIEWS, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.permute.default, aten.t.default,
-         aten.clone.default, aten.expand.default, aten.native_layer_norm.default, operator.getitem,
-         aten.where.self, aten.full_like.default, aten.cat.default, aten.logical_not.default, aten.any.dim,
-         aten.eq.Scalar, aten.linear.default}
+@dataclass(frozen=True)
+class Fold:
+    """What one fold found: the readers of each node of ``olds`` read ``target(*args)`` instead (a new node
+    per old one; ``target`` None: ``args[0]``, a node the graph has). ``consumed``: the decomposition's nodes,
+    which keeps the matches of one sweep apart."""
+
+    olds: tuple
+    target: object
+    args: tuple
+    consumed: tuple
 
 
-def _replace(gm, old, target, args) -> None:
-    """``old`` computed by ``target(*args)``; the nodes that fed only ``old`` are erased."""
-    with gm.graph.inserting_before(old):
-        new = gm.graph.call_function(target, args)
-    new.meta = dict(old.meta)
-    _substitute(gm, old, new)
+class FoldPattern:
+    """A front-end pattern: ``find(node)`` returns a ``Fold`` rooted at ``node`` or None. It never mutates the
+    graph; ``replace`` builds the folded op and hands the old nodes to the engine, which erases them and the
+    decomposition they leave without readers."""
+
+    phase = FRONTEND
+
+    def __init__(self, name: str, find: Callable[[fx.Node], Fold | None], summary: str):
+        self.name, self._find, self._summary = name, find, summary
+
+    def match(self, node, ctx):
+        found = self._find(node)
+        return Match(found.consumed, data=found, summary=self._summary) if found is not None else None
+
+    def replace(self, match, ctx):
+        fold = match.data
+        args = fx.node.map_arg(fold.args, ctx.resolve)
+        for old in fold.olds:
+            if fold.target is None:
+                new = args[0]
+            else:
+                with ctx.graph.inserting_before(old):
+                    new = ctx.graph.call_function(fold.target, args)
+                new.meta = dict(old.meta)
+            ctx.replace_node(old, new)
+
+    def __repr__(self) -> str:
+        return f"FoldPattern({self.name!r})"
 
 
-def _substitute(gm, old, new) -> None:
-    """Readers of ``old`` read ``new``; the nodes that fed only ``old`` are erased."""
-    old.replace_all_uses_with(new)
-    dead = [old]
-    while dead:
-        n = dead.pop()
-        if n.users or n.op != "call_function" or n.target not in _PURE:
-            continue
-        inputs = list(n.all_input_nodes)
-        gm.graph.erase_node(n)
-        dead += inputs
+def _flattened_product(node) -> Fold | None:
+    """``linear`` where ``node`` reshapes back a flattened ``addmm``/``mm``; ``matmul`` (or ``linear``) where
+    it reshapes back a ``bmm``; ``stack`` where it reshapes a ``cat``."""
+    if _call(node, *_VIEWS) is None:
+        return None
+    found = _linear(node)
+    if found is not None:
+        return Fold((node,), aten.linear.default, found, (node, node.args[0]))
+    found = _matmul(node) or _stack(node)
+    return Fold((node,), *found, (node, node.args[0])) if found is not None else None
 
 
-def fold_core_aten(gm: fx.GraphModule) -> int:
-    """Fold the decompositions above in ``gm`` (fxrep's own copy); return how many were folded."""
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if _call(node, *_VIEWS) is not None:
-            found = _linear(node)
-            if found is not None:
-                _replace(gm, node, aten.linear.default, found)
-                folded += 1
-                continue
-            found = _matmul(node) or _stack(node)
-            if found is not None:
-                _replace(gm, node, *found)
-                folded += 1
-        elif _safe_softmax(node) is not None:
-            _substitute(gm, node, _safe_softmax(node))
-            folded += 1
-        elif _call(node, aten.native_layer_norm.default) is not None and node.users and \
-                all(_call(u, operator.getitem) is not None and u.args[1] == 0 for u in node.users):
-            for u in list(node.users):
-                _replace(gm, u, aten.layer_norm.default, tuple(node.args[:5]))
-            folded += 1
-    for node in list(gm.graph.nodes):  # then Linears on 2-d inputs (the classifier head)
-        is_product = _call(node, aten.addmm.default, aten.mm.default) is not None
-        found = _matrix_product(node) if is_product else None
-        if found is not None and _checked(node, *found) is not None:
-            _replace(gm, node, aten.linear.default, found)
-            folded += 1
-    for node in list(gm.graph.nodes):  # and the bias adds of the Linears folded above
-        found = _biased_linear(node) if _call(node, aten.add.Tensor) is not None else None
-        if found is not None:
-            _replace(gm, node, aten.linear.default, found)
-            folded += 1
-    return folded
+def _softmax_fold(node) -> Fold | None:
+    sm = _safe_softmax(node)
+    return Fold((node,), None, (sm,), (node,)) if sm is not None else None
+
+
+def _layer_norm(node) -> Fold | None:
+    """``layer_norm`` where ``node`` is ``native_layer_norm`` read only for its output (``[0]``)."""
+    if _call(node, aten.native_layer_norm.default) is None or not node.users or \
+            not all(_call(u, operator.getitem) is not None and u.args[1] == 0 for u in node.users):
+        return None
+    return Fold(tuple(node.users), aten.layer_norm.default, tuple(node.args[:5]), (node, *node.users))
+
+
+def _linear_2d(node) -> Fold | None:
+    """``linear`` where ``node`` is ``addmm``/``mm`` of a 2-d input (a classifier head)."""
+    if _call(node, aten.addmm.default, aten.mm.default) is None:
+        return None
+    found = _matrix_product(node)
+    if found is None or _checked(node, *found) is None:
+        return None
+    return Fold((node,), aten.linear.default, found, (node,))
+
+
+def _bias_add(node) -> Fold | None:
+    found = _biased_linear(node) if _call(node, aten.add.Tensor) is not None else None
+    return Fold((node,), aten.linear.default, found, (node, node.args[0])) if found is not None else None
+
+
+# in this order: a Linear on rows flattened by a view folds whole before its 2-d product could fold alone,
+# and a bias add folds into a Linear that the folds before it made
+CORE_ATEN_FOLDS = (
+    FoldPattern("fold_flattened_products", _flattened_product,
+                "a flattened addmm/mm, bmm or cat reshaped back, as linear, matmul or stack"),
+    FoldPattern("fold_safe_softmax", _softmax_fold, "SDPA's decomposed softmax of an unmasked product"),
+    FoldPattern("fold_native_layer_norm", _layer_norm, "native_layer_norm read for its output only"),
+    FoldPattern("fold_2d_linear", _linear_2d, "addmm/mm of a 2-d input as linear"),
+    FoldPattern("fold_bias_add", _bias_add, "a Linear's separate bias add into the Linear"),
+)

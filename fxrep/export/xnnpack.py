@@ -31,11 +31,11 @@ import operator
 import torch
 from torch import fx
 
-from . import algebra
-from .ir import bind, const_node
-from .ir.aten_core import recorded_shape, same_size
-from .ir.readers import fetch_attr
-from .program import export_rewritten
+from .. import algebra
+from ..ir import bind, const_node
+from ..ir.readers import fetch_attr
+from ..ir.recorded import recorded_shape, same_size
+from ..program import export_rewritten
 
 aten = torch.ops.aten
 

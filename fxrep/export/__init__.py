@@ -1,11 +1,12 @@
-"""Deploying fused models: ``torch.export``, ONNX, and save/load.
+"""Deploying fused models: ``torch.export``, ONNX, ExecuTorch, save/load. The deployment subpackage: the
+compiler core never imports it.
 
     fused = fxrep.fuse(model, example_inputs=(x,))
     fxrep.export.save_fused(fused, "deploy/", (x,))   # fused.pt2 (torch.export) + fused.safetensors
     again = fxrep.export.load_fused("deploy/")        # an nn.Module computing the same function
     fxrep.export.to_onnx(fused, (x,), "deploy/fused.onnx")
-    fxrep.export.to_executorch(fused, (x,), "deploy/fused.pte")   # phones (fxrep.mobile; the mobile extra)
-    program = fxrep.export.prune_unread_rows(fxrep.export.export_program(fused, (x,)), (x,))  # fxrep.rows
+    fxrep.export.to_executorch(fused, (x,), "deploy/fused.pte")   # phones (executorch.py; mobile extra)
+    program = fxrep.export.prune_unread_rows(fxrep.export.export_program(fused, (x,)), (x,))  # rows/
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .equivalence import check_inputs
-from .errors import InputError
-from .mobile import calibration_inputs, load_executorch, quantize_int8, run_executorch, to_executorch
-from .program import as_program
+from ..equivalence import check_inputs
+from ..errors import InputError
+from ..program import as_program
+from .executorch import calibration_inputs, load_executorch, quantize_int8, run_executorch, to_executorch
 from .rows import prune_unread_rows
 
 __all__ = ["export_program", "save_fused", "load_fused", "to_onnx", "to_executorch", "quantize_int8",

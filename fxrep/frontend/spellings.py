@@ -1,12 +1,12 @@
 """ATen spellings (``torch.export`` graphs) rewritten to the torch-level spellings the readers know.
 
 A graph from ``torch.export`` (``ExportedProgram.module()``) calls ATen overloads: ``aten.linear.default``,
-``aten.layer_norm.default``, ``aten.softmax.int``, ``aten.view.default``. Each has one torch-level
-function with the same meaning and, up to names, the same arguments. ``torch_spellings(gm)`` replaces every
-overload of the table below by that function (arguments bound on the overload's schema), so one pattern sees
-one spelling whatever captured the graph. A core ATen graph (``run_decompositions()``) has its Linear, batched
-matmul and LayerNorm decompositions folded back first (``ir.aten_core``). Overloads not in the table stay as
-they are: the readers treat them as opaque ops, exactly as any unknown function.
+``aten.layer_norm.default``, ``aten.softmax.int``, ``aten.view.default``. Each has one torch-level function
+with the same meaning and, up to names, the same arguments. The front-end pattern ``ATEN_TO_TORCH`` replaces
+every overload of the table below by that function (arguments bound on the overload's schema), so one pattern
+sees one spelling whatever captured the graph. A core ATen graph (``run_decompositions()``) has its Linear,
+batched matmul and LayerNorm decompositions folded back first (``core_aten``). Overloads not in the table stay
+as they are: the readers treat them as opaque ops, exactly as any unknown function.
 
 ``TABLE`` maps an overload to ``(target, convert)``: ``target`` is a torch function, or a method name (a
 ``str``, called on the first argument); ``convert(a)`` takes the bound arguments (a dict keyed by the
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .activations import ACTIVATION_ATEN
-from .aten_core import fold_core_aten, recorded_shape
-from .binding import bind
+from ..ir import bind
+from ..ir.activations import ACTIVATION_ATEN
+from ..ir.recorded import recorded_shape
+from ..pattern import FRONTEND, Match
 
 aten = torch.ops.aten
 IDENTITY, DROP = object(), object()
@@ -170,30 +171,39 @@ _DEFAULTS = {"alpha": 1, "approximate": "none", "attn_mask": None, "dropout_p": 
              "scale": None, "enable_gqa": False, "dtype": None, "memory_format": None}
 
 
-def torch_spellings(gm: fx.GraphModule) -> int:
-    """Rewrite every ATen overload of ``TABLE`` in ``gm`` (fxrep's own copy) to its torch-level spelling;
-    return how many nodes changed. Each new node keeps the old one's ``meta`` (shapes, stack trace)."""
-    changed = fold_core_aten(gm)
-    for node in list(gm.graph.nodes):
+class AtenToTorch:
+    """The front-end pattern that rewrites each ATen overload of ``TABLE`` to its torch-level spelling. The
+    new node keeps the old one's ``meta`` (shapes, stack trace); the engine erases the old one."""
+
+    name, phase = "aten_to_torch", FRONTEND
+
+    def match(self, node, ctx):
         if node.op != "call_function" or node.target not in TABLE:
-            continue
-        target, convert = TABLE[node.target]
+            return None
         bound = bind(node)
-        call = convert(bound) if bound is not None else None
+        call = TABLE[node.target][1](bound) if bound is not None else None
         if call is None or (call is DROP and node.users):
-            continue
+            return None
+        return Match((node,), data=(bound, call), summary=f"{node.target} in its torch spelling")
+
+    def replace(self, match, ctx):
+        node, (bound, call) = match.nodes[0], match.data
+        if call is DROP:
+            ctx.remove(node)
+            return
         if call is IDENTITY:
-            node.replace_all_uses_with(bound["input"])
-        elif call is not DROP:
-            if isinstance(call, _Call):
-                target, call = call.target, (call.args, call.kwargs)
-            args, kwargs = call
-            kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
-            with gm.graph.inserting_before(node):
-                new = (gm.graph.call_method(target, args, kwargs) if isinstance(target, str)
-                       else gm.graph.call_function(target, args, kwargs))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        changed += 1
-    return changed
+            ctx.replace_node(node, ctx.resolve(bound["input"]))
+            return
+        target = TABLE[node.target][0]
+        if isinstance(call, _Call):
+            target, call = call.target, (call.args, call.kwargs)
+        args, kwargs = fx.node.map_arg(call, ctx.resolve)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DEFAULTS or v != _DEFAULTS[k]}
+        with ctx.graph.inserting_before(node):
+            new = (ctx.graph.call_method(target, args, kwargs) if isinstance(target, str)
+                   else ctx.graph.call_function(target, args, kwargs))
+        new.meta = dict(node.meta)
+        ctx.replace_node(node, new)
+
+
+ATEN_TO_TORCH = AtenToTorch()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .equivalence import check_inputs
-from .errors import InputError, MissingDependencyError
-from .program import as_program
+from ..equivalence import check_inputs
+from ..errors import InputError, MissingDependencyError
+from ..program import as_program
 from .rows import prune_unread_rows
 from .xnnpack import keeps_float, rewrite_for_xnnpack
 
@@ -76,9 +76,10 @@ def to_executorch(model, example_inputs, path: str | Path, *, quantize: str | No
     """Write ``model`` (a fused GraphModule, any nn.Module, or an ExportedProgram) as an XNNPACK-lowered
     ExecuTorch program (``.pte``) at ``path``; ``quantize="int8"`` quantizes it first (see ``quantize_int8``).
     ``xnnpack_rewrites`` first spells attention, views and LayerNorm so that XNNPACK takes the whole graph
-    (``fxrep.xnnpack``; about half the latency of the program as exported); False lowers it as exported.
-    ``prune_rows`` computes only the token rows the outputs read (``fxrep.rows``: a classifier's last block
-    for its class token alone). Both are exact, checked on ``example_inputs``. Returns the path."""
+    (``fxrep.export.xnnpack``; about half the latency of the program as exported); False lowers it as
+    exported. ``prune_rows`` computes only the token rows the outputs read (``fxrep.export.rows``: a
+    classifier's last block for its class token alone). Both are exact, checked on ``example_inputs``.
+    Returns the path."""
     if quantize not in QUANTIZE_MODES:
         raise InputError(f"quantize={quantize!r}: choose one of {QUANTIZE_MODES}.")
     _require_executorch()

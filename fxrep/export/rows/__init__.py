@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir.aten_core import recorded_shape, same_size
-from ..program import export_rewritten
+from ...ir.recorded import recorded_shape, same_size
+from ...program import export_rewritten
 from .rules import ELEMENTWISE, RULES, _Builder, _reads_shape_only, _shared_request, _Stop, row_request
 
 aten = torch.ops.aten

@@ -2,7 +2,7 @@
 
 ``RULES`` maps an ATen op to a function ``(builder, node, axis, start, stop)`` that builds, before ``node``,
 the op on the requested rows of its inputs (``_Builder``) and returns the new node, or None / raises ``_Stop``
-where the op does not map rows to rows on that axis. ``fxrep.rows`` moves the requests through them.
+where the op does not map rows to rows on that axis. ``fxrep.export.rows`` moves the requests through them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir.activations import ACTIVATION_ATEN
-from ..ir.aten_core import recorded_shape, same_size
+from ...ir.activations import ACTIVATION_ATEN
+from ...ir.recorded import recorded_shape, same_size
 
 aten = torch.ops.aten
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .equivalence import DEFAULT_RTOL, flat_tensors, relative_error
-from .errors import FxrepError, InternalError
-from .snapshot import ModelSnapshot, preserved
+from fxrep.equivalence import DEFAULT_RTOL, flat_tensors, relative_error
+from fxrep.errors import FxrepError, InternalError
+from fxrep.snapshot import ModelSnapshot, preserved
 
 OUTCOMES = ("exact", "error", "broken", "wrong", "mutated", "fixed_point", "internal", "raw")
 BAD_OUTCOMES = ("broken", "wrong", "mutated", "fixed_point", "internal", "raw")
@@ -178,7 +178,7 @@ def try_fuse(model: nn.Module, x: torch.Tensor, flow: str = "module", patterns=N
     (caches and other containers included) are fingerprinted before and compared after. With
     ``check_traced_again`` the original must still trace with plain torch.fx after fusing if it did before
     (a tracer that leaves Proxies behind in a cache breaks exactly that)."""
-    from .api import fuse
+    from fxrep import fuse
 
     result = ZooResult("", "", flow, "exact", params=sum(p.numel() for p in model.parameters()))
     with torch.no_grad():
