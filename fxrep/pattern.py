@@ -9,7 +9,7 @@ A pattern is an object with a ``name``, a ``phase`` and two methods::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,19 +112,23 @@ class FuseContext:
     def graph(self) -> fx.Graph:
         return self.gm.graph
 
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Compute an analysis once per graph state."""
+    def analysis(self, fn: Callable[..., Any], *args: Hashable) -> Any:
+        """``fn(self, *args)``, computed once per graph state and shared by every pattern that asks for it
+        (dropped when the graph changes). The function and its arguments are the key: two patterns that
+        ask for the same analysis share one result, and different analyses cannot collide."""
+        key = (fn, *args)
         if key not in self._cache:
-            self._cache[key] = compute()
+            self._cache[key] = fn(self, *args)
         return self._cache[key]
 
     def invalidate(self) -> None:
         self._cache.clear()
 
-    def memo(self, key: str) -> dict:
-        """A dict that lives for the whole ``fuse`` call and survives graph changes, for analyses that reuse
-        per-node results across sweeps. Entries must be keyed by everything they were computed from."""
-        return self._memo.setdefault(key, {})
+    def memo(self, owner: Hashable) -> dict:
+        """A dict of ``owner``'s (the analysis function or class that uses it) that lives for the whole
+        ``fuse`` call and survives graph changes, for analyses that reuse per-node results across sweeps.
+        Entries must be keyed by everything they were computed from."""
+        return self._memo.setdefault(owner, {})
 
     def replace_node(self, old: fx.Node, new: fx.Node) -> None:
         """``old.replace_all_uses_with(new)``, remembered so later matches of the sweep can ``resolve``
@@ -156,7 +160,7 @@ class FuseContext:
     def mutation_hazards(self) -> set:
         """``ir.mutation_hazards`` of the current graph (values written in place, their aliases and readers),
         computed once per graph state: what value-based rewrites must leave alone."""
-        return self.cached("mutation_hazards", lambda: mutation_hazards(self.graph))
+        return self.analysis(_mutation_hazards)
 
     def resolve(self, node: fx.Node) -> fx.Node:
         """What ``node`` was replaced by in this pattern's rewrites so far (``node`` if it was not). A
@@ -165,3 +169,7 @@ class FuseContext:
         while node in self._replaced:
             node = self._replaced[node]
         return node
+
+
+def _mutation_hazards(ctx: FuseContext) -> set:
+    return mutation_hazards(ctx.graph)

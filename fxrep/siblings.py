@@ -101,58 +101,60 @@ def _split_by_masking(nodes, skipped: list) -> list:
 def sibling_groups(ctx, kind: str):
     """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged (lists of nodes), and the
     Skips of near misses."""
-    def compute():
-        analysis = affine_analysis(ctx)
-        groups: dict = {}
-        shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
-        mixed_pre: dict = {}   # MLP branches whose pre-activation is arithmetic on Linears, not one Linear
-        unowned: dict = {}     # branches on one input whose output is not read by Linears into one sum
-        for n in ctx.graph.nodes:
-            if kind == "mlp":
-                key = activation_key(n)
-                pre = as_linear(n.args[0]) if key is not None else None
-                if pre is None:
-                    pre_node = n.args[0] if key is not None else None
-                    if isinstance(pre_node, fx.Node) and arith_kind(pre_node) is not None:
-                        mixed_pre.setdefault((_owner(n, analysis), key), []).append(n)
-                    continue
-                x, dtype = pre.input, pre.weight.dtype
-                if len(pre.node.users) != 1:
-                    shared_pre.append((n, key, x, dtype))
-                    continue
-            else:
-                att = attention_view(n)
-                if att is None:
-                    continue
-                key, x, dtype = "attention", att.input, att.dtype
-            owner = _owner(n, analysis)
-            if owner is None and kind == "attention":  # no output projection: summed as it is
-                owner = _summed_owner(n, ctx.mutation_hazards())
-            if owner is None:
-                unowned.setdefault((key, x), []).append(n)
+    return ctx.analysis(_sibling_groups, kind)
+
+
+def _sibling_groups(ctx, kind: str):
+    analysis = affine_analysis(ctx)
+    groups: dict = {}
+    shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
+    mixed_pre: dict = {}   # MLP branches whose pre-activation is arithmetic on Linears, not one Linear
+    unowned: dict = {}     # branches on one input whose output is not read by Linears into one sum
+    for n in ctx.graph.nodes:
+        if kind == "mlp":
+            key = activation_key(n)
+            pre = as_linear(n.args[0]) if key is not None else None
+            if pre is None:
+                pre_node = n.args[0] if key is not None else None
+                if isinstance(pre_node, fx.Node) and arith_kind(pre_node) is not None:
+                    mixed_pre.setdefault((_owner(n, analysis), key), []).append(n)
                 continue
-            groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
-        mergeable, skipped = [], _unmerged_beside(kind, groups, unowned)
-        for n, key, x, dtype in shared_pre:
-            owner = _owner(n, analysis)
-            if x in groups.get((owner, key, dtype), {}):
-                skipped.append(Skip([n], f"this branch's pre-activation {n.args[0].name} is also read by "
-                                         "another op: it cannot widen with the branches beside it"))
-        for (owner, key), nodes in mixed_pre.items():
-            beside = sum(len(ns) for (o, k, _), by_input in groups.items() if (o, k) == (owner, key)
-                         for ns in by_input.values())
-            if owner is not None and len(nodes) + beside > 1:
-                skipped.append(Skip(nodes, _describe_mixed(nodes), provisional=True))
-        for by_input in groups.values():
-            for nodes in by_input.values():
-                parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
-                mergeable += [p for p in parts if len(p) > 1]
-            if len(by_input) > 1:  # report the branches left out of the largest group
-                largest = max(by_input.values(), key=len)
-                odd = [n for ns in by_input.values() if ns is not largest for n in ns]
-                skipped.append(Skip(odd, _describe_inputs(list(by_input))))
-        return mergeable, skipped
-    return ctx.cached(f"siblings:{kind}", compute)
+            x, dtype = pre.input, pre.weight.dtype
+            if len(pre.node.users) != 1:
+                shared_pre.append((n, key, x, dtype))
+                continue
+        else:
+            att = attention_view(n)
+            if att is None:
+                continue
+            key, x, dtype = "attention", att.input, att.dtype
+        owner = _owner(n, analysis)
+        if owner is None and kind == "attention":  # no output projection: summed as it is
+            owner = _summed_owner(n, ctx.mutation_hazards())
+        if owner is None:
+            unowned.setdefault((key, x), []).append(n)
+            continue
+        groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
+    mergeable, skipped = [], _unmerged_beside(kind, groups, unowned)
+    for n, key, x, dtype in shared_pre:
+        owner = _owner(n, analysis)
+        if x in groups.get((owner, key, dtype), {}):
+            skipped.append(Skip([n], f"this branch's pre-activation {n.args[0].name} is also read by "
+                                     "another op: it cannot widen with the branches beside it"))
+    for (owner, key), nodes in mixed_pre.items():
+        beside = sum(len(ns) for (o, k, _), by_input in groups.items() if (o, k) == (owner, key)
+                     for ns in by_input.values())
+        if owner is not None and len(nodes) + beside > 1:
+            skipped.append(Skip(nodes, _describe_mixed(nodes), provisional=True))
+    for by_input in groups.values():
+        for nodes in by_input.values():
+            parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
+            mergeable += [p for p in parts if len(p) > 1]
+        if len(by_input) > 1:  # report the branches left out of the largest group
+            largest = max(by_input.values(), key=len)
+            odd = [n for ns in by_input.values() if ns is not largest for n in ns]
+            skipped.append(Skip(odd, _describe_inputs(list(by_input))))
+    return mergeable, skipped
 
 
 def _unmerged_beside(kind: str, groups: dict, unowned: dict) -> list:

@@ -103,14 +103,17 @@ class MarkedBlock(nn.Module):
         return self.block(x)
 
 
+def _first_marker(ctx):
+    return next((n for n in ctx.graph.nodes if n.target is marker), None)
+
+
 class DropOneMarkerPerSweep:
     """A slow but correct user pattern: removes the first ``marker`` call of the graph, one per sweep."""
 
     name, phase = "drop_one_marker", "canonicalize"
 
     def match(self, node, ctx):
-        first = ctx.cached("first_marker",
-                           lambda: next((n for n in ctx.graph.nodes if n.target is marker), None))
+        first = ctx.analysis(_first_marker)
         return fxrep.Match([node], None, "one marker dropped") if node is first else None
 
     def replace(self, match, ctx):

@@ -17,14 +17,14 @@ from .forms import Affine, TermCache, composed, plus, scaled, shifted
 f64 = algebra.f64
 
 
-_CACHE_KEY = "fxrep.affine.analysis"
-
-
 def affine_analysis(ctx) -> AffineAnalysis:
     """The AffineAnalysis of the current graph state, shared by the patterns of one sweep (``merge_affine``,
     the widening patterns): computed once per graph state."""
-    return ctx.cached(_CACHE_KEY,
-                      lambda: AffineAnalysis(ctx.graph, ctx.memo(_CACHE_KEY), hazards=ctx.mutation_hazards()))
+    return ctx.analysis(_analyze)
+
+
+def _analyze(ctx) -> AffineAnalysis:
+    return AffineAnalysis(ctx.graph, ctx.memo(AffineAnalysis), hazards=ctx.mutation_hazards())
 
 
 @dataclass

@@ -68,12 +68,16 @@ def _unrecognized_softmaxes(gm, results: dict) -> None:
                                f"attention")
 
 
+def _lifts(ctx) -> dict:
+    return analyze(ctx.gm)
+
+
 class LiftAttention:
     name = "lift_attention"
     phase = "lift"
 
     def match(self, node, ctx):
-        return ctx.cached("lift_attention", lambda: analyze(ctx.gm)).get(node)
+        return ctx.analysis(_lifts).get(node)
 
     def replace(self, match, ctx):
         found = match.data

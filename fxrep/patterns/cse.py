@@ -70,7 +70,7 @@ class EliminateCommonSubexpressions:
     phase = ("canonicalize", "fuse", "lower")
 
     def match(self, node, ctx):
-        dup = ctx.cached("cse", lambda: duplicates(ctx.graph, ctx.mutation_hazards()))
+        dup = ctx.analysis(_duplicates)
         if node in dup:
             target = node.target.__name__ if callable(node.target) else node.target
             return Match([node], dup[node], f"duplicate {target} merged")
@@ -78,3 +78,7 @@ class EliminateCommonSubexpressions:
 
     def replace(self, match, ctx):
         ctx.replace_node(match.nodes[0], ctx.resolve(match.data))
+
+
+def _duplicates(ctx) -> dict:
+    return duplicates(ctx.graph, ctx.mutation_hazards())

@@ -63,8 +63,12 @@ def _repoint_readers(ctx, branches, merged: fx.Node, columns, total: int) -> Non
             ctx.replace_node(user, new)
 
 
+def _node_order(ctx) -> dict:
+    return {n: i for i, n in enumerate(ctx.graph.nodes)}
+
+
 def _first(nodes, ctx):
-    order = ctx.cached("order", lambda: {n: i for i, n in enumerate(ctx.graph.nodes)})
+    order = ctx.analysis(_node_order)
     if any(n not in order for n in nodes):  # created in this sweep: recount
         order = {n: i for i, n in enumerate(ctx.graph.nodes)}
     return min(nodes, key=order.__getitem__)
@@ -75,10 +79,18 @@ def _by_first(groups):
     return {(g.nodes[0] if isinstance(g, Skip) else g[0]): g for g in groups}
 
 
-def _match_group(node, ctx, cache_key: str, groups, summary):
+def _grouped(ctx, groups) -> tuple:
+    return tuple(map(_by_first, groups(ctx)))
+
+
+def _mlp_groups(ctx):
+    return sibling_groups(ctx, "mlp")
+
+
+def _match_group(node, ctx, groups, summary):
     """Match a group of siblings at its first node (``summary(nodes)`` describes it), or the Skip of a near
-    miss; ``groups()`` gives (mergeable groups, Skips) once per graph state."""
-    mergeable, skipped = ctx.cached(cache_key, lambda: tuple(map(_by_first, groups())))
+    miss; ``groups(ctx)`` gives (mergeable groups, Skips), computed once per graph state."""
+    mergeable, skipped = ctx.analysis(_grouped, groups)
     if node in mergeable:
         return Match(mergeable[node], None, summary(mergeable[node]))
     if node in skipped:
@@ -125,7 +137,7 @@ class WidenMLP:
     phase = "fuse"
 
     def match(self, node, ctx):
-        found = _match_group(node, ctx, self.name, lambda: sibling_groups(ctx, "mlp"), lambda nodes: (
+        found = _match_group(node, ctx, _mlp_groups, lambda nodes: (
             f"{len(nodes)} parallel {activation_key(nodes[0])[0]} MLP branches -> one wider MLP"))
         return _priced(found, ctx, self._decision(found.nodes, ctx) if isinstance(found, Match) else None)
 
@@ -182,7 +194,7 @@ class _MergeAttention:
         return out, []
 
     def match(self, node, ctx):
-        found = _match_group(node, ctx, self.name, lambda: self.groups(ctx), self._summary)
+        found = _match_group(node, ctx, self.groups, self._summary)
         if self.mode != "widen" or not isinstance(found, Match):
             return found  # collapsing shares one softmax: fewer FLOPs at any shape
         return _priced(found, ctx, self._decision(found.nodes, ctx))
