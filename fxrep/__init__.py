@@ -17,10 +17,10 @@ from .errors import (
                      UnsupportedModelError,
 )
 from .pattern import FunctionPattern, FuseContext, Match, Pattern, Skip
+from .pipeline import trace
 from .registry import PatternRegistry, default_registry
 from .report import FuseReport
 from .stats import count_flops, count_params
-from .tracing import trace
 
 __version__ = "0.1.0"
 

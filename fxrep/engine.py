@@ -12,7 +12,7 @@ from torch import fx
 from .convergence import fingerprint, not_converged_message
 from .cost import cost_model_for
 from .errors import FxrepError, InternalError, PatternError
-from .frontend import PATTERNS as FRONTEND_PATTERNS
+from .frontend import frontend_patterns
 from .ir import is_guard, is_inplace, merge_origins, write_is_invisible
 from .pattern import FRONTEND, PHASES, FuseContext, FuseOptions, Match, Skip
 from .patterns import builtin_patterns
@@ -143,11 +143,12 @@ def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseRepo
     return ctx
 
 
-def run_frontend(gm: fx.GraphModule) -> FuseReport:
-    """Run the front-end phase (``fxrep.frontend``: ATen graphs in the readers' spellings) on ``gm`` (fxrep's
-    own copy) to its fixed point; returns its own report (the spellings are not rewrites a user asked for)."""
+def run_frontend(gm: fx.GraphModule, specialized: dict | None = None, aten: bool = True) -> FuseReport:
+    """Run the front-end phase (``fxrep.frontend.frontend_patterns``: ATen graphs in the readers' spellings,
+    portable guards) on ``gm`` (fxrep's own graph) to its fixed point; returns its own report (the front end
+    rewrites nothing a user asked for)."""
     report = FuseReport()
-    _run_phase(FRONTEND, list(FRONTEND_PATTERNS), FuseContext(gm), report, None, {})
+    _run_phase(FRONTEND, frontend_patterns(specialized, aten), FuseContext(gm), report, None, {})
     return report
 
 

@@ -21,7 +21,7 @@ from .registry import PatternRegistry, default_registry
 from .report import FuseReport
 from .snapshot import stale_proxies
 from .stats import graph_stats, run_counting_flops
-from .tracing import portable_guards, trace_graph
+from .tracing import trace_graph
 from .validation import validate
 
 
@@ -139,15 +139,27 @@ def _clean_up_graph_module(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def trace(model: nn.Module, example_inputs=None, concrete_args: dict | None = None, *,
+          recompile: bool = True) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` as ``fuse`` sees it (``fxrep.tracing``: what is fixed and what is
+    restored), its guards of fixed arguments made portable (``fxrep.frontend.guards``). ``concrete_args``
+    replaces the default choice: exactly the arguments named there are fixed, as in
+    ``torch.fx.symbolic_trace``. Raises TraceError naming the module that failed."""
+    gm = trace_graph(model, example_inputs, concrete_args)
+    run_frontend(gm, gm.meta["fxrep_specialized"], aten=False)
+    if recompile:
+        gm.recompile()
+    return gm
+
+
 def _prepare(model, example_inputs, concrete_args) -> tuple:
     """fxrep's own graph of ``model`` (traced, or a copy of a GraphModule) in eval mode, with shapes from
     ``example_inputs``: (graph module, output signature or None, FLOPs or None)."""
     if isinstance(model, fx.GraphModule):
         gm = _copy_graph_module(model)
         run_frontend(gm)  # an exported (ATen) graph reads like a traced one from here on
-        portable_guards(gm, recompile=False)
     else:
-        gm = trace_graph(model, example_inputs, concrete_args)
+        gm = trace(model, example_inputs, concrete_args, recompile=False)
     if model_device(gm) != CPU:
         gm = cpu_twin(gm)
     shared = {id(m) for m in model.modules()}

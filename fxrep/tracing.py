@@ -18,16 +18,12 @@ from __future__ import annotations
 import dis
 import functools
 import inspect
-import operator
 
 import torch
 from torch import fx, nn
 
-from .errors import InputError, TraceError
-from .ir import fresh_attribute_name, is_guard
+from .errors import TraceError
 from .snapshot import preserved
-
-_SPECIALIZED = "has been specialized to have value"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -151,20 +147,12 @@ def default_concrete_args(model: nn.Module, example_inputs=None) -> dict:
     return concrete
 
 
-def trace(model: nn.Module, example_inputs=None, concrete_args: dict | None = None) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` (see the module docstring for what is fixed and what is restored).
-
-    ``concrete_args`` replaces the default choice (``default_concrete_args``): exactly the arguments named
-    there are fixed, as in ``torch.fx.symbolic_trace``. Raises TraceError naming the module that failed.
-    """
-    gm = trace_graph(model, example_inputs, concrete_args)
-    gm.recompile()
-    return gm
-
-
 def trace_graph(model: nn.Module, example_inputs=None, concrete_args: dict | None = None) -> fx.GraphModule:
-    """``trace`` without the final ``recompile``: the graph is right, ``gm.code`` may not be yet. For
-    ``fuse``, which runs the graph through the fx Interpreter and recompiles once it is done."""
+    """``torch.fx`` trace of ``model`` (see the module docstring for what is fixed and what is restored),
+    not yet recompiled, with fx's own guards of the arguments it fixed (``fxrep.frontend.guards`` makes them
+    portable). ``concrete_args`` replaces the default choice (``default_concrete_args``): exactly the
+    arguments named there are fixed, as in ``torch.fx.symbolic_trace``; they are recorded in
+    ``gm.meta["fxrep_specialized"]``. Raises TraceError naming the module that failed."""
     concrete = default_concrete_args(model, example_inputs) if concrete_args is None else dict(concrete_args)
     tracer = _NamingTracer()
     with preserved(model):
@@ -180,77 +168,5 @@ def trace_graph(model: nn.Module, example_inputs=None, concrete_args: dict | Non
                 "(capture='auto', the default, does when fx fails); or capture it yourself "
                 "(torch.export.export(model, (x,))) and pass the program to fxrep.fuse."
             ) from e
-    portable_guards(gm, concrete, recompile=False)
     gm.meta["fxrep_specialized"] = dict(concrete)
     return gm
-
-
-class FixedArgument(nn.Module):
-    """Run-time guard of a ``forward`` argument that was fixed while tracing: raises InputError, naming the
-    fix, when the fused model is called with another value.
-
-    A module rather than fx's ``_assert_is_none`` function: a GraphModule that calls ``_assert_is_none``
-    breaks every later ``symbolic_trace`` in the process once it has been through
-    ``torch.save``/``torch.load`` (KeyError 'torch.fx._symbolic_trace._assert_is_none': fx's codegen wraps it
-    by a dotted name). A module call survives re-tracing as a leaf, and ``_is_impure`` keeps dead-code
-    elimination away from it."""
-
-    _is_impure = True
-
-    def __init__(self, name: str, value, message: str):
-        super().__init__()
-        self.name, self.value, self.message = name, value, message
-
-    def forward(self, value) -> None:
-        same = value is self.value or (isinstance(value, bool) and isinstance(self.value, bool)
-                                       and value == self.value)
-        if not same:
-            raise InputError(self.message)
-
-    def extra_repr(self) -> str:
-        return f"{self.name}={self.value!r}"
-
-
-def portable_guards(gm: fx.GraphModule, concrete: dict | None = None, recompile: bool = True) -> None:
-    """Replace fx's guards of fixed arguments (``_assert_is_none(x, msg)``, ``torch._assert(x == v, msg)`` on
-    a placeholder) by ``FixedArgument`` module calls, in place. The guards of arguments in ``concrete`` (the
-    ones fxrep fixed) get a message that names the fix; others keep fx's."""
-    concrete = concrete or {}
-    graph = gm.graph
-    for node in list(graph.nodes):
-        fixed = _fixed_argument(node)
-        if fixed is None:
-            continue
-        placeholder, value, message = fixed
-        name = message.split(" ", 1)[0]
-        if name in concrete:
-            rest = {k: v for k, v in concrete.items() if k != name}
-            message = (f"fxrep.fuse traced this model with argument '{name}' fixed to {value!r}, so the "
-                       f"fused model cannot take another value for it. To keep '{name}' an input, fuse again "
-                       f"with fxrep.fuse(model, concrete_args={rest!r}) or pass it in example_inputs.")
-        target = fresh_attribute_name(gm, f"fixed_{name}")
-        gm.add_submodule(target, FixedArgument(name, value, message))
-        with graph.inserting_before(node):
-            guard = graph.call_module(target, (placeholder,))
-        guard.meta = {k: v for k, v in node.meta.items() if k != "is_wrapped"}
-        condition = node.args[0]
-        graph.erase_node(node)
-        if condition is not placeholder and not condition.users:
-            graph.erase_node(condition)
-    if recompile:
-        gm.recompile()
-
-
-def _fixed_argument(node: fx.Node):
-    """(placeholder, value, message) if ``node`` is fx's guard of a fixed argument, else None."""
-    if not is_guard(node) or len(node.args) != 2 or not isinstance(node.args[1], str) or \
-            _SPECIALIZED not in node.args[1]:
-        return None
-    condition, message = node.args
-    if isinstance(condition, fx.Node) and condition.op == "placeholder":
-        return condition, None, message  # _assert_is_none(x, msg)
-    if (isinstance(condition, fx.Node) and condition.op == "call_function" and condition.target is operator.eq
-            and isinstance(condition.args[0], fx.Node) and condition.args[0].op == "placeholder"):
-        return condition.args[0], condition.args[1], message  # torch._assert(x == value, msg)
-    return None
-

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import fx
 
 import fxrep
+from fxrep.engine import run_frontend
 from fxrep.models.registry import _create
 from fxrep.snapshot import ModelSnapshot
 from fxrep.stats import count_flops
 from fxrep.testing import GeneratedMlpBlock, MlpSpec, assert_fused_equivalent, make_inputs
-from fxrep.tracing import portable_guards
 
 
 def _block(**kw):
@@ -205,7 +205,8 @@ def test_tracing_unpacks_like_fx():
         concrete = {"attn_mask": None, "is_causal": False} if not isinstance(model, _Unpacks) else None
         got = fxrep.trace(model)  # first: fx's tracer leaves its constants on the model, fxrep's does not
         want = fx.GraphModule(model, fx.Tracer().trace(model, concrete_args=concrete))
-        portable_guards(want, concrete)  # fx's guards of fixed arguments, as fxrep writes them
+        run_frontend(want, concrete, aten=False)  # fx's guards of fixed arguments, as fxrep writes them
+        want.recompile()
         assert str(got.graph) == str(want.graph)
 
     class Loops(nn.Module):
