@@ -13,7 +13,8 @@ from .convergence import fingerprint, not_converged_message
 from .cost import cost_model_for
 from .errors import FxrepError, InternalError, PatternError
 from .frontend import frontend_patterns
-from .ir import is_guard, is_inplace, merge_origins, write_is_invisible
+from .ir import merge_origins
+from .ir.effects import is_guard, is_inplace, write_is_invisible
 from .pattern import FRONTEND, PHASES, FuseContext, FuseOptions, Match, Skip
 from .patterns import builtin_patterns
 from .registry import PatternRegistry

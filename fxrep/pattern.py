@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import fx
 
-from .ir import mutation_hazards
+from .ir.effects import mutation_hazards
 
 PHASES = ("canonicalize", "lift", "fuse", "lower")
 # the engine's own first phase (fxrep.frontend): graphs from torch.export rewritten to the readers' spellings

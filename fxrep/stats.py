@@ -6,7 +6,9 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .ir import LINEAR_TARGETS, SDPA_TARGETS, activation_key, as_layer_norm, is_softmax
+from .ir import activation_key, as_layer_norm
+from .ir.readers import is_softmax
+from .ir.targets import LINEAR_TARGETS, SDPA_TARGETS
 from .ops import multi_head_attention
 
 

@@ -13,7 +13,8 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from fxrep import ir
-from fxrep.ir.targets import LAYOUT_RESETTING
+from fxrep.ir import build, effects, readers
+from fxrep.ir.targets import LAYOUT_RESETTING, LINEAR_TARGETS
 from fxrep.numerics import layer_norm_error_bound, matmul_error_bound
 
 
@@ -179,7 +180,7 @@ def test_arith_kind_classifies_every_spelling(fn, kind):
     (lambda m, x: x * m.s, 0.5), (lambda m, x: x.mul(3), 3.0),
 ])
 def test_scale_op_reads_scalar_scales(fn, factor):
-    found = ir.scale_op(last_call(fn))
+    found = readers.scale_op(last_call(fn))
     assert found is not None and found[0].op == "placeholder" and found[1] == factor
 
 
@@ -191,7 +192,7 @@ def test_scale_op_reads_scalar_scales(fn, factor):
     lambda m, x: x * True,         # a bool is not a scale
 ])
 def test_scale_op_refuses(fn):
-    assert ir.scale_op(last_call(fn)) is None
+    assert readers.scale_op(last_call(fn)) is None
 
 
 @pytest.mark.parametrize("eq, kind", [
@@ -203,7 +204,7 @@ def test_scale_op_refuses(fn):
 def test_einsum_kind(eq, kind):
     graph = fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")
-    assert ir.einsum_kind(graph.call_function(torch.einsum, (eq, a, b))) == kind
+    assert readers.einsum_kind(graph.call_function(torch.einsum, (eq, a, b))) == kind
 
 
 def test_softmax_and_sdpa_views():
@@ -223,7 +224,7 @@ def test_softmax_and_sdpa_views():
     (lambda m, x: x * 2, None),
 ])
 def test_dropout_is_identity(fn, identity):
-    assert ir.dropout_is_identity(last_call(fn)) is identity
+    assert readers.dropout_is_identity(last_call(fn)) is identity
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -235,7 +236,7 @@ def test_scalar_constant(value, expected):
         gm.register_buffer(name, getattr(Params(lambda m, x: x), name))
     if isinstance(value, str):
         value = gm.graph.get_attr(value)
-    assert ir.scalar_constant(value) == expected
+    assert readers.scalar_constant(value) == expected
 
 
 # -- effects ----------------------------------------------------------------------------------------------
@@ -247,15 +248,15 @@ def test_scalar_constant(value, expected):
     (lambda m, x: x.add(1), False), (lambda m, x: F.relu(x), False), (lambda m, x: x.__add__(1), False),
 ])
 def test_is_inplace(fn, inplace):
-    assert ir.is_inplace(last_call(fn)) is inplace
+    assert effects.is_inplace(last_call(fn)) is inplace
 
 
 def test_inplace_operators_are_inplace():
     graph = fx.Graph()
     x = graph.placeholder("x")
-    assert ir.is_inplace(graph.call_function(operator.iadd, (x, 1)))
-    assert ir.is_inplace(graph.call_function(operator.setitem, (x, 0, 1.0)))
-    assert not ir.is_inplace(graph.call_function(operator.add, (x, 1)))
+    assert effects.is_inplace(graph.call_function(operator.iadd, (x, 1)))
+    assert effects.is_inplace(graph.call_function(operator.setitem, (x, 0, 1.0)))
+    assert not effects.is_inplace(graph.call_function(operator.add, (x, 1)))
 
 
 def test_mutation_hazards_cover_aliases_and_later_readers():
@@ -266,7 +267,7 @@ def test_mutation_hazards_cover_aliases_and_later_readers():
         return z + 1, F.linear(x, m.w)
 
     gm = fx.symbolic_trace(Params(fn))
-    names = {n.name for n in ir.mutation_hazards(gm.graph)}
+    names = {n.name for n in effects.mutation_hazards(gm.graph)}
     assert {"linear", "view", "mul_", "add"} <= names and "linear_1" not in names
 
 
@@ -278,7 +279,7 @@ def test_layout_resetting_ops_do_not_see_their_input_strides(target, shape):
     within the op's rounding error bound of the float64 value (fxrep.numerics, docs/numerics.md)."""
     d = shape[-1]
     strided = torch.randn(*shape[:-2], d, shape[-2]).transpose(-1, -2)
-    if target in ir.LINEAR_TARGETS:
+    if target in LINEAR_TARGETS:
         w, b = torch.randn(3, d), torch.randn(3)
         args, exact = (w, b), target(strided.double(), w.double(), b.double())
         bound = matmul_error_bound(strided, w.T, b)
@@ -298,11 +299,12 @@ def test_layout_sensitive_reader():
 
     gm = fx.symbolic_trace(Params(fn))
     contiguous = next(n for n in gm.graph.nodes if n.target == "contiguous")
-    reader = ir.layout_sensitive_reader(contiguous)
+    reader = effects.layout_sensitive_reader(contiguous)
     assert reader is not None and reader.target == "view"
 
     gm = fx.symbolic_trace(Params(lambda m, x: F.linear((x + 1).contiguous() * 2, m.w)))
-    assert ir.layout_sensitive_reader(next(n for n in gm.graph.nodes if n.target == "contiguous")) is None
+    contiguous = next(n for n in gm.graph.nodes if n.target == "contiguous")
+    assert effects.layout_sensitive_reader(contiguous) is None
 
 
 # -- builders ---------------------------------------------------------------------------------------------
@@ -310,9 +312,10 @@ def test_layout_sensitive_reader():
 def test_add_constant_reuses_bitwise_equal_tensors_only():
     gm = fx.symbolic_trace(Params(lambda m, x: x))
     t = torch.tensor([0.0, 1.0])
-    a = ir.add_constant(gm, t, "c")
-    assert ir.add_constant(gm, t.clone(), "c") == a
-    assert ir.add_constant(gm, torch.tensor([-0.0, 1.0]), "c") != a     # -0.0 is other bits
-    assert ir.add_constant(gm, t.double(), "c") != a                    # other dtype
-    name = ir.fresh_attribute_name(gm, a)
-    assert name.startswith(a + "_") and not hasattr(gm, name) and ir.fresh_attribute_name(gm, "new") == "new"
+    a = build.add_constant(gm, t, "c")
+    assert build.add_constant(gm, t.clone(), "c") == a
+    assert build.add_constant(gm, torch.tensor([-0.0, 1.0]), "c") != a     # -0.0 is other bits
+    assert build.add_constant(gm, t.double(), "c") != a                    # other dtype
+    name = build.fresh_attribute_name(gm, a)
+    assert name.startswith(a + "_") and not hasattr(gm, name)
+    assert build.fresh_attribute_name(gm, "new") == "new"

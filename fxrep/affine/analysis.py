@@ -11,7 +11,9 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import arith_kind, as_linear, constant_tensor, mutation_hazards, scalar_or_channel
+from ..ir import arith_kind, as_linear
+from ..ir.effects import mutation_hazards
+from ..ir.readers import constant_tensor, scalar_or_channel
 from .forms import Affine, TermCache, composed, plus, scaled, shifted
 
 f64 = algebra.f64

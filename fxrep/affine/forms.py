@@ -12,7 +12,8 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import activation_key, as_layer_norm, as_linear, bitwise_equal, fingerprint
+from ..ir import activation_key, as_layer_norm, as_linear, fingerprint
+from ..ir.build import bitwise_equal
 
 f64 = algebra.f64
 

@@ -3,7 +3,7 @@ lifted subgraphs is dropped, and joined logits are lifted only where that does n
 
 from __future__ import annotations
 
-from ..ir import is_shape_read
+from ..ir.readers import is_shape_read
 from ..pattern import Skip
 from .recognize import describe
 

@@ -10,8 +10,9 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import as_linear, merge_origins, shape_source
+from ..ir import as_linear, merge_origins
 from ..ir.layout import rank
+from ..ir.readers import shape_source
 from .probe import LayoutMismatch, Probe, ProbeFailed, ShapeMismatch, decode_heads, output_chain, verify
 from .recognize import Candidate, Chain, NotAttention
 

@@ -12,7 +12,10 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import as_layer_norm, evaluate, is_shape_read, is_view, load_attribute, scale_op
+from ..ir import as_layer_norm
+from ..ir.effects import is_view
+from ..ir.evaluate import evaluate, load_attribute
+from ..ir.readers import is_shape_read, scale_op
 from ..ir.targets import SHAPE_ARITHMETIC, SHAPE_METHODS
 from ..ops import reference_attention
 from .recognize import Chain, NotAttention, describe

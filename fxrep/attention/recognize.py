@@ -9,17 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..ir import (
-    arith_kind,
+from ..ir import arith_kind, as_linear, as_sdpa, as_softmax
+from ..ir.effects import is_view
+from ..ir.readers import (
     as_float_cast,
-    as_linear,
     as_masked_scores,
-    as_sdpa,
-    as_softmax,
     einsum_kind,
     is_matmul,
     is_softmax,
-    is_view,
     scalar_constant,
     scale_op,
 )

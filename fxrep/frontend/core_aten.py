@@ -29,7 +29,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..ir import evaluate
+from ..ir.evaluate import evaluate
 from ..ir.recorded import recorded_shape
 from ..ir.recorded import same_shape as _same
 from ..pattern import FRONTEND, Match

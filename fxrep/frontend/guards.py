@@ -9,7 +9,8 @@ import operator
 from torch import fx, nn
 
 from ..errors import InputError
-from ..ir import fresh_attribute_name, is_guard
+from ..ir.build import fresh_attribute_name
+from ..ir.effects import is_guard
 from ..pattern import FRONTEND, Match
 
 _SPECIALIZED = "has been specialized to have value"

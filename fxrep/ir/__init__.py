@@ -15,29 +15,12 @@ ATen graphs reach the readers in these spellings: ``fxrep.frontend`` rewrites th
 from ``fxrep.ir`` only; docs/architecture.md says where a new spelling goes.
 """
 
+# What a pattern author needs (README "Custom patterns"): typed views of the ops, argument binding, the
+# builders that emit new weights, and origins for the report. fxrep's own patterns import the rest from the
+# submodules (``fxrep.ir.readers``, ``fxrep.ir.effects``, ...): those names are not public and may change.
 from .attention_op import AttentionView, attention_view
 from .binding import bind
-from .build import (
-    add_constant,
-    bitwise_equal,
-    const_node,
-    emit_attention,
-    emit_linear,
-    emit_split_heads,
-    fingerprint,
-    fresh_attribute_name,
-    sdpa_masking,
-)
-from .effects import (
-    is_guard,
-    is_inplace,
-    is_view,
-    layout_sensitive_reader,
-    mutation_hazards,
-    owns_its_memory,
-    write_is_invisible,
-)
-from .evaluate import evaluate, load_attribute
+from .build import const_node, emit_attention, emit_linear, fingerprint
 from .readers import (
     LayerNormView,
     LinearView,
@@ -45,49 +28,15 @@ from .readers import (
     SoftmaxView,
     activation_key,
     arith_kind,
-    as_float_cast,
     as_layer_norm,
     as_linear,
-    as_masked_scores,
     as_sdpa,
     as_softmax,
-    constant_tensor,
-    dropout_is_identity,
-    einsum_kind,
     fetch_attr,
-    is_call,
-    is_matmul,
-    is_shape_read,
-    is_softmax,
-    is_timm_function,
     known_shape,
     merge_origins,
-    origin,
-    scalar_constant,
-    scalar_or_channel,
-    scale_op,
-    shape_source,
-)
-from .reductions import ReductionView, StackView, as_reduction, as_stack
-from .targets import (
-    ADD_TARGETS,
-    DIV_TARGETS,
-    GUARD_TARGETS,
-    LAYER_NORM_TARGETS,
-    LINEAR_TARGETS,
-    MATMUL_TARGETS,
-    MUL_TARGETS,
-    NEG_TARGETS,
-    SDPA_TARGETS,
-    SOFTMAX_TARGETS,
-    SUB_TARGETS,
-    VIEW_FUNCTIONS,
-    VIEW_METHODS,
 )
 
-# What a pattern author needs (README "Custom patterns"): typed views of the ops, argument binding, the
-# builders that emit new weights, and origins for the report. The other names above are fxrep's own: they are
-# importable for the built-in patterns but not part of the public API and may change.
 __all__ = [
     "bind", "fetch_attr", "known_shape", "merge_origins",
     "as_linear", "as_layer_norm", "as_softmax", "as_sdpa", "attention_view", "activation_key", "arith_kind",

@@ -27,7 +27,8 @@ import torch
 
 from ..attention import Candidate, LiftCache, NotAttention, check_closure, check_cost, is_anchor, lift
 from ..attention.recognize import describe
-from ..ir import as_float_cast, emit_attention, is_shape_read, is_softmax
+from ..ir import emit_attention
+from ..ir.readers import as_float_cast, is_shape_read, is_softmax
 from ..pattern import Match, Skip
 
 

@@ -19,18 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from ..ir import (
-    add_constant,
-    bind,
-    dropout_is_identity,
-    evaluate,
-    fetch_attr,
-    is_inplace,
-    is_timm_function,
-    layout_sensitive_reader,
-    load_attribute,
-    write_is_invisible,
-)
+from ..ir import bind, fetch_attr
+from ..ir.build import add_constant
+from ..ir.effects import is_inplace, layout_sensitive_reader, write_is_invisible
+from ..ir.evaluate import evaluate, load_attribute
+from ..ir.readers import dropout_is_identity, is_timm_function
 from ..ir.targets import ACTIVATION_MODULES, IDENTITY_MODULES, RANDOM_TARGETS
 from ..pattern import Match, Skip
 

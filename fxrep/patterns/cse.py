@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir import is_guard, is_inplace
+from ..ir.effects import is_guard, is_inplace
 from ..ir.targets import RANDOM_TARGETS
 from ..pattern import Match
 

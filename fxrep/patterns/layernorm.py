@@ -20,16 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ir import (
-    as_layer_norm,
-    as_linear,
-    attention_view,
-    emit_attention,
-    emit_linear,
-    is_shape_read,
-    merge_origins,
-)
+from ..ir import as_layer_norm, as_linear, attention_view, emit_attention, emit_linear, merge_origins
 from ..ir.layout import as_permute
+from ..ir.readers import is_shape_read
 from ..pattern import Match, Skip
 
 

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..ir import arith_kind, as_linear, is_inplace, is_shape_read
+from ..ir import arith_kind, as_linear
+from ..ir.effects import is_inplace
 from ..ir.layout import as_permute, as_reshape, rank
+from ..ir.readers import is_shape_read
 from ..pattern import Match
 
 

@@ -11,7 +11,8 @@ import operator
 import torch.nn.functional as F
 
 from .. import algebra
-from ..ir import attention_view, emit_linear, emit_split_heads, sdpa_masking
+from ..ir import attention_view, emit_linear
+from ..ir.build import emit_split_heads, sdpa_masking
 from ..pattern import Match
 
 

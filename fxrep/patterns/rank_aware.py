@@ -27,10 +27,9 @@ from ..ir import (
     attention_view,
     const_node,
     emit_linear,
-    emit_split_heads,
     merge_origins,
-    sdpa_masking,
 )
+from ..ir.build import emit_split_heads, sdpa_masking
 from ..pattern import Match, Skip
 
 f64 = algebra.f64

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import as_reduction, as_stack
+from ..ir.reductions import as_reduction, as_stack
 from ..pattern import Match
 
 

@@ -9,7 +9,6 @@ comparison), ``generated`` (branched blocks), ``strategies`` (hypothesis) and ``
 programs), modules of this package.
 """
 
-from __future__ import annotations
 
 import torch
 
