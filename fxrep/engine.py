@@ -148,8 +148,15 @@ def run_frontend(gm: fx.GraphModule, specialized: dict | None = None, aten: bool
     """Run the front-end phase (``fxrep.frontend.frontend_patterns``: ATen graphs in the readers' spellings,
     portable guards) on ``gm`` (fxrep's own graph) to its fixed point; returns its own report (the front end
     rewrites nothing a user asked for)."""
+    return run_pass(gm, frontend_patterns(specialized, aten), FRONTEND)
+
+
+def run_pass(gm: fx.GraphModule, patterns, phase: str) -> FuseReport:
+    """Run ``patterns`` on ``gm`` (a graph fxrep owns) as one phase named ``phase``, to its fixed point, on
+    the contract of every pattern: the front end, and the deployment rewrites of ``fxrep.export``. Returns
+    the phase's report (``report.applied``: what was rewritten)."""
     report = FuseReport()
-    _run_phase(FRONTEND, frontend_patterns(specialized, aten), FuseContext(gm), report, None, {})
+    _run_phase(phase, list(patterns), FuseContext(gm), report, None, {})
     return report
 
 

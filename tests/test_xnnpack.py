@@ -237,14 +237,14 @@ def test_a_rewrite_that_changes_the_output_is_an_internal_error(monkeypatch):
     import fxrep
     import fxrep.export.xnnpack
 
-    def broken(gm):  # drops every LayerNorm
-        for node in list(gm.graph.nodes):
-            if node.target is aten.layer_norm.default:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-        return True
+    def match(node, ctx):
+        return fxrep.Match([node]) if node.target is aten.layer_norm.default else None
 
-    monkeypatch.setattr(fxrep.export.xnnpack, "layer_norm_with_linear_means", broken)
+    def replace(match, ctx):  # drops the LayerNorm
+        ctx.replace_node(match.nodes[0], match.nodes[0].args[0])
+
+    broken = fxrep.FunctionPattern("drop_layer_norms", match, replace, phase="lower")
+    monkeypatch.setattr(fxrep.export.xnnpack, "PATTERNS", (*fxrep.export.xnnpack.PATTERNS[:2], broken))
     x = torch.randn(2, 5, 6) * 3 + 1
     program = torch.export.export(Norms(False, 1e-6).eval(), (x,))
     with pytest.raises(fxrep.InternalError, match="xnnpack_rewrites=False"):

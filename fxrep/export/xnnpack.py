@@ -18,8 +18,10 @@ which cuts the graph into many delegate calls. In an exported ViT three spelling
 - ``layer_norm`` over the last axis is written with ``linear`` (its means: one output, weights ``1 / width``),
   ``sub``, ``mul``, ``add`` and ``rsqrt``; XNNPACK's ``mean`` would need two transposes around it.
 
-Each rewrite is the same function up to float rounding: ``rewrite_for_xnnpack`` runs the program before and
-after on its example inputs and raises InternalError if they differ by more than 1e-5 relative.
+Each rewrite is a pattern on fxrep's one contract (``fxrep.pattern``; ``PATTERNS``, run by the engine as the
+phase ``xnnpack``): matching never mutates, arguments are read through ``ir.bind``, the engine erases. Each is
+the same function up to float rounding: ``rewrite_for_xnnpack`` runs the program before and after on its
+example inputs and raises InternalError if they differ by more than 1e-5 relative.
 Measured effect: ``benchmarks/latency.py --executorch`` (README, "Deploy to phones").
 """
 
@@ -32,10 +34,14 @@ import torch
 from torch import fx
 
 from .. import algebra
+from ..engine import run_pass
 from ..ir import bind, const_node
 from ..ir.readers import fetch_attr
 from ..ir.recorded import recorded_shape, same_size
+from ..pattern import Match
 from ..program import export_rewritten
+
+PHASE = "xnnpack"
 
 aten = torch.ops.aten
 
@@ -49,11 +55,8 @@ def rewrite_for_xnnpack(program: torch.export.ExportedProgram, example_inputs: t
     a rounding difference before a quantize op moves the output by whole quantization steps. The nodes a
     LayerNorm is written with are tagged (``keeps_float``): a quantizer must leave them in float."""
     module = program.module()
-    changed = [rewrite(module)
-               for rewrite in (attention_as_bmm, views_as_reshape, layer_norm_with_linear_means)]
-    if not any(changed):
+    if not run_pass(module, PATTERNS, PHASE).applied:
         return program
-    module.graph.eliminate_dead_code()
     module.recompile()
     return export_rewritten(program, module, example_inputs, rewrite="rewriting the program for XNNPACK",
                             switch="xnnpack_rewrites=False to to_executorch")
@@ -63,12 +66,11 @@ def _ints(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def _replace(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+def _replace(ctx, old: fx.Node, new: fx.Node) -> None:
     """``new`` in place of ``old``, with ``old``'s value recorded so later rewrites can read its shape."""
     if "val" in old.meta:
         new.meta["val"] = old.meta["val"]
-    old.replace_all_uses_with(new)
-    graph.erase_node(old)
+    ctx.replace_node(old, new)
 
 
 def _sizes(node: fx.Node) -> list | None:
@@ -108,9 +110,9 @@ def _plain_attention(node: fx.Node):
 
 def _shared_key(k: fx.Node, batch) -> fx.Node | None:
     """The (batch, 1, tokens, dim) tensor behind a key every head reads alike (broadcast or expanded)."""
-    while (k.target in (aten.expand.default, aten.expand_as.default)
-           and len(recorded_shape(k.args[0]) or ()) == 4):
-        k = k.args[0]
+    while k.target in (aten.expand.default, aten.expand_as.default) and \
+            len(recorded_shape(bind(k)["input"]) or ()) == 4:
+        k = bind(k)["input"]
     shape = recorded_shape(k)
     return k if shape[1] == 1 and same_size(shape[0], batch) else None
 
@@ -120,35 +122,39 @@ def _head_sum(node: fx.Node) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     (user,) = node.users
-    if user.target is aten.sum.dim_IntList and list(user.args[1]) in ([1], [-3]) and \
-            not any(user.args[2:]) and not user.kwargs:
-        return user
-    return None
+    if user.target is not aten.sum.dim_IntList:
+        return None
+    args = bind(user)
+    heads_only = list(args["dim"]) in ([1], [-3]) and not args["keepdim"] and args["dtype"] is None
+    return user if heads_only else None
 
 
 def _tokens_major(t: fx.Node) -> fx.Node | None:
     """``src`` when ``t`` is a 4-d ``src`` of shape (batch, tokens, heads, dim) with its token and head axes
     swapped (how heads split from a Linear's features reach attention), else None."""
-    dims = [a % 4 for a in t.args[1:3]] if t.target is aten.transpose.int else \
-        [a % 4 for a in t.args[1]] if t.target is aten.permute.default else None
-    if dims not in ([1, 2], [2, 1], [0, 2, 1, 3]) or len(recorded_shape(t.args[0]) or ()) != 4:
+    if t.target not in (aten.transpose.int, aten.permute.default):
         return None
-    return t.args[0]
+    args = bind(t)
+    dims = [a % 4 for a in ((args["dim0"], args["dim1"]) if t.target is aten.transpose.int else args["dims"])]
+    if dims not in ([1, 2], [2, 1], [0, 2, 1, 3]) or len(recorded_shape(args["input"]) or ()) != 4:
+        return None
+    return args["input"]
 
 
 def _split_linear(gm: fx.GraphModule, v: fx.Node):
     """(y, weight, bias) when ``v`` is the (batch, heads, tokens, dv) heads of ``linear(y, weight, bias)``
     (its features split into heads, then heads moved before tokens), weight and bias constant; else None."""
     src = _tokens_major(v)
-    lin = src.args[0] if src is not None and src.target in (aten.unflatten.int, aten.view.default,
-                                                              aten.reshape.default) else None
+    lin = bind(src)["input"] if src is not None and src.target in (aten.unflatten.int, aten.view.default,
+                                                                     aten.reshape.default) else None
     if lin is None or lin.target is not aten.linear.default:
         return None
     (batch, m, width), (_, heads, _, dv) = recorded_shape(lin), recorded_shape(v)
     if not (same_size(batch, recorded_shape(src)[0]) and recorded_shape(src)[1:] == (m, heads, dv)
             and width == heads * dv):
         return None  # features split as (heads, dv), batch and token axes kept
-    y, w, b = (list(lin.args) + [None])[:3]
+    args = bind(lin)
+    y, w, b = args["input"], args["weight"], args["bias"]
     if w.op != "get_attr" or (b is not None and b.op != "get_attr") or len(recorded_shape(y) or ()) != 3:
         return None
     return y, fetch_attr(gm, w.target), (fetch_attr(gm, b.target) if b is not None else None)
@@ -184,11 +190,12 @@ def _key_transposed(graph: fx.Graph, shared: fx.Node, m: int, d: int) -> fx.Node
     return call(aten.permute.default, (call(aten.reshape.default, (shared, [-1, m, d])), [0, 2, 1]))
 
 
-def _rewrite_attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale) -> None:
+def _attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale, summed) -> fx.Node:
+    """The nodes computing ``node`` (or ``summed``, its sum over heads) with ``bmm`` and ``_softmax``."""
     graph = gm.graph
     call = graph.call_function
     (batch, heads, n, d), m, dv = recorded_shape(q), recorded_shape(k)[2], recorded_shape(v)[-1]
-    shared, summed, by_token = _shared_key(k, batch), _head_sum(node), _tokens_major(q)
+    shared, by_token = _shared_key(k, batch), _tokens_major(q)
     with graph.inserting_before(node):
         if shared is not None and summed is not None and by_token is not None:
             # heads stacked as rows (token, head), as the q Linear wrote them: nothing is transposed
@@ -197,12 +204,8 @@ def _rewrite_attention(gm: fx.GraphModule, node: fx.Node, q, k, v, scale) -> Non
             probs = call(aten._softmax.default,
                          (call(aten.bmm.default, (q, _key_transposed(graph, shared, m, d))),
                                                  -1, False))
-            out = _summed_values(gm, graph, probs, v, heads, n, m, dv)
-        else:
-            out = _heads_first_attention(graph, q, k, v, scale, shared, summed, (heads, n, d, m, dv))
-    _replace(graph, summed or node, out)
-    if summed is not None:
-        graph.erase_node(node)
+            return _summed_values(gm, graph, probs, v, heads, n, m, dv)
+        return _heads_first_attention(graph, q, k, v, scale, shared, summed, (heads, n, d, m, dv))
 
 
 def _heads_first_attention(graph, q, k, v, scale, shared, summed, sizes):
@@ -229,55 +232,79 @@ def _heads_first_attention(graph, q, k, v, scale, shared, summed, sizes):
     return call(aten.reshape.default, (out, [-1, heads, n, dv]))
 
 
-def attention_as_bmm(gm: fx.GraphModule) -> bool:
-    """Every plain SDPA call written with ``bmm`` and ``_softmax``. Returns whether anything changed."""
-    found = [(node, parts) for node in gm.graph.nodes if (parts := _plain_attention(node)) is not None]
-    for node, parts in found:
-        _rewrite_attention(gm, node, *parts)
-    return bool(found)
+class AttentionAsBmm:
+    """Every plain SDPA call (``_plain_attention``) written with ``bmm`` and ``_softmax``; where its heads are
+    summed, the sum is part of the product."""
+
+    name, phase = "attention_as_bmm", PHASE
+
+    def match(self, node, ctx):
+        parts = _plain_attention(node)
+        if parts is None:
+            return None
+        summed = _head_sum(node)
+        return Match((node,) if summed is None else (node, summed), (*parts, summed), "SDPA as bmm")
+
+    def replace(self, match, ctx):
+        node, (q, k, v, scale, summed) = match.nodes[0], match.data
+        _replace(ctx, summed or node, _attention(ctx.gm, node, q, k, v, scale, summed))
 
 
 # --- views
 # ----------------------------------------------------------------------------------------------------
 
-def _slice_as(graph: fx.Graph, source: fx.Node, dim: int, index: int, result: fx.Node) -> fx.Node | None:
-    """``source[..., index, ...]`` on axis ``dim``, written as slice then reshape to ``result``'s shape."""
+def _slice_plan(source: fx.Node, dim: int, index: int, result: fx.Node) -> tuple | None:
+    """(dim, start, sizes): ``source[..., index, ...]`` on axis ``dim`` as a slice then a reshape to
+    ``result``'s shape, where both are static; else None."""
     sizes, size = _sizes(result), recorded_shape(source)[dim]
     if sizes is None or not isinstance(size, int):
         return None
-    index %= size
-    return graph.call_function(aten.reshape.default, (
-        graph.call_function(aten.slice.Tensor, (source, dim, index, index + 1)), sizes))
+    return dim, index % size, sizes
 
 
-def views_as_reshape(gm: fx.GraphModule) -> bool:
-    """``squeeze``/``unsqueeze`` as ``reshape``; ``select`` and ``unbind`` items as ``slice`` +
+def _view_plans(node: fx.Node) -> list:
+    """[(node to replace, (input, reshape sizes) or (input, slice plan))] for a view XNNPACK does not take."""
+    if node.target not in (aten.squeeze.dims, aten.squeeze.dim, aten.unsqueeze.default, aten.select.int,
+                           aten.unbind.int):
+        return []
+    args = bind(node) or {}
+    x = args.get("input")
+    source = recorded_shape(x)
+    if node.target is not aten.select.int and node.target is not aten.unbind.int:
+        return [(node, (x, _sizes(node)))] if _sizes(node) else []
+    if source is None:
+        return []
+    if node.target is aten.select.int:
+        plan = _slice_plan(x, args["dim"] % len(source), args["index"], node)
+        return [(node, (x, plan))] if plan is not None else []
+    if not all(u.target is operator.getitem for u in node.users):
+        return []
+    dim = args["dim"] % len(source)
+    plans = [(item, (x, _slice_plan(x, dim, item.args[1], item))) for item in node.users]
+    return [(item, plan) for item, plan in plans if plan[1] is not None]
+
+
+class ViewsAsReshape:
+    """``squeeze``/``unsqueeze`` as ``reshape``; ``select`` and ``unbind`` items as ``slice`` then
     ``reshape``."""
-    graph, changed = gm.graph, False
-    for node in list(graph.nodes):
-        source = recorded_shape(node.args[0]) if node.args else None
-        with graph.inserting_before(node):
-            if node.target in (aten.squeeze.dims, aten.squeeze.dim, aten.unsqueeze.default) and _sizes(node):
-                new = graph.call_function(aten.reshape.default, (node.args[0], _sizes(node)))
-            elif source is None:
-                continue
-            elif node.target is aten.select.int:
-                new = _slice_as(graph, node.args[0], node.args[1] % len(source), node.args[2], node)
-            elif node.target is aten.unbind.int and all(u.target is operator.getitem for u in node.users):
-                dim = (node.args[1] if len(node.args) > 1 else 0) % len(source)
-                for item in list(node.users):
-                    with graph.inserting_before(item):
-                        new = _slice_as(graph, node.args[0], dim, item.args[1], item)
-                    if new is not None:
-                        _replace(graph, item, new)
-                        changed = True
-                continue
-            else:
-                continue
-        if new is not None:
-            _replace(graph, node, new)
-            changed = True
-    return changed
+
+    name, phase = "views_as_reshape", PHASE
+
+    def match(self, node, ctx):
+        plans = _view_plans(node)
+        return Match((node, *(old for old, _ in plans)), plans, "a view as reshape") if plans else None
+
+    def replace(self, match, ctx):
+        graph = ctx.graph
+        for old, (x, plan) in match.data:
+            with graph.inserting_before(old):
+                if isinstance(plan, list):  # reshape sizes
+                    new = graph.call_function(aten.reshape.default, (x, plan))
+                else:
+                    dim, start, sizes = plan
+                    new = graph.call_function(aten.reshape.default, (
+                        graph.call_function(aten.slice.Tensor, (x, dim, start, start + 1)), sizes))
+            _replace(ctx, old, new)
 
 
 # --- layer norm
@@ -298,21 +325,27 @@ def keeps_float(node: fx.Node) -> bool:
     return bool(node.meta.get("custom", {}).get(FLOAT_TAG))
 
 
-def layer_norm_with_linear_means(gm: fx.GraphModule) -> bool:
+class LayerNormWithLinearMeans:
     """``layer_norm`` over the last axis as ``(x - mean) * rsqrt(var + eps) * w + b``, each mean a Linear with
     one output and weights ``1 / width``. (XNNPACK's own mean reduces the two inner axes of a 4-d tensor in
     NHWC layout, which puts two transposes around every LayerNorm.)"""
-    graph, changed = gm.graph, False
-    for node in list(graph.nodes):
+
+    name, phase = "layer_norm_with_linear_means", PHASE
+
+    def match(self, node, ctx):
         if node.target is not aten.layer_norm.default or len(recorded_shape(node) or ()) != 3:
-            continue
+            return None
         args, sizes = bind(node) or {}, _sizes(node)
-        x, weight, bias, eps = args.get("input"), args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
-        if x is None or len(args.get("normalized_shape", ())) != 1 or sizes is None:
-            continue
+        if args.get("input") is None or len(args.get("normalized_shape", ())) != 1 or sizes is None:
+            return None
+        return Match((node,), (args, sizes[-1]), "layer_norm with Linear means")
+
+    def replace(self, match, ctx):
+        node, (args, width) = match.nodes[0], match.data
+        x, weight, bias, eps = args["input"], args.get("weight"), args.get("bias"), args.get("eps", 1e-5)
+        graph = ctx.graph
         call = functools.partial(_tagged_call, graph)
         with graph.inserting_before(node):
-            width = sizes[-1]
             ones = const_node(graph, torch.full((1, width), 1.0 / width, dtype=node.meta["val"].dtype),
                               "xnnpack_mean_weight", owned=True)  # bitwise-equal ones are registered once
             centred = call(aten.sub.Tensor, (x, call(aten.linear.default, (x, ones))))
@@ -323,6 +356,8 @@ def layer_norm_with_linear_means(gm: fx.GraphModule) -> bool:
                 out = call(aten.mul.Tensor, (out, weight))
             if bias is not None:
                 out = call(aten.add.Tensor, (out, bias))
-        _replace(graph, node, out)
-        changed = True
-    return changed
+        _replace(ctx, node, out)
+
+
+# in this order (each sweeps the whole graph): attention first, so the views it writes are already reshapes
+PATTERNS = (AttentionAsBmm(), ViewsAsReshape(), LayerNormWithLinearMeans())
