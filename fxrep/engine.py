@@ -193,3 +193,76 @@ def _lint(graph: fx.Graph, phase: str, rewrites: list) -> None:
             f"rewrote in it: {', '.join(names) or 'none'}. This is a bug in fxrep or in one of those "
             "patterns; please report it with the model. Until it is fixed, fuse without the pattern: "
             "fxrep.fuse(model, patterns=fxrep.default_registry().without(...))") from None
+
+
+def run_upward(gm: fx.GraphModule, patterns, phase: str, before_pass=None,
+               max_passes: int = 50) -> FuseReport:
+    """Run ``patterns`` on ``gm`` from its outputs up: each match is rewritten at once, so the next sees the
+    graph as the rewrites before it left it, and the nodes a rewrite made are visited next. Passes repeat
+    (``before_pass(gm)`` first: shapes, say) until one rewrites nothing.
+
+    For rewrites that move work up the graph (row pruning): a move creates work only on the moved op's
+    inputs, visited later in the pass, and on the nodes it made, visited next. So one pass is linear in graph
+    size, and a second confirms the fixed point. The contract is every pattern's: ``match`` never mutates,
+    ``replace`` never erases; the engine erases what was replaced or removed and what that leaves dead."""
+    report = FuseReport()
+    for _ in range(max_passes):
+        if before_pass is not None:
+            before_pass(gm)
+        if not _upward_pass(gm, patterns, report):
+            _lint(gm.graph, phase, report.applied)
+            return report
+    raise InternalError(f"the {phase!r} phase did not reach a fixed point in {max_passes} passes; this is a "
+                        "bug in fxrep, please report it with the model")
+
+
+def _upward_pass(gm: fx.GraphModule, patterns, report: FuseReport) -> int:
+    ctx, made = FuseContext(gm), []
+    hazards = ctx.mutation_hazards()  # moves write nothing in place: the hazards stay what they were
+    gm._register_create_node_hook(made.append)
+    try:
+        pending, gone, rewrote = list(gm.graph.nodes), set(), 0
+        while pending:
+            node = pending.pop()
+            if node in gone:
+                continue
+            for pattern in patterns:
+                found = pattern.match(node, ctx)
+                if not isinstance(found, Match) or not hazards.isdisjoint(found.nodes):
+                    continue
+                made.clear()
+                with _erasure_refused(gm.graph, pattern):
+                    details = pattern.replace(found, ctx) or {}
+                origins = tuple(found.origins) or merge_origins(found.nodes)
+                report.applied.append(Applied(pattern.name, found.summary, origins, dict(details)))
+                gone |= _erase_rewritten(ctx, pattern)
+                pending.extend(n for n in made if n not in gone)
+                rewrote += 1
+                break
+    finally:
+        gm._unregister_create_node_hook(made.append)
+    return rewrote
+
+
+def _erase_rewritten(ctx: FuseContext, pattern) -> set:
+    """Erase what one rewrite replaced or removed, then what that leaves dead, looking only at those nodes
+    and their inputs (a whole-graph sweep per rewrite would make a pass quadratic). Returns the erased."""
+    graph = ctx.graph
+    replaced = {n: new for n, new in ctx.replaced_since_cleanup().items() if n.graph is graph}
+    _redirect_stale_reads(graph, {n: new for n, new in replaced.items() if n.users}, pattern)
+    explicit = set(replaced) | {n for n in ctx.removed_since_cleanup() if n.graph is graph}
+    gone: set = set()
+    stack = list(explicit)
+    while stack:
+        node = stack.pop()
+        if node in gone or node.users:
+            continue
+        if node not in explicit and (node.is_impure() or is_guard(node) or
+                                     (is_inplace(node) and not write_is_invisible(node))):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        gone.add(node)
+        stack.extend(inputs)
+    ctx.invalidate()
+    return gone

@@ -26,12 +26,13 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .engine import run_upward
 from .equivalence import compare_outputs
 from .errors import InternalError
 from .ir import activation_key, arith_kind, as_layer_norm, as_linear, as_sdpa, as_softmax, bind
-from .ir.effects import mutation_hazards
 from .ir.layout import as_permute, as_reshape
 from .ir.readers import as_float_cast, is_call
+from .pattern import Match
 from .report import Applied
 
 aten = torch.ops.aten
@@ -281,6 +282,7 @@ def _rebuilt(graph: fx.Graph, node: fx.Node, cuts: dict, axis: int, start: int, 
             if x_axis is not None:
                 narrowed[x] = graph.call_function(torch.narrow, (x, x_axis, start, stop - start))
         new = graph.node_copy(node, lambda n: narrowed.get(n, n))
+        new.meta.pop("tensor_meta", None)  # its shape has fewer rows: propagated again before the next pass
         view = as_reshape(node)
         if view is not None:  # the view's literal row count is the selected count now (checked in _cuts)
             shape = list(view.shape)
@@ -291,40 +293,49 @@ def _rebuilt(graph: fx.Graph, node: fx.Node, cuts: dict, axis: int, start: int, 
     return new
 
 
-def _move_up(graph: fx.Graph, node: fx.Node, hazards: set) -> bool:
-    """Answer the one request every reader of ``node`` makes by computing ``node`` on the requested rows."""
-    if node.op not in ("call_function", "call_method") or not node.users or _shape(node) is None or \
-            node in hazards or any(u in hazards for u in node.users):
-        return False
-    request = _shared_request(node)
-    if request is None:
-        return False
-    axis, start, stop = request
-    shape_readers = [u for u in node.users if _reads_shape_only(u, node)]
-    sizes = [_expand_sizes(u) for u in shape_readers]
-    if None in sizes:
-        return False
-    try:
-        cuts = _cuts(node, axis)
+class MoveRowSelectionUp:
+    """The row move as a pattern: where every reader of a node asks for the same rows of it (or reads only its
+    shape), the node computed on those rows of its inputs replaces the readers, and the requests move to the
+    inputs (the rules: ``_cuts``). Run from the outputs up (``engine.run_upward``)."""
+
+    name, phase = "prune_unread_rows", "rows"
+
+    def match(self, node, ctx):
+        if node.op not in ("call_function", "call_method") or not node.users or _shape(node) is None:
+            return None
+        request = _shared_request(node)
+        if request is None:
+            return None
+        shape_readers = [u for u in node.users if _reads_shape_only(u, node)]
+        sizes = [_expand_sizes(u) for u in shape_readers]
+        if None in sizes:
+            return None
+        try:
+            cuts = _cuts(node, request[0])
+        except _Stop:
+            return None
         reads = _flat_args(node)
         if any(x_axis is not None and sum(a is x for a in reads) > 1 for x, x_axis in cuts.items()):
-            raise _Stop  # an input read twice, once cut and once whole: node_copy would cut both
+            return None  # an input read twice, once cut and once whole: node_copy would cut both
+        return Match((node, *node.users), (request, cuts, list(zip(shape_readers, sizes))),
+                     f"{node.target} on rows {request[1]}:{request[2]} of axis {request[0]}")
+
+    def replace(self, match, ctx):
+        node, (request, cuts, shape_readers) = match.nodes[0], match.data
+        graph, (axis, start, stop) = ctx.graph, request
         new = _rebuilt(graph, node, cuts, axis, start, stop)
-    except _Stop:
-        return False
-    for user, size in zip(shape_readers, sizes):
-        with graph.inserting_before(user):
-            user.replace_all_uses_with(graph.call_method("expand", (user.args[0], *size)))
-        graph.erase_node(user)
-    for user in list(node.users):
-        if row_request(user)[4]:  # x[:, i] or select: the axis goes
+        for user, size in shape_readers:
             with graph.inserting_before(user):
-                user.replace_all_uses_with(graph.call_function(torch.select, (new, axis, 0)))
-        else:
-            user.replace_all_uses_with(new)
-        graph.erase_node(user)
-    graph.erase_node(node)
-    return True
+                ctx.replace_node(user, graph.call_method("expand", (user.args[0], *size)))
+        for user in match.nodes[1:]:
+            if any(user is r for r, _ in shape_readers):
+                continue
+            if row_request(user)[4]:  # x[:, i] or select: the axis goes
+                with graph.inserting_before(user):
+                    ctx.replace_node(user, graph.call_function(torch.select, (new, axis, 0)))
+            else:
+                ctx.replace_node(user, new)
+        ctx.remove(node)
 
 
 def _flat_args(node: fx.Node) -> list:
@@ -335,20 +346,12 @@ def _flat_args(node: fx.Node) -> list:
 
 def move_row_selections_up(gm: fx.GraphModule, example_inputs: tuple) -> int:
     """Move every row selection in ``gm`` up through the ops that map rows to rows, as far as it goes; returns
-    how many ops now compute fewer rows. Shapes are propagated from ``example_inputs`` before each pass."""
-    moved = 0
-    while True:
-        ShapeProp(gm).propagate(*example_inputs)
-        this_pass, hazards = 0, mutation_hazards(gm.graph)
-        for node in reversed(list(gm.graph.nodes)):  # a node is erased only after it is visited
-            if _move_up(gm.graph, node, hazards):
-                this_pass += 1
-        if not this_pass:
-            break
-        moved += this_pass
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return moved
+    how many ops now compute fewer rows. Shapes are propagated from ``example_inputs`` before each pass
+    (``engine.run_upward``: linear in graph size)."""
+    report = run_upward(gm, (MoveRowSelectionUp(),), "rows",
+                        before_pass=lambda g: ShapeProp(g).propagate(*example_inputs))
+    gm.recompile()
+    return len(report.applied)
 
 
 def prune_unread_rows(gm: fx.GraphModule, example_inputs: tuple, report=None) -> int:

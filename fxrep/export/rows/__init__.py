@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ...engine import run_upward
 from ...ir.recorded import recorded_shape, same_size
+from ...pattern import Match
 from ...program import export_rewritten
-from .rules import ELEMENTWISE, RULES, _Builder, _reads_shape_only, _shared_request, _Stop, row_request
+from .rules import ELEMENTWISE, RULES, _Plan, _reads_shape_only, _shared_request, _Stop, row_request
 
 aten = torch.ops.aten
 
@@ -39,7 +41,6 @@ def prune_unread_rows(program: torch.export.ExportedProgram, example_inputs: tup
     module = program.module()
     if not move_row_selections_up(module.graph):
         return program
-    module.graph.eliminate_dead_code()
     module.recompile()
     return export_rewritten(program, module, example_inputs,
                             rewrite="computing only the rows the outputs read", switch="prune_rows=False")
@@ -62,77 +63,57 @@ def _shape_reader_sizes(node: fx.Node) -> list | None:
     return plans
 
 
-def _move_up(graph: fx.Graph, node: fx.Node) -> tuple[list, set] | None:
-    """Answer the one request every reader of ``node`` makes by computing ``node``'s op on the requested rows
-    of its inputs; ``node`` and its readers' slices go. Returns (the nodes made, the nodes erased), or None
-    (graph unchanged) where no rule applies."""
-    request = _shared_request(node) if node.op == "call_function" and node.users else None
-    rule = RULES.get(node.target) if request is not None else None
-    known = rule is not None and recorded_shape(node) is not None
-    shape_readers = _shape_reader_sizes(node) if known else None
-    if shape_readers is None:
-        return None
-    builder = _Builder(graph, node)
-    try:
-        new = rule(builder, node, *request)
-    except _Stop:
-        new = None
-    if new is None:
-        for made in reversed(builder.made):
-            graph.erase_node(made)
-        return None
-    made, erased = list(builder.made), {node}
-    for user, sizes in shape_readers:
-        with graph.inserting_before(user):
-            expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
-        expanded.meta.update(user.meta)
-        user.replace_all_uses_with(expanded)
-        graph.erase_node(user)
-        erased.add(user)
-    axis = request[0]
-    for user in list(node.users):
-        if user.target is aten.select.int:
+class MoveRowSelectionUp:
+    """The row move as a pattern: where every reader of a node asks for the same rows of it (or reads only its
+    shape), the node's op computed on those rows of its inputs (``RULES``) replaces the readers; the requests
+    move to the inputs. Run from the outputs up (``engine.run_upward``)."""
+
+    name, phase = "prune_unread_rows", "rows"
+
+    def match(self, node, ctx):
+        request = _shared_request(node) if node.op == "call_function" and node.users else None
+        rule = RULES.get(node.target) if request is not None else None
+        if rule is None or recorded_shape(node) is None:
+            return None
+        shape_readers = _shape_reader_sizes(node)
+        if shape_readers is None:
+            return None
+        plan = _Plan()
+        try:
+            result = rule(plan, node, *request)
+        except _Stop:
+            return None
+        if result is None:
+            return None
+        return Match((node, *node.users), (plan, result, shape_readers, request[0]),
+                     f"{node.target} on rows {request[1]}:{request[2]} of axis {request[0]}")
+
+    def replace(self, match, ctx):
+        node, (plan, result, shape_readers, axis) = match.nodes[0], match.data
+        graph = ctx.graph
+        new = plan.build(graph, node, result, ctx.resolve)
+        for user, sizes in shape_readers:
             with graph.inserting_before(user):
-                squeezed = graph.call_function(aten.squeeze.dims, (new, [axis]))
-            user.replace_all_uses_with(squeezed)
-            made.append(squeezed)
-        else:
-            user.replace_all_uses_with(new)
-        graph.erase_node(user)
-        erased.add(user)
-    graph.erase_node(node)
-    return made, erased
+                expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
+            expanded.meta.update(user.meta)
+            ctx.replace_node(user, expanded)
+        selections = [u for u in match.nodes[1:] if all(u is not r for r, _ in shape_readers)]
+        for user in selections:
+            if user.target is aten.select.int:
+                with graph.inserting_before(user):
+                    new_user = graph.call_function(aten.squeeze.dims, (new, [axis]))
+            else:
+                new_user = new
+            ctx.replace_node(user, new_user)
+        ctx.remove(node)
 
 
 def move_row_selections_up(graph: fx.Graph) -> bool:
     """Move every row selection (``slice``/``select`` on a static axis) up through the ops that map rows to
     rows, as far as it goes; returns whether the graph changed. New nodes carry no ``meta["val"]``: export the
-    module again before reading shapes (``prune_unread_rows`` does).
-
-    Linear in graph size: one pass from the outputs up, in which a move can only create requests on the
-    moved op's inputs (visited later in the pass) and on the nodes it made (visited next); a second pass
-    confirms the fixed point."""
-    changed = False
-    while _one_pass(graph):
-        changed = True
-    return changed
-
-
-def _one_pass(graph: fx.Graph) -> bool:
-    pending = list(graph.nodes)  # a stack: nodes are visited from the last to the first
-    erased: set = set()
-    moved = False
-    while pending:
-        node = pending.pop()
-        if node in erased:
-            continue
-        result = _move_up(graph, node)
-        if result is not None:
-            made, gone = result
-            erased |= gone
-            pending.extend(made)  # the op on the cut rows is visited before the cuts of its inputs
-            moved = True
-    return moved
+    module again before reading shapes (``prune_unread_rows`` does). Linear in graph size
+    (``engine.run_upward``)."""
+    return bool(run_upward(graph.owning_module, (MoveRowSelectionUp(),), "rows").applied)
 
 
 __all__ = ["prune_unread_rows", "move_row_selections_up", "row_request", "RULES", "ELEMENTWISE"]

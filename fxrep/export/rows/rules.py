@@ -1,11 +1,14 @@
 """Row rules: which rows a node asks for, and how one op computes only some rows of its output.
 
-``RULES`` maps an ATen op to a function ``(builder, node, axis, start, stop)`` that builds, before ``node``,
-the op on the requested rows of its inputs (``_Builder``) and returns the new node, or None / raises ``_Stop``
-where the op does not map rows to rows on that axis. ``fxrep.export.rows`` moves the requests through them.
+``RULES`` maps an ATen op to a function ``(plan, node, axis, start, stop)`` that plans the op on the requested
+rows of its inputs (``_Plan``: recorded, built only when the move is made) and returns the planned node, or
+None / raises ``_Stop`` where the op does not map rows to rows on that axis. ``fxrep.export.rows`` moves the
+requests through them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -88,24 +91,46 @@ def _shared_request(node: fx.Node):
 # --- moving a request through one op
 # --------------------------------------------------------------------------
 
-class _Builder:
-    """New nodes before ``anchor``: slices of its inputs, and the op itself on them (``made``, in order)."""
+@dataclass(frozen=True)
+class _Planned:
+    """A node a rule asked for, not built yet: its index in the plan."""
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node):
-        self.graph, self.anchor = graph, anchor
-        self.made: list = []
+    index: int
 
-    def rows(self, node, axis: int, start: int, stop: int) -> fx.Node:
+
+class _Plan:
+    """What a rule would build before its node: slices of the node's inputs and the op on them, recorded in
+    order (``calls``) and built by ``build`` when the move is made, so that matching a move never mutates the
+    graph."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    def rows(self, node, axis: int, start: int, stop: int):
         return self.call(aten.slice.Tensor, (node, axis, start, stop))
 
-    def call(self, target, args, kwargs=None) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            made = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
-        self.made.append(made)
-        return made
+    def call(self, target, args, kwargs=None) -> _Planned:
+        self.calls.append((target, tuple(args), dict(kwargs or {})))
+        return _Planned(len(self.calls) - 1)
+
+    def build(self, graph: fx.Graph, anchor: fx.Node, result, resolve) -> fx.Node:
+        """Build the recorded calls before ``anchor`` (reading ``resolve(n)`` for each graph node ``n``);
+        return the node ``result`` names."""
+        made: list = []
+
+        def value(a):
+            if isinstance(a, _Planned):
+                return made[a.index]
+            return resolve(a) if isinstance(a, fx.Node) else a
+
+        for target, args, kwargs in self.calls:
+            with graph.inserting_before(anchor):
+                made.append(graph.call_function(target, fx.node.map_aggregate(args, value),
+                                                fx.node.map_aggregate(kwargs, value)))
+        return value(result)
 
 
-def _elementwise(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
+def _elementwise(b: _Plan, node: fx.Node, axis: int, start: int, stop: int):
     rank, size = len(recorded_shape(node)), recorded_shape(node)[axis]
 
     def cut(arg):
@@ -124,7 +149,7 @@ def _elementwise(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
     return b.call(node.target, [cut(a) for a in node.args], {k: cut(v) for k, v in node.kwargs.items()})
 
 
-def _dropout(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
+def _dropout(b: _Plan, node: fx.Node, axis: int, start: int, stop: int):
     """Dropout that drops nothing (eval mode, or p = 0) is the identity; one that draws is left alone."""
     p, train = (list(node.args) + [0.0, False])[1:3]
     if train and p:
@@ -132,7 +157,7 @@ def _dropout(b: _Builder, node: fx.Node, axis: int, start: int, stop: int):
     return _elementwise(b, node, axis, start, stop)
 
 
-def _last_axis_untouched(b: _Builder, node: fx.Node, axis: int, start: int, stop: int, keep: int = 1):
+def _last_axis_untouched(b: _Plan, node: fx.Node, axis: int, start: int, stop: int, keep: int = 1):
     """Ops that work along the last ``keep`` axes only (Linear, LayerNorm): cut the first argument."""
     if axis >= len(recorded_shape(node)) - keep:
         return None
