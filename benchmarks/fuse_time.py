@@ -7,13 +7,15 @@ Rows: branched ViTs (fxrep BranchedBlock, lam = 1) at DeiT-Tiny width (192, 3 he
 12-block branched MLP model under 1 s. Prints the exponent of time ~ nodes^k fitted over all rows.
 Then the torch.export front end: the registered ``fxrep_deit_tiny_d3b4`` (224 px, joined) exported with a
 dynamic batch, export time and ``fxrep.fuse(program)`` time apart (target: fuse < 1.5 s).
-Last, row pruning (``fxrep.export.rows.move_row_selections_up``) on the exported fused graphs of 12, 24 and 48
-blocks, against the earlier algorithm that rescanned the graph after every move (interleaved, medians).
+Last, row pruning on the fused graphs of 12, 24 and 48 blocks (interleaved, medians): exported
+(``fxrep.export.rows.move_row_selections_up``, run from the outputs up by ``engine.run_upward``, against the
+same moves run by the engine's sweeps), and as ``fxrep.fuse`` returns it (``fxrep.row_pruning``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -23,7 +25,9 @@ import torch
 import torch.nn as nn
 
 import fxrep
+from fxrep import row_pruning as torch_row_pruning
 from fxrep.benchmarking import markdown_table
+from fxrep.engine import run_pass
 from fxrep.export import rows as row_pruning
 from fxrep.models import set_join
 from fxrep.models.registry import _create
@@ -72,31 +76,35 @@ def time_export_fuse(repeats: int) -> tuple[float, float]:
     return statistics.median(exports[1:]), statistics.median(fuses[1:])
 
 
-def _rescanning_reference(graph) -> bool:
-    """The earlier row pruning: after every move, scan the whole graph again from its end."""
-    changed = False
-    while any(row_pruning._move_up(graph, n) is not None for n in reversed(list(graph.nodes))):
-        changed = True
-    return changed
+def _sweeping_reference(graph) -> bool:
+    """The same row moves run by the engine's sweeps (``engine.run_pass``): every sweep collects its matches
+    first, so a selection moves one op per sweep over the whole graph."""
+    return bool(run_pass(graph.owning_module, (row_pruning.MoveRowSelectionUp(),), "rows").applied)
 
 
-def time_row_pruning(depth: int, repeats: int) -> tuple[int, float, float]:
-    """(graph nodes, linear seconds, rescanning seconds), medians over interleaved runs on fresh copies of the
-    exported fused graph of a depth x 4 branched ViT."""
+def time_row_pruning(depth: int, repeats: int) -> tuple[int, float, float, float]:
+    """(graph nodes, upward seconds, sweeping seconds, torch-level seconds), medians over interleaved runs on
+    fresh copies of the fused graph of a depth x 4 branched ViT: exported (``fxrep.export.rows``, run from
+    the outputs up or by sweeps), and as ``fxrep.fuse`` returns it (``fxrep.row_pruning``, shape propagation
+    included)."""
     model = branched_vit(192, 3, depth, 4)
     x = torch.randn(1, 3, 32, 32)
-    program = torch.export.export(fxrep.fuse(model, example_inputs=(x,)), (x,))
-    times: dict = {"linear": [], "rescanning": []}
+    fused = fxrep.fuse(model, example_inputs=(x,), prune_rows=False)
+    program = torch.export.export(fused, (x,))
+    times: dict = {"upward": [], "sweeping": [], "torch": []}
     nodes = 0
     for _ in range(repeats):
-        runs = (("linear", row_pruning.move_row_selections_up), ("rescanning", _rescanning_reference))
-        for name, run in runs:
+        for name, run in (("upward", row_pruning.move_row_selections_up), ("sweeping", _sweeping_reference)):
             graph = program.module().graph
             nodes = len(graph.nodes)
             start = time.perf_counter()
             assert run(graph)
             times[name].append(time.perf_counter() - start)
-    return nodes, statistics.median(times["linear"]), statistics.median(times["rescanning"])
+        gm = copy.deepcopy(fused)
+        start = time.perf_counter()
+        assert torch_row_pruning.move_row_selections_up(gm, (x,))
+        times["torch"].append(time.perf_counter() - start)
+    return nodes, *(statistics.median(times[k]) for k in ("upward", "sweeping", "torch"))
 
 
 def main(argv=None) -> int:
@@ -135,11 +143,13 @@ def main(argv=None) -> int:
                            f"{fuse_s:.3f}")]))
     prune_rows = []
     for depth in ([12, 24] if args.quick else [12, 24, 48]):
-        nodes, linear, rescanning = time_row_pruning(depth, 1 if args.quick else 3)
-        prune_rows.append((f"{depth} x 4", nodes, f"{linear * 1e3:.1f}", f"{rescanning * 1e3:.1f}"))
+        nodes, upward, sweeping, torch_level = time_row_pruning(depth, 1 if args.quick else 3)
+        prune_rows.append((f"{depth} x 4", nodes, f"{upward * 1e3:.1f}", f"{sweeping * 1e3:.1f}",
+                           f"{torch_level * 1e3:.1f}"))
     print()
-    print(markdown_table(["row pruning, exported fused graph", "graph nodes", "one pass per fixed point (ms)",
-                          "rescan after every move (ms)"], prune_rows))
+    print(markdown_table(["row pruning, fused graph", "exported graph nodes", "exported: upward (ms)",
+                          "exported: engine sweeps (ms)", "as fuse returns it, shapes included (ms)"],
+                         prune_rows))
     return 0
 
 

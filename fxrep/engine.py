@@ -160,13 +160,20 @@ def run_pass(gm: fx.GraphModule, patterns, phase: str) -> FuseReport:
     return report
 
 
+_TRACKED_SWEEPS = 10  # sweeps before the limit whose fingerprints tell progress from oscillation
+
+
 def _run_phase(phase: str, patterns: list, ctx: FuseContext, report: FuseReport, after_pattern, skips: dict):
     """Sweep until a sweep applies nothing (the fixed point; the graph is linted there), or raise
-    InternalError with what still changes (``fxrep.convergence``)."""
+    InternalError with what still changes (``fxrep.convergence``). The graph is fingerprinted only in the
+    last sweeps before the limit, which are all the message reads: a phase that converges pays nothing."""
     history: list = []
-    state = fingerprint(ctx.graph)
+    state = None
     first_rewrite = len(report.applied)
-    for _ in range(ctx.options.max_sweeps):
+    track_from = max(0, ctx.options.max_sweeps - _TRACKED_SWEEPS)
+    for sweep in range(ctx.options.max_sweeps):
+        if sweep >= track_from and state is None:
+            state = fingerprint(ctx.graph)
         report.sweeps += 1
         applied, seen = _sweep(patterns, ctx, report, after_pattern)
         for s, provisional in seen:
@@ -175,8 +182,9 @@ def _run_phase(phase: str, patterns: list, ctx: FuseContext, report: FuseReport,
         if not applied:
             _lint(ctx.graph, phase, report.applied[first_rewrite:])
             return
-        before, state = state, fingerprint(ctx.graph)
-        history.append((before, state, report.applied[-applied:]))
+        if state is not None:
+            before, state = state, fingerprint(ctx.graph)
+            history.append((before, state, report.applied[-applied:]))
     builtin = {p.name for p in builtin_patterns()}
     raise InternalError(not_converged_message(phase, ctx.options.max_sweeps, history, builtin))
 
