@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ...ir import bind
 from ...ir.activations import ACTIVATION_ATEN
 from ...ir.recorded import recorded_shape, same_size
 
@@ -43,23 +44,19 @@ def row_request(node: fx.Node):
     whole axis asks for nothing."""
     if node.op != "call_function" or node.target not in (aten.slice.Tensor, aten.select.int):
         return None
-    source = node.args[0]
+    a = bind(node)
+    source = a["input"]
     shape = recorded_shape(source) if isinstance(source, fx.Node) else None
     if shape is None:
         return None
     if node.target is aten.select.int:
-        axis, index = node.args[1] % len(shape), node.args[2]
+        axis, index = a["dim"] % len(shape), a["index"]
         size = _static_size(source, axis)
         if size is None or not isinstance(index, int):
             return None
         index %= size
         return source, axis, index, index + 1
-    args = list(node.args) + [None] * (5 - len(node.args))
-    axis = node.kwargs.get("dim", args[1] if len(node.args) > 1 else 0)
-    start = node.kwargs.get("start", args[2])
-    stop = node.kwargs.get("end", args[3])
-    step = node.kwargs.get("step", args[4] if len(node.args) > 4 else 1)
-    axis %= len(shape)
+    axis, start, stop, step = a["dim"] % len(shape), a["start"], a["end"], a["step"]
     size = _static_size(source, axis)
     if size is None or step != 1 or not all(isinstance(b, int) or b is None for b in (start, stop)):
         return None
@@ -71,7 +68,10 @@ def row_request(node: fx.Node):
 
 def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
     """``expand_as(x, node)``: reads only ``node``'s shape."""
-    return user.target is aten.expand_as.default and user.args[1] is node and user.args[0] is not node
+    if user.target is not aten.expand_as.default:
+        return False
+    a = bind(user)
+    return a["other"] is node and a["input"] is not node
 
 
 def _shared_request(node: fx.Node):
@@ -130,6 +130,16 @@ class _Plan:
         return value(result)
 
 
+def _input(node: fx.Node) -> fx.Node:
+    """The tensor an op computes on: its first argument in every ATen schema these rules know."""
+    return node.args[0]
+
+
+def _same_call_on_rows(b: _Plan, node: fx.Node, axis: int, start: int, stop: int) -> _Planned:
+    """``node``'s call, the same arguments, on rows ``start:stop`` of its input's axis ``axis``."""
+    return b.call(node.target, [b.rows(_input(node), axis, start, stop), *node.args[1:]], node.kwargs)
+
+
 def _elementwise(b: _Plan, node: fx.Node, axis: int, start: int, stop: int):
     rank, size = len(recorded_shape(node)), recorded_shape(node)[axis]
 
@@ -151,8 +161,8 @@ def _elementwise(b: _Plan, node: fx.Node, axis: int, start: int, stop: int):
 
 def _dropout(b: _Plan, node: fx.Node, axis: int, start: int, stop: int):
     """Dropout that drops nothing (eval mode, or p = 0) is the identity; one that draws is left alone."""
-    p, train = (list(node.args) + [0.0, False])[1:3]
-    if train and p:
+    a = bind(node)
+    if a["train"] and a["p"]:
         return None
     return _elementwise(b, node, axis, start, stop)
 
@@ -161,7 +171,7 @@ def _last_axis_untouched(b: _Plan, node: fx.Node, axis: int, start: int, stop: i
     """Ops that work along the last ``keep`` axes only (Linear, LayerNorm): cut the first argument."""
     if axis >= len(recorded_shape(node)) - keep:
         return None
-    return b.call(node.target, [b.rows(node.args[0], axis, start, stop), *node.args[1:]], node.kwargs)
+    return _same_call_on_rows(b, node, axis, start, stop)
 
 
 def _linear(b, node, axis, start, stop):
@@ -169,81 +179,75 @@ def _linear(b, node, axis, start, stop):
 
 
 def _layer_norm(b, node, axis, start, stop):
-    return _last_axis_untouched(b, node, axis, start, stop, keep=len(node.args[1]))
+    return _last_axis_untouched(b, node, axis, start, stop, keep=len(bind(node)["normalized_shape"]))
 
 
 def _softmax(b, node, axis, start, stop):
-    if node.args[1] % len(recorded_shape(node)) == axis:
+    if bind(node)["dim"] % len(recorded_shape(node)) == axis:
         return None
-    return b.call(node.target, [b.rows(node.args[0], axis, start, stop), *node.args[1:]], node.kwargs)
+    return _same_call_on_rows(b, node, axis, start, stop)
 
 
 def _matmul(b, node, axis, start, stop):
     """Rows (axis -2) of ``A @ B`` are those rows of ``A``; ``A`` has the output's rank (``bmm``)."""
     rank = len(recorded_shape(node))
-    if axis != rank - 2 or len(recorded_shape(node.args[0]) or ()) != rank:
+    if axis != rank - 2 or len(recorded_shape(_input(node)) or ()) != rank:
         return None
-    return b.call(node.target, [b.rows(node.args[0], axis, start, stop), node.args[1]])
+    return _same_call_on_rows(b, node, axis, start, stop)
 
 
 def _attention(b, node, axis, start, stop):
     """Query rows of ``scaled_dot_product_attention``: cut the query and the mask's query axis, keep keys and
     values. A causal mask depends on where the rows sit, and dropout draws per row, so those calls stay."""
-    rank = len(recorded_shape(node))
-    args = list(node.args)
-    causal = node.kwargs.get("is_causal", args[5] if len(args) > 5 else False)
-    dropout = node.kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
-    if axis != rank - 2 or causal or dropout or len(recorded_shape(args[0]) or ()) != rank:
+    rank, a = len(recorded_shape(node)), bind(node)
+    if axis != rank - 2 or a["is_causal"] or a["dropout_p"] or len(recorded_shape(a["query"]) or ()) != rank:
         return None
-    args[0] = b.rows(args[0], axis, start, stop)
-    kwargs = dict(node.kwargs)
-    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+    a["query"] = b.rows(a["query"], axis, start, stop)
+    mask = a["attn_mask"]
     if isinstance(mask, fx.Node):
         shape = recorded_shape(mask)
         if shape is None or len(shape) < 2:
             return None
         if shape[-2] != 1:
-            mask = b.rows(mask, len(shape) - 2, start, stop)
-        if "attn_mask" in kwargs:
-            kwargs["attn_mask"] = mask
-        else:
-            args[3] = mask
-    return b.call(node.target, args, kwargs)
+            a["attn_mask"] = b.rows(mask, len(shape) - 2, start, stop)
+    query, key, value = a.pop("query"), a.pop("key"), a.pop("value")
+    return b.call(node.target, [query, key, value], a)
 
 
 def _transpose(b, node, axis, start, stop):
-    rank = len(recorded_shape(node))
-    i, j = node.args[1] % rank, node.args[2] % rank
+    rank, a = len(recorded_shape(node)), bind(node)
+    i, j = a["dim0"] % rank, a["dim1"] % rank
     own = j if axis == i else i if axis == j else axis
-    return b.call(node.target, [b.rows(node.args[0], own, start, stop), *node.args[1:]])
+    return _same_call_on_rows(b, node, own, start, stop)
 
 
 def _permute(b, node, axis, start, stop):
-    order = [d % len(recorded_shape(node)) for d in node.args[1]]
-    return b.call(node.target, [b.rows(node.args[0], order[axis], start, stop), node.args[1]])
+    order = [d % len(recorded_shape(node)) for d in bind(node)["dims"]]
+    return _same_call_on_rows(b, node, order[axis], start, stop)
 
 
 def _unflatten(b, node, axis, start, stop):
-    source_rank = len(recorded_shape(node.args[0]))
-    dim, sizes = node.args[1] % source_rank, node.args[2]
+    a = bind(node)
+    dim, sizes = a["dim"] % len(recorded_shape(a["input"])), a["sizes"]
     if dim <= axis < dim + len(sizes):
         return None
     own = axis if axis < dim else axis - len(sizes) + 1
-    return b.call(node.target, [b.rows(node.args[0], own, start, stop), *node.args[1:]])
+    return _same_call_on_rows(b, node, own, start, stop)
 
 
 def _unsqueeze(b, node, axis, start, stop):
-    dim = node.args[1] % len(recorded_shape(node))
+    dim = bind(node)["dim"] % len(recorded_shape(node))
     if axis == dim:
         return None
-    return b.call(node.target, [b.rows(node.args[0], axis if axis < dim else axis - 1, start, stop), dim])
+    return _same_call_on_rows(b, node, axis if axis < dim else axis - 1, start, stop)
 
 
 def _view(b, node, axis, start, stop):
     """A view that keeps the selected axis and everything before it (or everything from it on) as they were:
     the same view of the selected rows, with that one size changed."""
-    out, source = recorded_shape(node), recorded_shape(node.args[0])
-    sizes = list(node.args[1])
+    a = bind(node)
+    out, source = recorded_shape(node), recorded_shape(a["input"])
+    sizes = list(a["size"] if "size" in a else a["shape"])
     if len(sizes) != len(out):
         return None
     if len(source) > axis and all(same_size(p, q) for p, q in zip(out[:axis + 1], source[:axis + 1])):
@@ -255,27 +259,29 @@ def _view(b, node, axis, start, stop):
         return None
     sizes[axis] = stop - start
     # reshape, not view: the selected rows of a batch are not contiguous
-    return b.call(aten.reshape.default, [b.rows(node.args[0], own, start, stop), sizes])
+    return b.call(aten.reshape.default, [b.rows(a["input"], own, start, stop), sizes])
 
 
 def _reduction(b, node, axis, start, stop):
     """``sum``/``mean`` over other axes: the same reduction of the selected rows."""
-    source_rank = len(recorded_shape(node.args[0]))
-    if not node.args[1]:  # all axes
+    a = bind(node)
+    source_rank = len(recorded_shape(a["input"]))
+    if not a["dim"]:  # all axes
         return None
-    dims = sorted(d % source_rank for d in node.args[1])
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = sorted(d % source_rank for d in a["dim"])
+    keepdim = a["keepdim"]
     kept = list(range(source_rank)) if keepdim else [d for d in range(source_rank) if d not in dims]
     own = kept[axis]
     if own in dims:
         return None
-    return b.call(node.target, [b.rows(node.args[0], own, start, stop), *node.args[1:]], node.kwargs)
+    return _same_call_on_rows(b, node, own, start, stop)
 
 
 def _cat(b, node, axis, start, stop):
     """Rows of a concatenation: along another axis, the same rows of every part; along its own axis, a part
     that holds them all (timm's class token in front of the patches)."""
-    parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0) % len(recorded_shape(node))
+    a = bind(node)
+    parts, dim = a["tensors"], a["dim"] % len(recorded_shape(node))
     if axis != dim:
         return b.call(node.target, [[b.rows(p, axis, start, stop) for p in parts], *node.args[1:]])
     offset = 0
