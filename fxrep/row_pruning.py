@@ -141,17 +141,20 @@ def _expand_sizes(user: fx.Node) -> list | None:
     return [-1 if s == t else t for s, t in zip(source, target)]
 
 
-def _shared_request(node: fx.Node):
+def shared_request(node: fx.Node, request_of=None, reads_shape_only=None):
     """``(axis, start, stop)`` when every reader of ``node`` asks for the same rows of it (or reads only its
-    shape); else None."""
+    shape); else None. ``request_of(user)`` reads a reader's request (``(source, axis, start, stop, ...)`` or
+    None) and ``reads_shape_only(user, node)`` tells shape readers, for this graph's spellings: torch-level
+    by default, ATen in ``fxrep.export.rows``."""
+    request_of, reads_shape_only = request_of or row_request, reads_shape_only or _reads_shape_only
     keys = set()
     for user in node.users:
-        if _reads_shape_only(user, node):
+        if reads_shape_only(user, node):
             continue
-        request = row_request(user)
+        request = request_of(user)
         if request is None or request[0] is not node:
             return None
-        keys.add(request[1:4])
+        keys.add(tuple(request[1:4]))
     return keys.pop() if len(keys) == 1 else None
 
 
@@ -303,7 +306,7 @@ class MoveRowSelectionUp:
     def match(self, node, ctx):
         if node.op not in ("call_function", "call_method") or not node.users or _shape(node) is None:
             return None
-        request = _shared_request(node)
+        request = shared_request(node)
         if request is None:
             return None
         shape_readers = [u for u in node.users if _reads_shape_only(u, node)]

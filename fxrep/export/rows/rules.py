@@ -16,6 +16,7 @@ from torch import fx
 from ...ir import bind
 from ...ir.activations import ACTIVATION_ATEN
 from ...ir.recorded import recorded_shape, same_size
+from ...row_pruning import shared_request
 
 aten = torch.ops.aten
 
@@ -77,15 +78,7 @@ def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
 def _shared_request(node: fx.Node):
     """``(axis, start, stop)`` when every reader of ``node`` asks for the same rows of it (or reads its shape
     only); else None."""
-    keys = set()
-    for user in node.users:
-        if _reads_shape_only(user, node):
-            continue
-        request = row_request(user)
-        if request is None or request[0] is not node:
-            return None
-        keys.add(request[1:])
-    return keys.pop() if len(keys) == 1 else None
+    return shared_request(node, row_request, _reads_shape_only)
 
 
 # --- moving a request through one op
