@@ -48,8 +48,7 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
         matches = []
         taken: set = set()
         hazards = ctx.mutation_hazards()
-        for node in list(ctx.graph.nodes):  # match() never mutates: the list stays valid
-            result = pattern.match(node, ctx)
+        for result in _results(pattern, ctx):  # match() never mutates: the graph stays as it is
             if isinstance(result, Skip):
                 skips.append((Skipped(pattern.name, result.reason, merge_origins(result.nodes)),
                               result.provisional))
@@ -75,6 +74,53 @@ def _sweep(patterns, ctx: FuseContext, report: FuseReport, after_pattern=None) -
             if after_pattern is not None:
                 after_pattern(pattern, report.applied[-len(matches):])
     return applied, skips
+
+
+def _results(pattern, ctx: FuseContext):
+    """What ``pattern`` finds in the graph, in graph order: ``match`` at every node, or, for a group pattern,
+    ``match_group`` for every group (``_group_results``)."""
+    if hasattr(pattern, "group_key"):
+        return _group_results(pattern, ctx)
+    return (pattern.match(node, ctx) for node in list(ctx.graph.nodes))
+
+
+def _group_results(pattern, ctx: FuseContext) -> list:
+    """The nodes grouped by ``pattern.group_key`` (graph order within a group); each group's nodes that read
+    another of its nodes left out with a Skip (a merged op cannot compute its own input); ``match_group`` of
+    the rest, and ``near_misses``: all in the graph order of their first node."""
+    order = {n: i for i, n in enumerate(ctx.graph.nodes)}
+    groups: dict = {}
+    for node in order:
+        key = pattern.group_key(node, ctx)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    found = list(getattr(pattern, "near_misses", lambda ctx: [])(ctx))
+    for nodes in groups.values():
+        kept, dependent = _independent(nodes, order)
+        if dependent:
+            found.append(Skip(dependent, "reads the output of another node of its group, so it cannot be "
+                                         "merged with it"))
+        result = pattern.match_group(kept, ctx)
+        found += result if isinstance(result, list) else [] if result is None else [result]
+    return sorted(found, key=lambda r: order[r.nodes[0]])
+
+
+def _independent(nodes: list, order: dict) -> tuple[list, list]:
+    """(nodes that read no earlier kept node of the group, the others), walking inputs back only as far as
+    the group's first node."""
+    kept: list = []
+    dependent: list = []
+    for node in nodes:
+        targets, floor = set(kept), order[kept[0]] if kept else 0
+        stack, seen, reaches = list(node.all_input_nodes), set(), False
+        while stack and targets and not reaches:
+            n = stack.pop()
+            reaches = n in targets
+            if n not in seen and order.get(n, -1) > floor:
+                seen.add(n)
+                stack.extend(n.all_input_nodes)
+        (dependent if reaches else kept).append(node)
+    return kept, dependent
 
 
 def _cleanup(ctx: FuseContext, pattern) -> None:

@@ -5,6 +5,15 @@ A pattern is an object with a ``name``, a ``phase`` and two methods::
 
     match(node, ctx)   -> Match | Skip | None     # never mutates the graph
     replace(match, ctx) -> dict | None            # rewrites the graph; may return numbers for the report
+
+A group pattern merges groups of nodes (sibling branches) instead of matching at one node. It declares a key
+per node and answers per group; the engine does the grouping and checks that no node of a group reads
+another (``GroupPattern``)::
+
+    group_key(node, ctx)     -> hashable | None            # nodes with equal keys may merge
+    match_group(nodes, ctx)  -> Match | Skip | list | None  # the group in graph order, independent nodes
+    near_misses(ctx)         -> list of Skip               # optional: candidates beside the groups
+    replace(match, ctx)      -> dict | None
 """
 
 from __future__ import annotations
@@ -58,6 +67,22 @@ class Pattern(Protocol):
     phase: str
 
     def match(self, node: fx.Node, ctx: FuseContext) -> Match | Skip | None: ...
+
+    def replace(self, match: Match, ctx: FuseContext) -> dict | None: ...
+
+
+class GroupPattern(Protocol):
+    """A pattern that merges groups of nodes: the engine groups the graph's nodes by ``group_key`` (in graph
+    order), drops from each group the nodes that read another of its nodes (with a Skip), and asks
+    ``match_group`` for the rewrites of each group (as ``torch/_inductor/fx_passes/group_batch_fusion.py``
+    does). ``near_misses`` reports candidates that no group holds."""
+
+    name: str
+    phase: str
+
+    def group_key(self, node: fx.Node, ctx: FuseContext) -> Any: ...
+
+    def match_group(self, nodes: list, ctx: FuseContext) -> Match | Skip | list | None: ...
 
     def replace(self, match: Match, ctx: FuseContext) -> dict | None: ...
 

@@ -25,10 +25,12 @@ __all__ = ["PHASES", "FunctionPattern", "FuseContext", "Match", "Pattern", "Skip
 
 
 def _check_pattern(p) -> None:
-    for attr in ("name", "phase", "match", "replace"):
+    grouping = hasattr(p, "group_key") and hasattr(p, "match_group")
+    for attr in ("name", "phase", "replace") + (() if grouping else ("match",)):
         if not hasattr(p, attr):
             raise PatternError(f"{p!r} is not a pattern: it has no '{attr}'. A pattern needs name, phase, "
-                               "match(node, ctx) and replace(match, ctx); see fxrep.FunctionPattern.")
+                               "match(node, ctx) (or, for a group pattern, group_key(node, ctx) and "
+                               "match_group(nodes, ctx)) and replace(match, ctx); see fxrep.FunctionPattern.")
     phases = (p.phase,) if isinstance(p.phase, str) else tuple(p.phase)
     if not phases or any(ph not in PHASES for ph in phases):
         raise PatternError(f"pattern {p.name!r} has phase {p.phase!r}; use one of {PHASES} (or a tuple of "

@@ -85,8 +85,8 @@ def _masking_key(att) -> tuple:
             att.num_heads // att.mask_repeats if att.attn_mask is not None else None)
 
 
-def _split_by_masking(nodes, skipped: list) -> list:
-    """``nodes`` split by ``_masking_key``; the branches left out of the largest part are reported."""
+def _split_by_masking(nodes, skipped: list) -> dict:
+    """{``_masking_key``: its part of ``nodes``}; the branches left out of the largest part are reported."""
     parts: dict = {}
     for n in nodes:
         parts.setdefault(_masking_key(attention_view(n)), []).append(n)
@@ -95,16 +95,22 @@ def _split_by_masking(nodes, skipped: list) -> list:
         odd = [n for ns in parts.values() if ns is not largest for n in ns]
         skipped.append(Skip(odd, "attention branches on one input use different masks or is_causal (or "
                                  "per-head masks over different head counts): merged only where they agree"))
-    return list(parts.values())
+    return parts
 
 
-def sibling_groups(ctx, kind: str):
-    """Groups of ``kind`` ('mlp' or 'attention') branch nodes that may be merged (lists of nodes), and the
-    Skips of near misses."""
-    return ctx.analysis(_sibling_groups, kind)
+def sibling_keys(ctx, kind: str) -> dict:
+    """{branch node of ``kind`` ('mlp' or 'attention'): its group key}, for the branches that may merge with
+    others: the node their outputs end in, their activation, dtype and input, and (attention) their masking.
+    Branches with equal keys merge (the widen patterns' ``group_key``)."""
+    return ctx.analysis(_sibling_groups, kind)[0]
 
 
-def _sibling_groups(ctx, kind: str):
+def sibling_near_misses(ctx, kind: str) -> list:
+    """The Skips of the branches of ``kind`` beside a group that do not merge with it, with the reason."""
+    return ctx.analysis(_sibling_groups, kind)[1]
+
+
+def _sibling_groups(ctx, kind: str) -> tuple[dict, list]:
     analysis = affine_analysis(ctx)
     groups: dict = {}
     shared_pre: list = []  # MLP branches whose pre-activation is also read elsewhere
@@ -135,7 +141,7 @@ def _sibling_groups(ctx, kind: str):
             unowned.setdefault((key, x), []).append(n)
             continue
         groups.setdefault((owner, key, dtype), {}).setdefault(x, []).append(n)
-    mergeable, skipped = [], _unmerged_beside(kind, groups, unowned)
+    keys, skipped = {}, _unmerged_beside(kind, groups, unowned)
     for n, key, x, dtype in shared_pre:
         owner = _owner(n, analysis)
         if x in groups.get((owner, key, dtype), {}):
@@ -146,15 +152,16 @@ def _sibling_groups(ctx, kind: str):
                      for ns in by_input.values())
         if owner is not None and len(nodes) + beside > 1:
             skipped.append(Skip(nodes, _describe_mixed(nodes), provisional=True))
-    for by_input in groups.values():
-        for nodes in by_input.values():
-            parts = _split_by_masking(nodes, skipped) if kind == "attention" else [nodes]
-            mergeable += [p for p in parts if len(p) > 1]
+    for group, by_input in groups.items():
+        for x, nodes in by_input.items():
+            parts = _split_by_masking(nodes, skipped) if kind == "attention" else {None: nodes}
+            keys.update((n, (*group, x, masking)) for masking, part in parts.items() if len(part) > 1
+                        for n in part)
         if len(by_input) > 1:  # report the branches left out of the largest group
             largest = max(by_input.values(), key=len)
             odd = [n for ns in by_input.values() if ns is not largest for n in ns]
             skipped.append(Skip(odd, _describe_inputs(list(by_input))))
-    return mergeable, skipped
+    return keys, skipped
 
 
 def _unmerged_beside(kind: str, groups: dict, unowned: dict) -> list:

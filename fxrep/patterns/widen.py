@@ -35,7 +35,7 @@ from ..ir import (
     merge_origins,
 )
 from ..pattern import Match, Skip
-from ..siblings import sibling_groups
+from ..siblings import sibling_keys, sibling_near_misses
 
 
 def _take_columns(graph: fx.Graph, merged: fx.Node, cols: torch.Tensor, hint: str) -> fx.Node:
@@ -74,30 +74,6 @@ def _first(nodes, ctx):
     return min(nodes, key=order.__getitem__)
 
 
-def _by_first(groups):
-    """{first node: entry} for node groups (lists) or Skips."""
-    return {(g.nodes[0] if isinstance(g, Skip) else g[0]): g for g in groups}
-
-
-def _grouped(ctx, groups) -> tuple:
-    return tuple(map(_by_first, groups(ctx)))
-
-
-def _mlp_groups(ctx):
-    return sibling_groups(ctx, "mlp")
-
-
-def _match_group(node, ctx, groups, summary):
-    """Match a group of siblings at its first node (``summary(nodes)`` describes it), or the Skip of a near
-    miss; ``groups(ctx)`` gives (mergeable groups, Skips), computed once per graph state."""
-    mergeable, skipped = ctx.analysis(_grouped, groups)
-    if node in mergeable:
-        return Match(mergeable[node], None, summary(mergeable[node]))
-    if node in skipped:
-        return skipped[node]
-    return None
-
-
 def _out_features(node: fx.Node) -> int | None:
     """The summed width of the Linears that read ``node``; None where it is read by sums (no projection)."""
     linears = [as_linear(u) for u in node.users]
@@ -133,13 +109,22 @@ def _priced(found, ctx, decision):
 
 
 class WidenMLP:
+    """A group pattern (``fxrep.pattern.GroupPattern``): MLP branches with one sibling key
+    (``fxrep.siblings``) become one wider MLP, where the cost model says it pays."""
+
     name = "widen_mlp"
     phase = "fuse"
 
-    def match(self, node, ctx):
-        found = _match_group(node, ctx, _mlp_groups, lambda nodes: (
-            f"{len(nodes)} parallel {activation_key(nodes[0])[0]} MLP branches -> one wider MLP"))
-        return _priced(found, ctx, self._decision(found.nodes, ctx) if isinstance(found, Match) else None)
+    def group_key(self, node, ctx):
+        return sibling_keys(ctx, "mlp").get(node)
+
+    def near_misses(self, ctx) -> list:
+        return sibling_near_misses(ctx, "mlp")
+
+    def match_group(self, acts, ctx):
+        found = Match(acts, None, f"{len(acts)} parallel {activation_key(acts[0])[0]} MLP branches -> one "
+                                  "wider MLP")
+        return _priced(found, ctx, self._decision(acts, ctx))
 
     @staticmethod
     def _decision(acts, ctx):
@@ -173,31 +158,29 @@ class WidenMLP:
 
 
 class _MergeAttention:
+    """A group pattern (``fxrep.pattern.GroupPattern``) over attention branches with one sibling key."""
+
     phase = "fuse"
     mode = ""
 
-    def groups(self, ctx):
-        mergeable, skipped = sibling_groups(ctx, "attention")
-        if self.mode == "widen":
-            return mergeable, skipped
-        out = []
-        for nodes in mergeable:
-            parts: list[list] = []
-            for n in nodes:
-                for part in parts:
-                    if same_logits(attention_view(part[0]), attention_view(n)):
-                        part.append(n)
-                        break
-                else:
-                    parts.append([n])
-            out += [p for p in parts if len(p) > 1]
-        return out, []
+    def group_key(self, node, ctx):
+        return sibling_keys(ctx, "attention").get(node)
 
-    def match(self, node, ctx):
-        found = _match_group(node, ctx, self.groups, self._summary)
-        if self.mode != "widen" or not isinstance(found, Match):
-            return found  # collapsing shares one softmax: fewer FLOPs at any shape
-        return _priced(found, ctx, self._decision(found.nodes, ctx))
+    def near_misses(self, ctx) -> list:
+        return sibling_near_misses(ctx, "attention") if self.mode == "widen" else []
+
+    def match_group(self, nodes, ctx):
+        if self.mode == "widen":
+            return _priced(Match(nodes, None, self._summary(nodes)), ctx, self._decision(nodes, ctx))
+        parts: list[list] = []  # collapsing: the branches with one q/k share one softmax, at any shape
+        for n in nodes:
+            for part in parts:
+                if same_logits(attention_view(part[0]), attention_view(n)):
+                    part.append(n)
+                    break
+            else:
+                parts.append([n])
+        return [Match(p, None, self._summary(p)) for p in parts if len(p) > 1]
 
     @staticmethod
     def _decision(nodes, ctx):
