@@ -161,10 +161,16 @@ def _eliminate_dead_code(graph: fx.Graph) -> None:
     result nobody reads but whose write others may (fx's ``is_impure`` does not know ``x.mul_(2)``), unless
     the written value owns its memory and has no other reader (``ir.write_is_invisible``)."""
     for node in reversed(graph.nodes):
-        if node.users or node.is_impure() or is_guard(node):
-            continue
-        if not is_inplace(node) or write_is_invisible(node):  # a write nobody reads is dead too
+        if not node.users and _is_dead(node):
             graph.erase_node(node)
+
+
+def _is_dead(node: fx.Node) -> bool:
+    """Whether ``node``, which nobody reads, may go: not impure, not a guard, and not an in-place write that
+    others may see (a write nobody reads is dead too)."""
+    if node.is_impure() or is_guard(node):
+        return False
+    return not is_inplace(node) or write_is_invisible(node)
 
 
 def run_patterns(gm: fx.GraphModule, registry: PatternRegistry, report: FuseReport, after_pattern=None,
@@ -311,8 +317,7 @@ def _erase_rewritten(ctx: FuseContext, pattern) -> set:
         node = stack.pop()
         if node in gone or node.users:
             continue
-        if node not in explicit and (node.is_impure() or is_guard(node) or
-                                     (is_inplace(node) and not write_is_invisible(node))):
+        if node not in explicit and not _is_dead(node):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
