@@ -29,9 +29,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .engine import run_upward
 from .equivalence import compare_outputs
 from .errors import InternalError
-from .ir import activation_key, arith_kind, as_layer_norm, as_linear, as_sdpa, as_softmax, bind
+from .ir import as_layer_norm, as_linear, as_sdpa, as_softmax, bind
+from .ir.effects import is_elementwise
 from .ir.layout import as_permute, as_reshape
-from .ir.readers import as_float_cast, is_call
+from .ir.readers import is_call
 from .pattern import Match
 from .report import Applied
 
@@ -41,7 +42,6 @@ _NARROW = {torch.narrow}
 _FLATTEN = {torch.flatten}
 _REDUCTIONS = {torch.sum, torch.mean}
 _UNFLATTEN = {torch.unflatten}
-_ELEMENTWISE_METHODS = {"contiguous", "clone"}
 
 
 def _shape(node) -> tuple | None:
@@ -202,9 +202,7 @@ def _cuts(node: fx.Node, axis: int) -> dict:
     if node.op == "call_function" and node.target is aten.slice.Tensor:  # rows of another axis
         other = _aten_slice(node, _shape(node.args[0]))
         return _single(node, node.args[0], axis, other is not None and other[0] != axis)
-    elementwise = arith_kind(node) is not None or activation_key(node) is not None or \
-        as_float_cast(node) is not None or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
-    if elementwise:  # inputs without a tensor shape are Python values (sizes, scalars): read as they are
+    if is_elementwise(node):  # inputs without a tensor shape are Python values (sizes, scalars): read whole
         return {a: _operand_axis(a, axis, rank) for a in tensors}
     raise _Stop
 

@@ -1,6 +1,6 @@
-"""Every activation is one declaration (fxrep/ir/activations.py): each of its spellings, as a module, a
-function, a Tensor method or an ATen overload in an exported program, is recognized from that declaration
-alone, and parallel MLP branches with it widen exactly."""
+"""Every activation is one declaration (an ``OpSpec`` in fxrep/ir/known_ops.py): each of its spellings, as a
+module, a function, a Tensor method or an ATen overload in an exported program, is recognized from that
+declaration alone, and parallel MLP branches with it widen exactly."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fxrep
 from fxrep.equivalence import assert_equivalent
-from fxrep.ir.activations import ACTIVATIONS
+from fxrep.ir.known_ops import ACTIVATIONS
 
 SPECS = {s.name: s for s in ACTIVATIONS}
 
@@ -21,8 +21,9 @@ class Branches(nn.Module):
         self.spec, self.how = spec, how
         self.up = nn.ModuleList(nn.Linear(6, 12) for _ in range(2))
         self.down = nn.ModuleList(nn.Linear(12, 6) for _ in range(2))
-        variant = {spec.variant[0]: _variant_value(spec)} if spec.variant else {}
-        self.act = nn.ModuleList(spec.module(**variant) for _ in range(2)) if how == "module" else None
+        variant = {name: _variant_value(name, default) for name, default in spec.variants}
+        module = next(iter(spec.modules), None)
+        self.act = nn.ModuleList(module(**variant) for _ in range(2)) if how == "module" else None
         self.kwargs = variant
 
     def activation(self, i, h):
@@ -36,9 +37,9 @@ class Branches(nn.Module):
         return x + sum(d(self.activation(i, u(x))) for i, (u, d) in enumerate(zip(self.up, self.down)))
 
 
-def _variant_value(spec):
-    name, default = spec.variant
-    return {"approximate": "tanh"}.get(name, default * 2 if isinstance(default, float) else default)
+def _variant_value(name, default):
+    """A value other than the default, so that the variant is seen to carry through."""
+    return {"approximate": "tanh"}.get(name, default / 2 if isinstance(default, float) else default)
 
 
 CASES = [(name, how) for name, s in SPECS.items() for how in ("module", "function", "method", "exported")

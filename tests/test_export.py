@@ -15,7 +15,8 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 import fxrep
 import fxrep.models  # noqa: F401
 from fxrep.equivalence import assert_equivalent, compare_outputs
-from fxrep.frontend.spellings import DROP, IDENTITY, TABLE, _Call
+from fxrep.frontend.spellings import TABLE
+from fxrep.ir.opspec import DROP, IDENTITY, Call
 
 
 def _d3b4():
@@ -186,7 +187,7 @@ def test_every_aten_spelling_binds_on_its_schema(op):
         return
     if call in (IDENTITY, DROP):
         return
-    args = call.args if isinstance(call, _Call) else call[0]
+    args = call.args if isinstance(call, Call) else call[0]
     assert args[0] is bound[next(iter(sig.parameters))] or op is torch.ops.aten.rsub.Scalar
 
 

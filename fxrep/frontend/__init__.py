@@ -8,7 +8,8 @@ phases, on every GraphModule given to ``fuse``. They are not in the registry: a 
 patterns still reads exported graphs. Order matters: core ATen decompositions are folded back while they are
 still in ATen (``core_aten``), then every ATen overload with a torch spelling is rewritten (``spellings``);
 fx's guards of the arguments tracing fixed become portable module calls (``guards``).
-A new ATen spelling is one entry of ``spellings.TABLE``; a new decomposition, one ``FoldPattern``.
+A new ATen spelling is one entry of its op's ``OpSpec.aten`` (``fxrep.ir.known_ops``; ``spellings.TABLE`` is
+derived from them); a new decomposition, one ``FoldPattern``.
 """
 
 from .core_aten import CORE_ATEN_FOLDS, Fold, FoldPattern

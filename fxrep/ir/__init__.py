@@ -1,6 +1,7 @@
 """fxrep's recognition layer: every question a pattern asks about a node, and every node a pattern builds.
 
-- ``targets``: the spelling tables (which callables, methods and modules are which op);
+- ``opspec``, ``known_ops``: one ``OpSpec`` per op fxrep understands, its spellings and properties;
+- ``targets``: the readers' tables (which callables, methods and modules are which op), from the specs;
 - ``binding``: one argument binder (``bind``), on torch's own signatures;
 - ``readers``: typed views of ops (``as_linear``, ``as_layer_norm``, ``activation_key``, ``as_softmax``,
   ``as_sdpa``, ``as_masked_scores``, ``arith_kind``, ``scale_op``, ...); ``attention_op``: fxrep's own

@@ -12,9 +12,8 @@ from ..ops import multi_head_attention
 from .binding import bind
 from .readers import activation_key, fetch_attr, is_call, is_shape_read, is_softmax
 from .targets import (
-    ACTIVATION_FUNCTIONS,
-    ACTIVATION_METHODS,
     ARITHMETIC_TARGETS,
+    ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
     GUARD_TARGETS,
     INPLACE_OPERATORS,
@@ -61,12 +60,14 @@ def is_inplace(node: fx.Node) -> bool:
     return False
 
 
-def _is_elementwise(node: fx.Node) -> bool:
-    """Elementwise arithmetic and activations: the output takes its layout from the inputs."""
+def is_elementwise(node: fx.Node) -> bool:
+    """An op declared elementwise (``OpSpec.elementwise``: arithmetic, activations, casts, copies), not in
+    place: each output element from the same element of its (broadcast) inputs."""
+    if is_inplace(node):
+        return False
     if node.op == "call_method":
-        return node.target in ELEMENTWISE_METHODS or node.target in ACTIVATION_METHODS
-    return node.op == "call_function" and (node.target in ARITHMETIC_TARGETS
-                                           or node.target in ACTIVATION_FUNCTIONS)
+        return node.target in ELEMENTWISE_METHODS
+    return node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS
 
 
 def layout_sensitive_reader(node: fx.Node) -> fx.Node | None:
@@ -88,7 +89,7 @@ def layout_sensitive_reader(node: fx.Node) -> fx.Node | None:
             if is_inplace(user) or user.op == "output" or (user.op == "call_method"
                                                            and user.target == "view"):
                 return user
-            if is_view(user) or _is_elementwise(user):
+            if is_view(user) or is_elementwise(user):
                 todo.append(user)
                 continue
             return user

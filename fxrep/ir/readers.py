@@ -17,7 +17,7 @@ from .binding import bind
 from .targets import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
-    ACTIVATION_VARIANT_ARG,
+    ACTIVATION_VARIANTS,
     ARITHMETIC,
     DROPOUT_TARGETS,
     LAYER_NORM_TARGETS,
@@ -250,7 +250,8 @@ def as_layer_norm(node) -> LayerNormView | None:
 
 
 def activation_key(node) -> tuple | None:
-    """A hashable key naming an elementwise activation and its variant, e.g. ('gelu', 'tanh'); else None.
+    """A hashable key naming an elementwise activation and its variant, e.g. ('gelu', 'tanh'), else None. The
+    variant is the value of the spec's variant argument (a tuple where it has several, None where none).
     In-place calls are not activations here: they write their input."""
     if not isinstance(node, fx.Node) or len(node.all_input_nodes) != 1:
         return None
@@ -263,11 +264,10 @@ def activation_key(node) -> tuple | None:
     args = bind(node)
     if args is None or not isinstance(node.args[0], fx.Node) or args.get("inplace") is True:
         return None
-    variant_arg, default = ACTIVATION_VARIANT_ARG.get(name, (None, None))
-    variant = args.get(variant_arg, default) if variant_arg else None
-    if isinstance(variant, fx.Node):
+    values = tuple(args.get(arg, default) for arg, default in ACTIVATION_VARIANTS[name])
+    if any(isinstance(v, fx.Node) for v in values):
         return None
-    return (name, variant)
+    return (name, values[0] if len(values) == 1 else (values or None))
 
 
 def is_softmax(node) -> bool:

@@ -1,66 +1,76 @@
-"""The spelling tables: which torch callables, methods and modules are which op.
+"""The readers' tables: which torch callables, methods and modules are which op, derived from the op specs.
 
-Adding a spelling of an op that fxrep already understands means adding it here (and, for a new argument
-layout, nothing else: ``ir.binding`` reads argument names from torch's own signatures).
+Nothing here is declared by hand except what is not an op: Python's in-place operators and the functions of
+shape arithmetic. A new spelling of an op goes into its ``OpSpec`` (``fxrep.ir.known_ops``); a new argument
+layout needs nothing (``ir.binding`` reads argument names from torch's own signatures).
 """
 
 from __future__ import annotations
 
 import operator
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.fx._symbolic_trace import _assert_is_none
 
-from .activations import (  # noqa: F401 - re-exported: the readers' tables
-    ACTIVATION_FUNCTIONS,
-    ACTIVATION_METHODS,
-    ACTIVATION_MODULES,
-    ACTIVATION_VARIANT_ARG,
-)
+from .known_ops import OPS
+from .opspec import IDENTITY, OpSpec
 
-LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
-LAYER_NORM_TARGETS = {F.layer_norm, torch.layer_norm}
-SDPA_TARGETS = {F.scaled_dot_product_attention}
-SOFTMAX_TARGETS = {F.softmax, torch.softmax, torch.Tensor.softmax}
-MATMUL_TARGETS = {operator.matmul, torch.matmul, torch.bmm}  # bmm: matmul of 3-d tensors
-DROPOUT_TARGETS = {F.dropout, torch.dropout}
+SPECS: dict[str, OpSpec] = {s.name: s for s in OPS}
+
+
+def _functions(*names: str) -> set:
+    return {f for n in names for f in SPECS[n].functions}
+
+
+def _where(prop: str) -> tuple[set, set]:
+    """(functions, method names) of the specs with property ``prop``."""
+    specs = [s for s in OPS if getattr(s, prop)]
+    return {f for s in specs for f in s.functions}, {m for s in specs for m in s.methods}
+
+
+LINEAR_TARGETS = _functions("linear")
+LAYER_NORM_TARGETS = _functions("layer_norm")
+SDPA_TARGETS = _functions("scaled_dot_product_attention")
+SOFTMAX_TARGETS = _functions("softmax")
+MATMUL_TARGETS = _functions("matmul")
+DROPOUT_TARGETS = _functions("dropout")
+STACK_TARGETS = _functions("stack")
+REDUCTIONS = {f: n for n in ("sum", "mean") for f in SPECS[n].functions}   # and the methods of the same names
 
 # Arithmetic: (kind, functions, method name). ``ir.readers.arith_kind`` is the one classifier over this.
-ARITHMETIC = (
-    ("add", {operator.add, torch.add}, "add"),
-    ("sub", {operator.sub, torch.sub}, "sub"),
-    ("mul", {operator.mul, torch.mul}, "mul"),
-    ("div", {operator.truediv, torch.div, torch.true_divide}, "div"),
-    ("neg", {operator.neg, torch.neg}, "neg"),
-)
+ARITHMETIC = tuple((n, set(SPECS[n].functions), SPECS[n].methods[0])
+                   for n in ("add", "sub", "mul", "div", "neg"))
 ADD_TARGETS, SUB_TARGETS, MUL_TARGETS, DIV_TARGETS, NEG_TARGETS = (targets for _, targets, _ in ARITHMETIC)
 ARITHMETIC_TARGETS = set().union(*(targets for _, targets, _ in ARITHMETIC))
 
-# Elementwise activations: one ActivationSpec each (``ir.activations``); these tables are derived from them.
-# Modules: the class -> its spec (``functionalize_modules`` calls the spec's function); the identity at eval.
-IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# Activations: function -> name, method -> name, name -> ((variant argument, default), ...)
+_ACTIVATIONS = [s for s in OPS if s.activation]
+ACTIVATION_FUNCTIONS = {f: s.name for s in _ACTIVATIONS for f in s.functions}
+ACTIVATION_METHODS = {m: s.name for s in _ACTIVATIONS for m in s.methods}
+ACTIVATION_VARIANTS = {s.name: s.variants for s in _ACTIVATIONS}
 
-# Runtime checks with no result: never dead code, never merged.
-GUARD_TARGETS = {torch._assert, torch._assert_async, _assert_is_none}
+ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS = _where("elementwise")
+VIEW_FUNCTIONS, VIEW_METHODS = _where("view")
+LAYOUT_RESETTING, _ = _where("layout_resetting")
+RANDOM_TARGETS, _ = _where("random")
+GUARD_TARGETS, _ = _where("guard")
 
-# Ops whose result is random: never merged or evaluated ahead of time.
-RANDOM_TARGETS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.bernoulli,
-                  torch.normal, torch.multinomial, F.dropout, torch.dropout, torch.randperm}
+# Module class -> (its spec, the call it stands for: ``module -> Call``, or IDENTITY)
+MODULES = {cls: (s, convert) for s in OPS for cls, convert in s.modules.items()}
 
-# Ops that return a view of their first argument (or the argument itself): values unchanged, layout follows.
-VIEW_METHODS = {"reshape", "view", "permute", "transpose", "t", "unbind", "unflatten", "flatten", "chunk",
-                "split", "contiguous", "swapaxes", "squeeze", "unsqueeze", "movedim", "moveaxis", "select",
-                "narrow"}
-VIEW_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.t, torch.unbind, torch.flatten,
-                  torch.chunk, torch.split, operator.getitem, torch.swapaxes, torch.squeeze, torch.unsqueeze,
-                  torch.movedim, torch.moveaxis, torch.unflatten, torch.select, torch.narrow}
 
-# Readers whose result does not depend on the strides of their input (measured: a permuted input gives the
-# same values, up to the GEMM's summation order, and a contiguous output; tests/test_ir.py).
-LAYOUT_RESETTING = LINEAR_TARGETS | LAYER_NORM_TARGETS
-ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "float", "double", "half", "to", "type_as"}
+def module_spelling(module: nn.Module):
+    """``(spec, convert)`` for a module of a declared class, or of a subclass that inherits that class's
+    ``forward`` unchanged (a subclass with its own ``forward`` computes something else); else None."""
+    for cls in type(module).__mro__:
+        if cls in MODULES:
+            return MODULES[cls] if type(module).forward is cls.forward else None
+    return None
+
+
+def is_identity_module(module: nn.Module) -> bool:
+    found = module_spelling(module)
+    return found is not None and found[1] is IDENTITY
+
 
 INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
@@ -71,7 +81,3 @@ INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itrue
 SHAPE_ARITHMETIC = {getattr, operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub,
                     operator.truediv}
 SHAPE_METHODS = {"size", "dim"}
-
-# Stacking and the reductions over a stacked axis (``torch.stack(xs).sum(0)``: a sum in another spelling).
-STACK_TARGETS = {torch.stack}
-REDUCTIONS = {torch.sum: "sum", torch.mean: "mean"}   # and the methods of the same names

@@ -15,23 +15,22 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 
 from ..ir import bind, fetch_attr
 from ..ir.build import add_constant
 from ..ir.effects import is_inplace, layout_sensitive_reader, write_is_invisible
 from ..ir.evaluate import evaluate, load_attribute
+from ..ir.opspec import IDENTITY, Attr
 from ..ir.readers import dropout_is_identity, is_timm_function
-from ..ir.targets import ACTIVATION_MODULES, IDENTITY_MODULES, RANDOM_TARGETS
+from ..ir.targets import RANDOM_TARGETS, is_identity_module, module_spelling
 from ..pattern import Match, Skip
 
 
 def _is_identity_module(m) -> bool:
     # timm's DropPath is traced through at eval, but may be a leaf under custom tracers; matched by name so
     # that fuse does not import timm
-    return isinstance(m, IDENTITY_MODULES) or (type(m).__name__ == "DropPath" and not m.training)
+    return is_identity_module(m) or (type(m).__name__ == "DropPath" and not m.training)
 
 
 def _module(node: fx.Node):
@@ -62,15 +61,6 @@ class DropIdentity:
         ctx.replace_node(match.nodes[0], match.data)
 
 
-def _activation_spec(m: nn.Module):
-    """The ActivationSpec of ``m``'s class, or of a base class whose ``forward`` it inherits unchanged."""
-    for cls in type(m).__mro__:
-        spec = ACTIVATION_MODULES.get(cls)
-        if spec is not None:
-            return spec if type(m).forward is cls.forward else None
-    return None
-
-
 class FunctionalizeModules:
     name = "functionalize_modules"
     phase = "canonicalize"
@@ -79,33 +69,22 @@ class FunctionalizeModules:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return None
         m = _module(node)
-        if not (isinstance(m, (nn.Linear, nn.LayerNorm, nn.Softmax)) or _activation_spec(m) is not None):
+        found = module_spelling(m)
+        if found is None or found[1] is IDENTITY:
             return None
         if getattr(m, "inplace", False) and not write_is_invisible(node):
             return None  # the write to its input would be visible elsewhere: keep the module call
-        return Match([node], m, f"{type(m).__name__} module -> functional call")
+        return Match([node], found[1](m), f"{type(m).__name__} module -> functional call")
 
     def replace(self, match, ctx):
-        node, m = match.nodes[0], match.data
+        node, call = match.nodes[0], match.data
         g = ctx.graph
-        x = node.args[0]
-        path = node.target
         with g.inserting_before(node):
-            if isinstance(m, nn.Linear):
-                w = g.get_attr(f"{path}.weight")
-                b = g.get_attr(f"{path}.bias") if m.bias is not None else None
-                new = g.call_function(F.linear, (x, w, b))
-            elif isinstance(m, nn.LayerNorm):
-                w = g.get_attr(f"{path}.weight") if m.weight is not None else None
-                b = g.get_attr(f"{path}.bias") if m.bias is not None else None
-                new = g.call_function(F.layer_norm, (x, tuple(m.normalized_shape)),
-                                      {"weight": w, "bias": b, "eps": m.eps})
-            elif isinstance(m, nn.Softmax):
-                new = g.call_function(F.softmax, (x,), {"dim": m.dim})
-            else:
-                function, kwargs = _activation_spec(m).module_call(m)
-                new = g.call_function(function, (x,), kwargs)
-        new.meta["fxrep_origin"] = (path,)
+            args, kwargs = fx.node.map_aggregate(
+                (call.args, call.kwargs),
+                lambda a: g.get_attr(f"{node.target}.{a.name}") if isinstance(a, Attr) else a)
+            new = g.call_function(call.target, (node.args[0], *args), kwargs)
+        new.meta["fxrep_origin"] = (node.target,)
         ctx.replace_node(node, new)
 
 

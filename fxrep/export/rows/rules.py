@@ -14,22 +14,12 @@ import torch
 from torch import fx
 
 from ...ir import bind
-from ...ir.activations import ACTIVATION_ATEN
+from ...ir.known_ops import OPS
 from ...ir.recorded import recorded_shape, same_size
 from ...row_pruning import shared_request
 
 aten = torch.ops.aten
 
-#: ops that act element by element on tensors broadcast together: a row of the output is computed from the
-#: same row of every operand that has that axis (an operand of size 1 there is read whole)
-ELEMENTWISE = frozenset({
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.maximum.default,
-    aten.minimum.default, aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
-    aten.neg.default, aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default,
-    aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.clone.default, aten.alias.default,
-    aten._to_copy.default, aten.contiguous.default,
-}) | frozenset(ACTIVATION_ATEN)  # every activation (ir.activations) is elementwise
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 # --- which rows a node asks for
 # -------------------------------------------------------------------------------
@@ -289,25 +279,18 @@ def _cat(b, node, axis, start, stop):
     return None
 
 
-RULES = {
-    aten.linear.default: _linear,
-    aten.layer_norm.default: _layer_norm,
-    aten._softmax.default: _softmax,
-    aten.softmax.int: _softmax,
-    aten.bmm.default: _matmul,
-    aten.matmul.default: _matmul,
-    aten.scaled_dot_product_attention.default: _attention,
-    aten.transpose.int: _transpose,
-    aten.permute.default: _permute,
-    aten.unflatten.int: _unflatten,
-    aten.unsqueeze.default: _unsqueeze,
-    aten.sum.dim_IntList: _reduction,
-    aten.mean.dim: _reduction,
-    aten.cat.default: _cat,
-    aten.dropout.default: _dropout,
-    **{view: _view for view in _VIEWS},
-    **{op: _elementwise for op in ELEMENTWISE},
+_RULES_BY_NAME = {
+    "linear": _linear, "layer_norm": _layer_norm, "softmax": _softmax, "matmul": _matmul,
+    "attention": _attention, "transpose": _transpose, "permute": _permute, "unflatten": _unflatten,
+    "unsqueeze": _unsqueeze, "reduction": _reduction, "cat": _cat, "dropout": _dropout, "view": _view,
+    "elementwise": _elementwise,
 }
+
+#: ATen overload -> its row rule, for every overload of an op spec that names one (``OpSpec.rows``)
+RULES = {op: _RULES_BY_NAME[spec.rows] for spec in OPS if spec.rows is not None for op in spec.aten}
+#: the ATen overloads of elementwise ops: a row of the output is computed from the same row of every operand
+#: that has that axis (an operand of size 1 there is read whole)
+ELEMENTWISE = frozenset(op for spec in OPS if spec.elementwise for op in spec.aten)
 
 
 
