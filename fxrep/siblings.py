@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import fx
 
 from .affine import AffineAnalysis, affine_analysis
-from .ir import activation_key, arith_kind, as_layer_norm, as_linear, attention_view
+from .ir import activation_key, arith_kind, as_layer_norm, as_linear, attention_view, input_of
 from .pattern import Skip
 
 
@@ -59,7 +59,7 @@ def _describe_mixed(nodes) -> str:
     elsewhere, which is then named."""
     leaks = set()
     for n in nodes:
-        todo, seen = [n.args[0]], set()
+        todo, seen = [input_of(n)], set()
         while todo:
             a = todo.pop()
             if a in seen or not isinstance(a, fx.Node):
@@ -70,7 +70,7 @@ def _describe_mixed(nodes) -> str:
                           and u not in nodes}
             elif arith_kind(a) is not None:
                 todo += [b for b in a.args if isinstance(b, fx.Node)]
-    pres = ", ".join(dict.fromkeys(n.args[0].name for n in nodes))
+    pres = ", ".join(dict.fromkeys(input_of(n).name for n in nodes))
     verb = "is" if len(leaks) == 1 else "are"
     why = f": {', '.join(sorted(leaks))} {verb} also read elsewhere, so fxrep keeps the sum as written" \
         if leaks else ""
@@ -119,9 +119,9 @@ def _sibling_groups(ctx, kind: str) -> tuple[dict, list]:
     for n in ctx.graph.nodes:
         if kind == "mlp":
             key = activation_key(n)
-            pre = as_linear(n.args[0]) if key is not None else None
+            pre = as_linear(input_of(n)) if key is not None else None
             if pre is None:
-                pre_node = n.args[0] if key is not None else None
+                pre_node = input_of(n) if key is not None else None
                 if isinstance(pre_node, fx.Node) and arith_kind(pre_node) is not None:
                     mixed_pre.setdefault((_owner(n, analysis), key), []).append(n)
                 continue
@@ -145,7 +145,7 @@ def _sibling_groups(ctx, kind: str) -> tuple[dict, list]:
     for n, key, x, dtype in shared_pre:
         owner = _owner(n, analysis)
         if x in groups.get((owner, key, dtype), {}):
-            skipped.append(Skip([n], f"this branch's pre-activation {n.args[0].name} is also read by "
+            skipped.append(Skip([n], f"this branch's pre-activation {input_of(n).name} is also read by "
                                      "another op: it cannot widen with the branches beside it"))
     for (owner, key), nodes in mixed_pre.items():
         beside = sum(len(ns) for (o, k, _), by_input in groups.items() if (o, k) == (owner, key)

@@ -13,7 +13,7 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
 from fxrep import ir
-from fxrep.ir import build, effects, readers
+from fxrep.ir import build, effects, products, readers
 from fxrep.ir.targets import LAYOUT_RESETTING, LINEAR_TARGETS
 from fxrep.numerics import layer_norm_error_bound, matmul_error_bound
 
@@ -204,7 +204,7 @@ def test_scale_op_refuses(fn):
 def test_einsum_kind(eq, kind):
     graph = fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")
-    assert readers.einsum_kind(graph.call_function(torch.einsum, (eq, a, b))) == kind
+    assert products.einsum_kind(graph.call_function(torch.einsum, (eq, a, b))) == kind
 
 
 def test_softmax_and_sdpa_views():

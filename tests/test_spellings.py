@@ -177,3 +177,47 @@ def test_stacked_sums_of_stacked_sums(how):
 
     fused = assert_fused_equivalent(Nested().eval(), (torch.randn(2, 3, 4),))
     assert not any(n.target is torch.stack for n in fused.graph.nodes)
+
+
+class KeywordSpelledMlp(nn.Module):
+    """MLP branches whose ops take their tensors by keyword: ``F.gelu(input=h)``, ``F.dropout(input=x)``."""
+
+    def __init__(self, d, hidden, branches):
+        super().__init__()
+        self.up = nn.ModuleList(nn.Linear(d, hidden) for _ in range(branches))
+        self.down = nn.ModuleList(nn.Linear(hidden, d) for _ in range(branches))
+
+    def forward(self, x):
+        x = F.dropout(input=x, p=0.1, training=False)
+        return x + sum(d(F.gelu(input=u(x))) for u, d in zip(self.up, self.down))
+
+
+class KeywordSpelledAttention(nn.Module):
+    """Attention branches whose products are ``torch.matmul(input=q, other=k^T)``, ``matmul(p, other=v)``."""
+
+    def __init__(self, d, heads, branches):
+        super().__init__()
+        self.heads, self.scale = heads, (d // heads) ** -0.5
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(branches))
+        self.proj = nn.ModuleList(nn.Linear(d, d) for _ in range(branches))
+
+    def forward(self, x):
+        out = x
+        for qkv, proj in zip(self.qkv, self.proj):
+            q, k, v = qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+            p = torch.matmul(input=q * self.scale, other=k.transpose(-2, -1)).softmax(-1)
+            out = out + proj(torch.matmul(p, other=v).transpose(1, 2).flatten(2))
+        return out
+
+
+@settings(max_examples=6, deadline=None)
+@given(branches=st.integers(2, 3), heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_ops_that_take_their_tensors_by_keyword_fuse(branches, heads, seed):
+    """Patterns read an op's tensors through ``fxrep.ir`` (``input_of``, ``matmul_operands``), never by
+    position, so a keyword spelling merges like the positional one."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, 5, 8)
+    for model, pattern in ((KeywordSpelledMlp(8, 16, branches), "widen_mlp"),
+                           (KeywordSpelledAttention(8, heads, branches), "widen_attention")):
+        fused = assert_fused_equivalent(model.eval(), (x,))
+        assert fused.meta["fxrep_report"].count(pattern) == 1, fused.meta["fxrep_report"]

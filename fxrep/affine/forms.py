@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..ir import activation_key, as_layer_norm, as_linear, fingerprint
+from ..ir import activation_key, as_layer_norm, as_linear, fingerprint, input_of
 from ..ir.build import bitwise_equal
 
 f64 = algebra.f64
@@ -241,8 +241,8 @@ def _shape_key(n: fx.Node):
     lin = as_linear(n)
     if lin is not None:
         return (_shape_key(lin.input), lin.out_features)
-    if (as_layer_norm(n) is not None or activation_key(n) is not None) and isinstance(n.args[0], fx.Node):
-        return _shape_key(n.args[0])
+    if (as_layer_norm(n) is not None or activation_key(n) is not None) and input_of(n) is not None:
+        return _shape_key(input_of(n))
     return n
 
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..ir import arith_kind, as_linear, as_sdpa, as_softmax
+from ..ir import arith_kind, as_linear, as_sdpa, as_softmax, input_of
 from ..ir.effects import is_view
+from ..ir.products import einsum_kind, einsum_operands, matmul_operands
 from ..ir.readers import (
     as_float_cast,
     as_masked_scores,
-    einsum_kind,
-    is_matmul,
     is_softmax,
     scalar_constant,
     scale_op,
@@ -49,10 +48,10 @@ class Chain:
                 n, f = scale
                 self.factor *= f
                 continue
-            if not is_view(n) or not isinstance(n.args[0], fx.Node):
+            if not is_view(n) or input_of(n) is None:
                 raise NotAttention(f"{describe(end)} is not a view of a Linear output (found {describe(n)})")
             self.nodes.append(n)
-            n = n.args[0]
+            n = input_of(n)
         self.nodes.reverse()
 
 
@@ -111,11 +110,12 @@ def parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
     if depth > 64:
         raise NotAttention("softmax input expression is too deep")
     out.nodes.add(n)
-    if is_matmul(n):
-        out.add(n, n.args[0], n.args[1], True, coef)
+    operands = matmul_operands(n)
+    if operands is not None:
+        out.add(n, *operands, True, coef)
         return
     if einsum_kind(n) == "logits":
-        out.add(n, n.args[1], n.args[2], False, coef)
+        out.add(n, *einsum_operands(n), False, coef)
         return
     scale = scale_op(n)
     if scale is not None:
@@ -136,8 +136,8 @@ def parse_logits(n: fx.Node, coef: float, out: Logits, depth: int = 0) -> None:
                 raise NotAttention(f"softmax input {describe(n)} adds a non-constant")
             # a scalar constant shifts every logit of a row equally: softmax does not see it
         return
-    if kind == "neg":
-        parse_logits(n.args[0], -coef, out, depth + 1)
+    if kind == "neg" and input_of(n) is not None:
+        parse_logits(input_of(n), -coef, out, depth + 1)
         return
     raise NotAttention(f"softmax input {describe(n)} is not a sum of scaled q @ k^T products "
                        "(an attention mask or bias?)")
@@ -182,9 +182,10 @@ def is_anchor(n: fx.Node) -> bool:
     """Where an attention ends: an SDPA call, or ``softmax(...) @ v`` (matmul or einsum)."""
     if as_sdpa(n) is not None:
         return True
-    if is_matmul(n) and is_softmax(_probabilities(n.args[0])):
+    operands = matmul_operands(n)
+    if operands is not None and is_softmax(_probabilities(operands[0])):
         return True
-    return einsum_kind(n) == "pv" and is_softmax(_probabilities(n.args[1]))
+    return einsum_kind(n) == "pv" and is_softmax(_probabilities(einsum_operands(n)[0]))
 
 
 class Candidate:
@@ -197,7 +198,7 @@ class Candidate:
         if sdpa is not None:
             self._read_sdpa(sdpa)
         else:
-            p, v = anchor.args[1:3] if einsum_kind(anchor) == "pv" else anchor.args[:2]
+            p, v = einsum_operands(anchor) if einsum_kind(anchor) == "pv" else matmul_operands(anchor)
             self.softmax = _probabilities(p)
             self.cast = p if p is not self.softmax else None
             self.value = Chain(v)

@@ -2,10 +2,10 @@
 
 - ``opspec``, ``known_ops``: one ``OpSpec`` per op fxrep understands, its spellings and properties;
 - ``targets``: the readers' tables (which callables, methods and modules are which op), from the specs;
-- ``binding``: one argument binder (``bind``), on torch's own signatures;
+- ``binding``: one argument binder (``bind``, ``input_of``), on torch's own signatures;
 - ``readers``: typed views of ops (``as_linear``, ``as_layer_norm``, ``activation_key``, ``as_softmax``,
-  ``as_sdpa``, ``as_masked_scores``, ``arith_kind``, ``scale_op``, ...); ``attention_op``: fxrep's own
-  attention op (``attention_view``);
+  ``as_sdpa``, ``as_masked_scores``, ``arith_kind``, ``scale_op``, ...); ``products``: matmul and einsum
+  with their operands; ``attention_op``: fxrep's own attention op (``attention_view``);
 - ``reductions``: stacks and the sums/means over a stacked axis;
 - ``effects``: views, aliasing, in-place writes, layout dependence, guards (``mutation_hazards``);
 - ``evaluate``: one constant evaluator;
@@ -34,12 +34,13 @@ from .readers import (
     as_sdpa,
     as_softmax,
     fetch_attr,
+    input_of,
     known_shape,
     merge_origins,
 )
 
 __all__ = [
-    "bind", "fetch_attr", "known_shape", "merge_origins",
+    "bind", "input_of", "fetch_attr", "known_shape", "merge_origins",
     "as_linear", "as_layer_norm", "as_softmax", "as_sdpa", "attention_view", "activation_key", "arith_kind",
     "LinearView", "LayerNormView", "SoftmaxView", "SdpaView", "AttentionView",
     "emit_linear", "emit_attention", "const_node", "fingerprint",

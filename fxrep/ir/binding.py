@@ -113,3 +113,15 @@ def bind(node: fx.Node) -> dict | None:
         bound[rest] = tuple(node.args[len(names):])
     bound.update(node.kwargs)
     return bound
+
+
+def input_of(node) -> fx.Node | None:
+    """The tensor an op computes on: its first argument (``input``, or ``self`` of a method or module call),
+    however it is passed; None where that is not a node."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method", "call_module"):
+        return None
+    if node.args:
+        x = node.args[0]
+    else:
+        x = (bind(node) or {}).get("input")
+    return x if isinstance(x, fx.Node) else None

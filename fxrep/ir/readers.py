@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .binding import bind
+from .binding import bind, input_of
 from .targets import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -22,7 +22,6 @@ from .targets import (
     DROPOUT_TARGETS,
     LAYER_NORM_TARGETS,
     LINEAR_TARGETS,
-    MATMUL_TARGETS,
     SDPA_TARGETS,
     SOFTMAX_TARGETS,
 )
@@ -116,33 +115,6 @@ def scale_op(node: fx.Node) -> tuple[fx.Node, float] | None:
         return b, sa
     if kind == "div" and isinstance(a, fx.Node) and sb not in (None, 0.0):
         return a, 1.0 / sb
-    return None
-
-
-def is_matmul(node: fx.Node) -> bool:
-    return is_call(node, MATMUL_TARGETS) or (node.op == "call_method" and node.target in ("matmul", "bmm"))
-
-
-def einsum_kind(node: fx.Node) -> str | None:
-    """'logits' for ``einsum('bhqd,bhkd->bhqk', q, k)``, 'pv' for ``einsum('bhqk,bhkd->bhqd', p, v)`` (any
-    letters), else None."""
-    if not (node.op == "call_function" and node.target is torch.einsum and len(node.args) == 3
-            and isinstance(node.args[0], str)):
-        return None
-    eq = node.args[0].replace(" ", "")
-    if "->" not in eq or "." in eq:
-        return None
-    lhs, out = eq.split("->")
-    ops = lhs.split(",")
-    if len(ops) != 2 or not all(len(t) == 4 for t in (*ops, out)):
-        return None
-    (a, b), o = ops, out
-    if len(set(a)) != 4 or len(set(b)) != 4 or a[:2] != b[:2] or o[:2] != a[:2]:
-        return None
-    if a[3] == b[3] and a[2] != b[2] and o[2:] == a[2] + b[2]:
-        return "logits"
-    if a[3] == b[2] and o[2:] == a[2] + b[3] and a[3] not in o:
-        return "pv"
     return None
 
 
@@ -262,7 +234,7 @@ def activation_key(node) -> tuple | None:
     else:
         return None
     args = bind(node)
-    if args is None or not isinstance(node.args[0], fx.Node) or args.get("inplace") is True:
+    if args is None or input_of(node) is None or args.get("inplace") is True:
         return None
     values = tuple(args.get(arg, default) for arg, default in ACTIVATION_VARIANTS[name])
     if any(isinstance(v, fx.Node) for v in values):

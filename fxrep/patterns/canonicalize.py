@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..ir import bind, fetch_attr
+from ..ir import bind, fetch_attr, input_of
 from ..ir.build import add_constant
 from ..ir.effects import is_inplace, layout_sensitive_reader, write_is_invisible
 from ..ir.evaluate import evaluate, load_attribute
@@ -42,19 +42,20 @@ class DropIdentity:
     phase = "canonicalize"
 
     def match(self, node, ctx):
-        if not node.args or not isinstance(node.args[0], fx.Node):
+        x = input_of(node)
+        if x is None:
             return None
         if node.op == "call_module" and _is_identity_module(_module(node)):
-            return Match([node], node.args[0], f"{type(_module(node)).__name__} is the identity at eval")
+            return Match([node], x, f"{type(_module(node)).__name__} is the identity at eval")
         identity = dropout_is_identity(node)
         if identity is True:
-            return Match([node], node.args[0], "dropout with training=False")
+            return Match([node], x, "dropout with training=False")
         if identity is False:
             return Skip([node], "functional dropout is called with training=True: it is random even in "
                                 "eval mode; pass training=self.training")
         if (node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1
                 and not node.kwargs and layout_sensitive_reader(node) is None):
-            return Match([node], node.args[0], "contiguous() whose readers do not depend on the layout")
+            return Match([node], x, "contiguous() whose readers do not depend on the layout")
         return None
 
     def replace(self, match, ctx):

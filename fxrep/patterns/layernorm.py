@@ -28,8 +28,8 @@ from ..pattern import Match, Skip
 
 def _consumer_kind(user, ln_node):
     lin = as_linear(user)
-    if lin is not None and lin.input is ln_node and ln_node not in user.args[1:] and \
-            ln_node not in user.kwargs.values():
+    if lin is not None and lin.input is ln_node and ln_node is not lin.weight_node and \
+            ln_node is not lin.bias_node:
         return "linear"
     att = attention_view(user)
     if att is not None and att.input is ln_node and user.args.count(ln_node) == 1:

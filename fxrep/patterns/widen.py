@@ -31,6 +31,7 @@ from ..ir import (
     const_node,
     emit_attention,
     emit_linear,
+    input_of,
     known_shape,
     merge_origins,
 )
@@ -128,7 +129,7 @@ class WidenMLP:
 
     @staticmethod
     def _decision(acts, ctx):
-        pres = [as_linear(a.args[0]) for a in acts]
+        pres = [as_linear(input_of(a)) for a in acts]
         shape = known_shape(pres[0].input)
         note = cost.unpriced(ctx, shape)
         if note:
@@ -139,7 +140,7 @@ class WidenMLP:
 
     def replace(self, match, ctx):
         acts = list(match.nodes)
-        pres = [as_linear(a.args[0]) for a in acts]
+        pres = [as_linear(input_of(a)) for a in acts]
         w, b = algebra.concat_rows([p.weight for p in pres], [p.bias for p in pres])
         graph = ctx.graph
         readers = [u for a in acts for u in a.users]
