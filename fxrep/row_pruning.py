@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .engine import run_upward
 from .equivalence import compare_outputs
 from .errors import InternalError
-from .ir import as_layer_norm, as_linear, as_sdpa, as_softmax, bind
+from .ir import as_layer_norm, as_linear, as_sdpa, as_softmax, bind, input_of
 from .ir.effects import is_elementwise
 from .ir.layout import as_permute, as_reshape
 from .ir.readers import is_call
@@ -58,10 +58,7 @@ def _int(v) -> bool:
 def row_request(node: fx.Node):
     """``(source, axis, start, stop, squeeze)`` when ``node`` selects rows ``start:stop`` of one axis of
     ``source`` (``squeeze``: the axis is dropped, as ``x[:, 0]`` and ``select`` do); else None."""
-    if node.op not in ("call_function", "call_method") or not node.args or \
-            not isinstance(node.args[0], fx.Node):
-        return None
-    source = node.args[0]
+    source = input_of(node) if node.op in ("call_function", "call_method") else None
     shape = _shape(source)
     if shape is None:
         return None
@@ -200,8 +197,9 @@ def _cuts(node: fx.Node, axis: int) -> dict:
     if reduced is not None:
         return reduced
     if node.op == "call_function" and node.target is aten.slice.Tensor:  # rows of another axis
-        other = _aten_slice(node, _shape(node.args[0]))
-        return _single(node, node.args[0], axis, other is not None and other[0] != axis)
+        x = input_of(node)
+        other = _aten_slice(node, _shape(x))
+        return _single(node, x, axis, other is not None and other[0] != axis)
     if is_elementwise(node):  # inputs without a tensor shape are Python values (sizes, scalars): read whole
         return {a: _operand_axis(a, axis, rank) for a in tensors}
     raise _Stop
@@ -289,8 +287,7 @@ def _rebuilt(graph: fx.Graph, node: fx.Node, cuts: dict, axis: int, start: int, 
             shape = list(view.shape)
             if shape[axis] != -1:
                 shape[axis] = stop - start
-            new.args = (new.args[0], tuple(shape)) if node.op == "call_method" else \
-                (new.args[0], tuple(shape), *new.args[2:])
+            new.args, new.kwargs = (input_of(new), tuple(shape)), {}
     return new
 
 
@@ -327,7 +324,7 @@ class MoveRowSelectionUp:
         new = _rebuilt(graph, node, cuts, axis, start, stop)
         for user, size in shape_readers:
             with graph.inserting_before(user):
-                ctx.replace_node(user, graph.call_method("expand", (user.args[0], *size)))
+                ctx.replace_node(user, graph.call_method("expand", (input_of(user), *size)))
         for user in match.nodes[1:]:
             if any(user is r for r, _ in shape_readers):
                 continue

@@ -29,6 +29,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..ir import bind
 from ..ir.evaluate import evaluate
 from ..ir.recorded import recorded_shape
 from ..ir.recorded import same_shape as _same
@@ -48,32 +49,42 @@ def _call(node, *targets):
     return None
 
 
+def _arg(node, name: str):
+    """Argument ``name`` of an ATen call, by the overload's schema (``input`` is its ``self``)."""
+    return (bind(node) or {}).get(name)
+
+
 def _transposed_weight(node):
     """``w`` where ``node`` is ``permute(w, [1, 0])`` or ``t(w)`` of a 2-d ``w``."""
     if _call(node, aten.t.default) is not None or \
-            (_call(node, aten.permute.default) is not None and list(node.args[1]) in ([1, 0], [-1, -2])):
-        return node.args[0]
+            (_call(node, aten.permute.default) is not None and
+             list(_arg(node, "dims")) in ([1, 0], [-1, -2])):
+        return _arg(node, "input")
     return None
 
 
 def _linear(out):
     """(x, w, b) if ``out`` is a flattened ``addmm``/``mm`` reshaped back, else None."""
-    mm = _call(out.args[0], aten.addmm.default, aten.mm.default)
+    mm = _call(_arg(out, "input"), aten.addmm.default, aten.mm.default)
     if mm is None or not _only_reader(mm, out):
         return None
     found = _matrix_product(mm)
     flat_in = _call(found[0], *_VIEWS) if found is not None else None
     if flat_in is None or not _only_reader(flat_in, mm):
         return None
-    x, weight, bias = flat_in.args[0], found[1], found[2]
+    x, weight, bias = _arg(flat_in, "input"), found[1], found[2]
     return _checked(out, x, weight, bias)
 
 
 def _matrix_product(mm):
     """(x2d, w, b) if ``mm`` is ``addmm(b, x2d, w^T)`` or ``mm(x2d, w^T)`` with unit scales, else None."""
-    if mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1:
+    a = bind(mm) or {}
+    if a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
         return None
-    bias, flat, weight_t = (mm.args if mm.target is aten.addmm.default else (None,) + tuple(mm.args))[:3]
+    if mm.target is aten.addmm.default:
+        bias, flat, weight_t = a["input"], a["mat1"], a["mat2"]
+    else:
+        bias, flat, weight_t = None, a["input"], a["mat2"]
     weight = _transposed_weight(weight_t)
     return (flat, weight, bias) if weight is not None else None
 
@@ -95,12 +106,13 @@ def _unexpanded(node, reader):
     flat = _call(node, *_VIEWS)
     if flat is None or not _only_reader(flat, reader):
         return None
-    inner = flat.args[0]
+    inner = _arg(flat, "input")
     if _call(inner, aten.clone.default) is not None and _only_reader(inner, flat):
-        inner = inner.args[0]
+        inner = _arg(inner, "input")
     if _call(inner, aten.expand.default) is None or len(inner.users) != 1:
         return None
-    a, sa, se = inner.args[0], recorded_shape(inner.args[0]), recorded_shape(inner)
+    a = _arg(inner, "input")
+    sa, se = recorded_shape(a), recorded_shape(inner)
     if sa is None or se is None or len(sa) > len(se) or not _same(sa[-2:], se[-2:]):
         return None
     lead = se[len(se) - len(sa):-2]
@@ -112,10 +124,10 @@ def _unexpanded(node, reader):
 def _matmul(out):
     """(target, args): ``matmul(A, B)``, or ``linear(A, w)`` where B is ``w^T`` of a 2-d weight, if ``out`` is
     a batched matmul flattened to ``bmm`` and reshaped back, else None."""
-    bmm = _call(out.args[0], aten.bmm.default)
+    bmm = _call(_arg(out, "input"), aten.bmm.default)
     if bmm is None or not _only_reader(bmm, out):
         return None
-    found_a, found_b = _unexpanded(bmm.args[0], bmm), _unexpanded(bmm.args[1], bmm)
+    found_a, found_b = _unexpanded(_arg(bmm, "input"), bmm), _unexpanded(_arg(bmm, "mat2"), bmm)
     if found_a is None or found_b is None:
         return None
     (a, ea), (b, eb) = found_a, found_b
@@ -131,30 +143,32 @@ def _matmul(out):
 def _biased_linear(add):
     """(x, w, b) if ``add`` is ``add(linear(x, w), b)`` with ``b`` a parameter or constant of shape
     (out_features,) and the Linear read only by the add, else None."""
-    if add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+    a = bind(add) or {}
+    if a.get("alpha", 1) != 1:
         return None
-    lin, bias = add.args
+    lin, bias = a["input"], a["other"]
     if _call(lin, aten.linear.default) is None or not _only_reader(lin, add) or \
-            (len(lin.args) > 2 and lin.args[2] is not None) or not isinstance(bias, fx.Node) or \
+            _arg(lin, "bias") is not None or not isinstance(bias, fx.Node) or \
             bias.op not in ("get_attr", "placeholder"):
         return None
-    w_shape, b_shape = recorded_shape(lin.args[1]), recorded_shape(bias)
+    x, weight = _arg(lin, "input"), _arg(lin, "weight")
+    w_shape, b_shape = recorded_shape(weight), recorded_shape(bias)
     if w_shape is None or len(w_shape) != 2 or not _same(b_shape, (w_shape[0],)):
         return None
     value, b_value = lin.meta.get("val"), bias.meta.get("val")
     if not isinstance(value, torch.Tensor) or not isinstance(b_value, torch.Tensor) or \
             value.dtype != b_value.dtype:
         return None
-    return lin.args[0], lin.args[1], bias
+    return x, weight, bias
 
 
 def _stack(out):
     """``stack(xs)`` if ``out`` is ``view(cat(xs), [len(xs), *s])`` of tensors of one shape ``s``, else
     None."""
-    cat = _call(out.args[0], aten.cat.default)
-    if cat is None or not _only_reader(cat, out) or (cat.args[1] if len(cat.args) > 1 else 0) != 0:
+    cat = _call(_arg(out, "input"), aten.cat.default)
+    if cat is None or not _only_reader(cat, out) or _arg(cat, "dim") != 0:
         return None
-    xs = list(cat.args[0])
+    xs = list(_arg(cat, "tensors"))
     shapes = [recorded_shape(x) for x in xs]
     if any(not _same(sh, shapes[0]) for sh in shapes) or not _same(recorded_shape(out),
                                                                    (len(xs),) + shapes[0]):
@@ -167,25 +181,29 @@ def _safe_softmax(node):
     of SDPA's softmax, and ``s`` is a product of q and k (no mask: no row is -inf throughout), else None."""
     if _call(node, aten.where.self) is None:
         return None
-    cond, zeros, sm = node.args
-    if (_call(sm, aten._softmax.default) is None or sm.args[2]
-            or _call(zeros, aten.full_like.default) is None or zeros.args[0] is not sm or zeros.args[1] != 0):
+    a = bind(node)
+    cond, zeros, sm = a["condition"], a["input"], a["other"]
+    if (_call(sm, aten._softmax.default) is None or _arg(sm, "half_to_float")
+            or _call(zeros, aten.full_like.default) is None or _arg(zeros, "input") is not sm
+            or _arg(zeros, "fill_value") != 0):
         return None
-    any_ = _call(_call(cond, aten.logical_not.default) and cond.args[0], aten.any.dim)
-    eq = _call(_call(any_ and any_.args[0], aten.logical_not.default) and any_.args[0].args[0],
-               aten.eq.Scalar)
-    s = sm.args[0]
-    if eq is None or eq.args[0] is not s or eq.args[1] != float("-inf") or any_.args[1] != sm.args[1]:
+    any_ = _call(_call(cond, aten.logical_not.default) and _arg(cond, "input"), aten.any.dim)
+    not_eq = _call(any_ and _arg(any_, "input"), aten.logical_not.default)
+    eq = _call(not_eq and _arg(not_eq, "input"), aten.eq.Scalar)
+    s = _arg(sm, "input")
+    if eq is None or _arg(eq, "input") is not s or _arg(eq, "other") != float("-inf") or \
+            _arg(any_, "dim") != _arg(sm, "dim") or _arg(any_, "keepdim") is not True:
         return None
     if _call(s, aten.add.Tensor) is not None:  # a mask with no -inf anywhere leaves every row finite
-        products = [a for a, m in (s.args, s.args[::-1]) if _finite_constant(m)]
+        terms = (_arg(s, "input"), _arg(s, "other"))
+        products = [t for t, m in (terms, terms[::-1]) if _finite_constant(m)]
         s = products[0] if products else s
     return sm if _is_product(s) else None
 
 
 def _is_product(s) -> bool:
     while _call(s, *_VIEWS) is not None:
-        s = s.args[0]
+        s = _arg(s, "input")
     return _call(s, aten.bmm.default, aten.matmul.default) is not None
 
 
@@ -203,7 +221,7 @@ def _finite_constant(node) -> bool:
                     or torch.Tag.nondeterministic_seeded in n.target.tags):
                 raise LookupError(n.name)
             if n.target is aten.expand.default:
-                values[n] = value(n.args[0])
+                values[n] = value(_arg(n, "input"))
             else:
                 values[n] = evaluate(n, value)
         return values[n]
@@ -264,9 +282,9 @@ def _flattened_product(node) -> Fold | None:
         return None
     found = _linear(node)
     if found is not None:
-        return Fold((node,), aten.linear.default, found, (node, node.args[0]))
+        return Fold((node,), aten.linear.default, found, (node, _arg(node, "input")))
     found = _matmul(node) or _stack(node)
-    return Fold((node,), *found, (node, node.args[0])) if found is not None else None
+    return Fold((node,), *found, (node, _arg(node, "input"))) if found is not None else None
 
 
 def _softmax_fold(node) -> Fold | None:
@@ -279,7 +297,9 @@ def _layer_norm(node) -> Fold | None:
     if _call(node, aten.native_layer_norm.default) is None or not node.users or \
             not all(_call(u, operator.getitem) is not None and u.args[1] == 0 for u in node.users):
         return None
-    return Fold(tuple(node.users), aten.layer_norm.default, tuple(node.args[:5]), (node, *node.users))
+    a = bind(node)
+    args = tuple(a[k] for k in ("input", "normalized_shape", "weight", "bias", "eps"))
+    return Fold(tuple(node.users), aten.layer_norm.default, args, (node, *node.users))
 
 
 def _linear_2d(node) -> Fold | None:
@@ -294,7 +314,8 @@ def _linear_2d(node) -> Fold | None:
 
 def _bias_add(node) -> Fold | None:
     found = _biased_linear(node) if _call(node, aten.add.Tensor) is not None else None
-    return Fold((node,), aten.linear.default, found, (node, node.args[0])) if found is not None else None
+    return Fold((node,), aten.linear.default, found, (node, _arg(node, "input"))) if found is not None \
+        else None
 
 
 # in this order: a Linear on rows flattened by a view folds whole before its 2-d product could fold alone,

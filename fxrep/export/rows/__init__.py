@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from ...engine import run_upward
+from ...ir import input_of
 from ...ir.recorded import recorded_shape, same_size
 from ...pattern import Match
 from ...program import export_rewritten
@@ -51,7 +52,7 @@ def _shape_reader_sizes(node: fx.Node) -> list | None:
     (``expand(x, sizes)``), so that ``node`` can go; None where a size is symbolic and not ``x``'s own."""
     plans = []
     for user in [u for u in node.users if _reads_shape_only(u, node)]:
-        source, target = recorded_shape(user.args[0]), recorded_shape(node)
+        source, target = recorded_shape(input_of(user)), recorded_shape(node)
         if source is None or target is None or len(source) > len(target):
             return None
         source = (None,) * (len(target) - len(source)) + tuple(source)
@@ -94,7 +95,7 @@ class MoveRowSelectionUp:
         new = plan.build(graph, node, result, ctx.resolve)
         for user, sizes in shape_readers:
             with graph.inserting_before(user):
-                expanded = graph.call_function(aten.expand.default, (user.args[0], sizes))
+                expanded = graph.call_function(aten.expand.default, (input_of(user), sizes))
             expanded.meta.update(user.meta)
             ctx.replace_node(user, expanded)
         selections = [u for u in match.nodes[1:] if all(u is not r for r, _ in shape_readers)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ...ir import bind
+from ...ir import bind, input_of
 from ...ir.known_ops import OPS
 from ...ir.recorded import recorded_shape, same_size
 from ...row_pruning import shared_request
@@ -114,8 +114,8 @@ class _Plan:
 
 
 def _input(node: fx.Node) -> fx.Node:
-    """The tensor an op computes on: its first argument in every ATen schema these rules know."""
-    return node.args[0]
+    """The tensor an op computes on (the schema's ``self``)."""
+    return input_of(node)
 
 
 def _same_call_on_rows(b: _Plan, node: fx.Node, axis: int, start: int, stop: int) -> _Planned:
@@ -266,7 +266,7 @@ def _cat(b, node, axis, start, stop):
     a = bind(node)
     parts, dim = a["tensors"], a["dim"] % len(recorded_shape(node))
     if axis != dim:
-        return b.call(node.target, [[b.rows(p, axis, start, stop) for p in parts], *node.args[1:]])
+        return b.call(node.target, [[b.rows(p, axis, start, stop) for p in parts], a["dim"]])
     offset = 0
     for part in parts:
         size = _static_size(part, axis)
