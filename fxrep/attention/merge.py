@@ -1,6 +1,6 @@
 """Merging the heads of attention ops that read one input (docs/identities.md §2 and §3): the weights of the
-merged op, and where each branch's output columns land in it. Only concatenation and zero padding, in the
-weights' dtype."""
+merged op, and where each branch's output columns land in it. Only concatenation and zero padding, done in
+the weights' dtype: no float64 round trip is needed."""
 
 from __future__ import annotations
 
@@ -32,22 +32,24 @@ def _concat_heads(blocks, dim: int):
     return w.flatten(0, 1), b.flatten(0, 1)
 
 
-def merge_heads(atts, mode: str):
-    """Params of the merged attention op, where branch i's output columns land in it, and its mask arguments.
+def collapse_heads(atts):
+    """The merged op of attentions with joined logits (docs/identities.md §3): they share q/k, and each head's
+    values are the concatenation of theirs. Returns (params, heads, where branch i's output columns land,
+    output width, mask arguments)."""
+    H = atts[0].num_heads
+    dv = [a.head_widths()[2] for a in atts]
+    offsets = [sum(dv[:i]) for i in range(len(atts))]
+    columns = [torch.cat([torch.arange(h * sum(dv) + off, h * sum(dv) + off + dvi) for h in range(H)])
+               for off, dvi in zip(offsets, dv)]
+    v_weight, v_bias = _concat_heads([_head_blocks(a, "v") for a in atts], 1)
+    params = {key: getattr(atts[0], key) for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
+    params.update(v_weight=v_weight, v_bias=v_bias)
+    return params, H, columns, H * sum(dv), atts[0].masking()
 
-    Only concatenation and zero padding: done in the weights' dtype, no float64 round trip.
-    collapse: the ops share q/k (joined logits); each head's values are the concatenation of theirs.
-    widen: the heads of all ops side by side, q/k and v head widths zero-padded to the largest."""
-    if mode == "collapse":
-        H = atts[0].num_heads
-        dv = [a.head_widths()[2] for a in atts]
-        offsets = [sum(dv[:i]) for i in range(len(atts))]
-        columns = [torch.cat([torch.arange(h * sum(dv) + off, h * sum(dv) + off + dvi) for h in range(H)])
-                   for off, dvi in zip(offsets, dv)]
-        v_weight, v_bias = _concat_heads([_head_blocks(a, "v") for a in atts], 1)
-        params = {key: getattr(atts[0], key) for key in ("q_weight", "q_bias", "k_weight", "k_bias")}
-        params.update(v_weight=v_weight, v_bias=v_bias)
-        return params, H, columns, H * sum(dv), atts[0].masking()
+
+def widen_heads(atts):
+    """The merged op of parallel attentions (docs/identities.md §2): the heads of all side by side, q/k and v
+    head widths zero-padded to the largest. Returns what ``collapse_heads`` returns."""
     dqk = max(a.head_widths()[1] for a in atts)
     dv = max(a.head_widths()[2] for a in atts)
     params, columns, heads = {}, [], 0

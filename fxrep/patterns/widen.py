@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from .. import algebra, cost
-from ..attention.merge import merge_heads, same_logits
+from ..attention.merge import collapse_heads, same_logits, widen_heads
 from ..ir import (
     activation_key,
     as_linear,
@@ -159,21 +159,38 @@ class WidenMLP:
 
 
 class _MergeAttention:
-    """A group pattern (``fxrep.pattern.GroupPattern``) over attention branches with one sibling key."""
+    """A group pattern (``fxrep.pattern.GroupPattern``) over attention branches with one sibling key; a
+    subclass says which groups merge (``match_group``) and how (``merge``: ``collapse_heads`` or
+    ``widen_heads``); ``suffix`` names the merged node."""
 
     phase = "fuse"
-    mode = ""
 
     def group_key(self, node, ctx):
         return sibling_keys(ctx, "attention").get(node)
 
-    def near_misses(self, ctx) -> list:
-        return sibling_near_misses(ctx, "attention") if self.mode == "widen" else []
+    def replace(self, match, ctx):
+        atts = [attention_view(n) for n in match.nodes]
+        params, heads, columns, total, masking = self.merge(atts)
+        graph = ctx.graph
+        readers = [u for n in match.nodes for u in n.users]
+        with graph.inserting_before(_first(readers, ctx)):
+            merged = emit_attention(graph, atts[0].input, params, heads, atts[0].dtype,
+                                    f"{match.nodes[0].name}_{self.suffix}", merge_origins(match.nodes),
+                                    # built here
+                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)},
+                                    **masking)
+        _repoint_readers(ctx, match.nodes, merged, columns, total)
+        return {"heads": heads}
+
+
+class CollapseAttention(_MergeAttention):
+    """Branches whose logits are joined (the same q/k) share one softmax, at any shape."""
+
+    name, suffix = "collapse_attention", "collapse"
+    merge = staticmethod(collapse_heads)
 
     def match_group(self, nodes, ctx):
-        if self.mode == "widen":
-            return _priced(Match(nodes, None, self._summary(nodes)), ctx, self._decision(nodes, ctx))
-        parts: list[list] = []  # collapsing: the branches with one q/k share one softmax, at any shape
+        parts: list[list] = []
         for n in nodes:
             for part in parts:
                 if same_logits(attention_view(part[0]), attention_view(n)):
@@ -181,7 +198,23 @@ class _MergeAttention:
                     break
             else:
                 parts.append([n])
-        return [Match(p, None, self._summary(p)) for p in parts if len(p) > 1]
+        return [Match(p, None, f"{len(p)} attention branches with joined logits -> one attention")
+                for p in parts if len(p) > 1]
+
+
+class WidenAttention(_MergeAttention):
+    """Parallel attention branches become one with all their heads, where the cost model says it pays."""
+
+    name, suffix = "widen_attention", "widen"
+    merge = staticmethod(widen_heads)
+
+    def near_misses(self, ctx) -> list:
+        return sibling_near_misses(ctx, "attention")
+
+    def match_group(self, nodes, ctx):
+        heads = sum(attention_view(n).num_heads for n in nodes)
+        summary = f"{len(nodes)} parallel attention branches -> one attention with {heads} heads"
+        return _priced(Match(nodes, None, summary), ctx, self._decision(nodes, ctx))
 
     @staticmethod
     def _decision(nodes, ctx):
@@ -197,37 +230,7 @@ class _MergeAttention:
         out_features = widths[0] if len(set(widths)) == 1 else None
 
         def merge():
-            params, heads, columns, total, _ = merge_heads(atts, "widen")
+            params, heads, columns, total, _ = widen_heads(atts)
             return (params, heads, total) + ((columns,) if out_features is None else ())
         return cost.decide(ctx, cost.attention_group(shape, branches, merge, out_features, options,
                                                      atts[0].dtype))
-
-    def _summary(self, nodes) -> str:
-        if self.mode == "collapse":
-            return f"{len(nodes)} attention branches with joined logits -> one attention"
-        heads = sum(attention_view(n).num_heads for n in nodes)
-        return f"{len(nodes)} parallel attention branches -> one attention with {heads} heads"
-
-    def replace(self, match, ctx):
-        atts = [attention_view(n) for n in match.nodes]
-        params, heads, columns, total, masking = merge_heads(atts, self.mode)
-        graph = ctx.graph
-        readers = [u for n in match.nodes for u in n.users]
-        with graph.inserting_before(_first(readers, ctx)):
-            merged = emit_attention(graph, atts[0].input, params, heads, atts[0].dtype,
-                                    match.nodes[0].name + "_" + self.mode, merge_origins(match.nodes),
-                                    # built here
-                                    owned={k for k, t in params.items() if t is not getattr(atts[0], k)},
-                                    **masking)
-        _repoint_readers(ctx, match.nodes, merged, columns, total)
-        return {"heads": heads}
-
-
-class CollapseAttention(_MergeAttention):
-    name = "collapse_attention"
-    mode = "collapse"
-
-
-class WidenAttention(_MergeAttention):
-    name = "widen_attention"
-    mode = "widen"
