@@ -127,14 +127,21 @@ def _cleanup(ctx: FuseContext, pattern) -> None:
     """Erase what the rewrites replaced (``ctx.replace_node``; an in-place or impure node a pattern replaced
     is its responsibility, and dead-code elimination would keep it), then dead code."""
     graph = ctx.graph
-    replaced = {n: new for n, new in ctx.replaced_since_cleanup().items() if n.graph is graph}
-    _redirect_stale_reads(graph, {n: new for n, new in replaced.items() if n.users}, pattern)
-    replaced.update((n, None) for n in ctx.removed_since_cleanup() if n.graph is graph)
+    replaced = _rewritten(ctx, pattern)
     for node in reversed(graph.nodes):
         if node in replaced and not node.users:
             graph.erase_node(node)
     _eliminate_dead_code(graph)
     ctx.invalidate()
+
+
+def _rewritten(ctx: FuseContext, pattern) -> set:
+    """The nodes of this graph the rewrites since the last cleanup replaced or removed, with every read of a
+    replaced node that is still left pointed at its replacement."""
+    graph = ctx.graph
+    replaced = {n: new for n, new in ctx.replaced_since_cleanup().items() if n.graph is graph}
+    _redirect_stale_reads(graph, {n: new for n, new in replaced.items() if n.users}, pattern)
+    return set(replaced) | {n for n in ctx.removed_since_cleanup() if n.graph is graph}
 
 
 def _redirect_stale_reads(graph: fx.Graph, stale: dict, pattern) -> None:
@@ -308,9 +315,7 @@ def _erase_rewritten(ctx: FuseContext, pattern) -> set:
     """Erase what one rewrite replaced or removed, then what that leaves dead, looking only at those nodes
     and their inputs (a whole-graph sweep per rewrite would make a pass quadratic). Returns the erased."""
     graph = ctx.graph
-    replaced = {n: new for n, new in ctx.replaced_since_cleanup().items() if n.graph is graph}
-    _redirect_stale_reads(graph, {n: new for n, new in replaced.items() if n.users}, pattern)
-    explicit = set(replaced) | {n for n in ctx.removed_since_cleanup() if n.graph is graph}
+    explicit = _rewritten(ctx, pattern)
     gone: set = set()
     stack = list(explicit)
     while stack:
