@@ -33,15 +33,11 @@ from .ir import as_layer_norm, as_linear, as_sdpa, as_softmax, bind, input_of
 from .ir.effects import is_elementwise
 from .ir.layout import as_permute, as_reshape
 from .ir.readers import is_call
+from .ir.targets import is_op
 from .pattern import Match
 from .report import Applied
 
 aten = torch.ops.aten
-_SELECT = {torch.select, aten.select.int}
-_NARROW = {torch.narrow}
-_FLATTEN = {torch.flatten}
-_REDUCTIONS = {torch.sum, torch.mean}
-_UNFLATTEN = {torch.unflatten}
 
 
 def _shape(node) -> tuple | None:
@@ -64,7 +60,7 @@ def row_request(node: fx.Node):
         return None
     if node.op == "call_function" and node.target is operator.getitem:
         return _indexing(source, shape, node.args[1])
-    if is_call(node, _SELECT) or (node.op == "call_method" and node.target == "select"):
+    if is_op(node, "select") or is_call(node, {aten.select.int}):
         args = bind(node)
         if args is None or not _int(args.get("dim")) or not _int(args.get("index")):
             return None
@@ -77,7 +73,7 @@ def row_request(node: fx.Node):
             return None
         axis, start, stop = found
         return _bounded(source, shape, axis, start, stop, False)
-    if is_call(node, _NARROW) or (node.op == "call_method" and node.target == "narrow"):
+    if is_op(node, "narrow"):
         args = bind(node)
         if args is None or not all(_int(args.get(k)) for k in ("dim", "start", "length")):
             return None
@@ -229,8 +225,7 @@ def _attention(sdpa, axis: int, rank: int) -> dict:
 def _flattening(node, axis: int, rank: int):
     """Cuts through ``unflatten``/``flatten``/``reshape``/``view`` where the axis stays one axis; None where
     ``node`` is none of them."""
-    is_unflatten = is_call(node, _UNFLATTEN) or (node.op == "call_method" and node.target == "unflatten")
-    is_flatten = is_call(node, _FLATTEN) or (node.op == "call_method" and node.target == "flatten")
+    is_unflatten, is_flatten = is_op(node, "unflatten"), is_op(node, "flatten")
     if not (is_unflatten or is_flatten):
         view = as_reshape(node)
         if view is None:
@@ -259,7 +254,7 @@ def _flattening(node, axis: int, rank: int):
 def _reduction(node, axis: int):
     """Cuts through ``sum``/``mean`` over other axes (the rank-aware attention sums its heads); None where
     ``node`` is neither."""
-    if not (is_call(node, _REDUCTIONS) or (node.op == "call_method" and node.target in ("sum", "mean"))):
+    if not is_op(node, "sum", "mean"):
         return None
     args = bind(node)
     x = args.get("input") if args else None

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .binding import bind
-from .readers import arith_kind, as_linear, as_sdpa, is_call
-
-_PERMUTES = {torch.permute, torch.transpose, torch.swapaxes}
-_RESHAPES = {torch.reshape}
+from .binding import bind, input_of
+from .readers import arith_kind, as_linear, as_sdpa
+from .targets import is_op
 
 
 def rank(node, depth: int = 0) -> int | None:
@@ -43,9 +41,8 @@ def rank(node, depth: int = 0) -> int | None:
     sdpa = as_sdpa(node)
     if sdpa is not None:
         return rank(sdpa.query, depth + 1)
-    if is_call(node, {torch.flatten, torch.unflatten}) or (node.op == "call_method" and
-                                                           node.target in ("flatten", "unflatten")):
-        return _flattened_rank(node, rank(node.args[0], depth + 1) if node.args else None)
+    if is_op(node, "flatten", "unflatten"):
+        return _flattened_rank(node, rank(input_of(node), depth + 1))
     if arith_kind(node) in ("add", "sub", "mul", "div") and not node.kwargs:
         ranks = [rank(a, depth + 1) if isinstance(a, fx.Node) else 0 for a in node.args]
         return None if None in ranks or not ranks else max(ranks)
@@ -88,8 +85,7 @@ def _permute_args(node):
         dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
         dims = tuple(node.kwargs.get("dims", dims))
         return (node.args[0], dims, False) if isinstance(node.args[0], fx.Node) else None
-    if not (is_call(node, _PERMUTES) or (node.op == "call_method" and node.target in ("transpose",
-                                                                                      "swapaxes"))):
+    if not is_op(node, "permute", "transpose", "swapaxes"):  # the permute method is read above
         return None
     args = bind(node)
     if args is None or not isinstance(args.get("input"), fx.Node):
@@ -139,7 +135,7 @@ def as_reshape(node) -> ReshapeView | None:
     if node.op == "call_method" and node.target in ("reshape", "view") and not node.kwargs:
         shape = node.args[1:]
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (list, tuple)) else tuple(shape)
-    elif is_call(node, _RESHAPES):
+    elif node.op == "call_function" and is_op(node, "reshape"):
         args = bind(node)
         if args is None or not isinstance(args.get("shape"), (list, tuple)):
             return None

@@ -7,8 +7,7 @@ import torch
 from torch import fx
 
 from .binding import bind
-from .readers import is_call
-from .targets import MATMUL_TARGETS
+from .targets import is_op
 
 
 def matmul_operands(node) -> tuple | None:
@@ -27,7 +26,7 @@ def einsum_operands(node) -> tuple | None:
 
 
 def is_matmul(node: fx.Node) -> bool:
-    return is_call(node, MATMUL_TARGETS) or (node.op == "call_method" and node.target in ("matmul", "bmm"))
+    return is_op(node, "matmul")
 
 
 def einsum_kind(node: fx.Node) -> str | None:

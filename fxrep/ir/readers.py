@@ -23,7 +23,7 @@ from .targets import (
     LAYER_NORM_TARGETS,
     LINEAR_TARGETS,
     SDPA_TARGETS,
-    SOFTMAX_TARGETS,
+    is_op,
 )
 
 
@@ -244,8 +244,7 @@ def activation_key(node) -> tuple | None:
 
 def is_softmax(node) -> bool:
     """``F.softmax`` / ``torch.softmax`` / ``x.softmax(...)`` (nn.Softmax is functionalized to the first)."""
-    return isinstance(node, fx.Node) and (is_call(node, SOFTMAX_TARGETS) or
-                                          (node.op == "call_method" and node.target == "softmax"))
+    return isinstance(node, fx.Node) and is_op(node, "softmax")
 
 
 @dataclass

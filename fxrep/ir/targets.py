@@ -30,7 +30,6 @@ def _where(prop: str) -> tuple[set, set]:
 LINEAR_TARGETS = _functions("linear")
 LAYER_NORM_TARGETS = _functions("layer_norm")
 SDPA_TARGETS = _functions("scaled_dot_product_attention")
-SOFTMAX_TARGETS = _functions("softmax")
 MATMUL_TARGETS = _functions("matmul")
 DROPOUT_TARGETS = _functions("dropout")
 STACK_TARGETS = _functions("stack")
@@ -65,6 +64,15 @@ def module_spelling(module: nn.Module):
         if cls in MODULES:
             return MODULES[cls] if type(module).forward is cls.forward else None
     return None
+
+
+def is_op(node, *names: str) -> bool:
+    """Whether ``node`` calls a torch-level spelling (function or Tensor method) of one of the named ops."""
+    if node.op == "call_function":
+        return any(node.target in SPECS[n].functions for n in names)
+    if node.op == "call_method":
+        return any(node.target in SPECS[n].methods for n in names)
+    return False
 
 
 def is_identity_module(module: nn.Module) -> bool:
