@@ -174,3 +174,41 @@ def test_everything_else_is_private_by_name(module):
     extra = [n for n in dir(mod) if not n.startswith("_") and n not in mod.__all__
              and not isinstance(getattr(mod, n), types.ModuleType)]
     assert not extra, f"{module} has public names outside __all__: {extra}"
+
+
+def _dotted(node) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+# the two op sets that are not about ops fxrep understands: Python's in-place operators, and the functions
+# whose values do not depend on tensor values (the shape arithmetic the attention probe evaluates)
+_NOT_OP_KNOWLEDGE = {("fxrep/ir/targets.py", "INPLACE_OPERATORS"),
+                     ("fxrep/ir/targets.py", "SHAPE_ARITHMETIC")}
+
+
+def test_what_fxrep_knows_about_an_op_is_declared_only_in_its_spec():
+    """No module but ``ir/known_ops.py`` writes a table of torch callables, ATen overloads or module classes
+    (two or more in one literal at module level): every other table is derived from the op specs. Tables of
+    dtypes are not op knowledge."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        if rel == "fxrep/ir/known_ops.py":
+            continue
+        for statement in ast.parse(path.read_text()).body:
+            if not isinstance(statement, (ast.Assign, ast.AnnAssign)) or statement.value is None:
+                continue
+            value = statement.value
+            elements = value.keys if isinstance(value, ast.Dict) else getattr(value, "elts", [])
+            refs = [d for e in elements if e is not None and (d := _dotted(e))
+                    and d.split(".")[0] in ("torch", "F", "aten", "operator", "nn")
+                    and not d.startswith(("torch.float", "torch.bfloat", "torch.int", "torch.uint"))]
+            target = statement.targets[0] if isinstance(statement, ast.Assign) else statement.target
+            name = getattr(target, "id", "?")
+            if len(refs) >= 2 and (rel, name) not in _NOT_OP_KNOWLEDGE:
+                found.append(f"{rel}: {name} = {refs}")
+    assert not found, "op tables outside the specs (fxrep/ir/known_ops.py):\n" + "\n".join(found)

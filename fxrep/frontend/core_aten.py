@@ -33,10 +33,11 @@ from ..ir import bind
 from ..ir.evaluate import evaluate
 from ..ir.recorded import recorded_shape
 from ..ir.recorded import same_shape as _same
+from ..ir.targets import SPECS
 from ..pattern import FRONTEND, Match
 
 aten = torch.ops.aten
-_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_VIEWS = (*SPECS["view"].aten, *SPECS["reshape"].aten)  # view, reshape, _unsafe_view
 
 
 def _only_reader(node, reader) -> bool:
