@@ -38,7 +38,7 @@ REDUCTIONS = {f: n for n in ("sum", "mean") for f in SPECS[n].functions}   # and
 # Arithmetic: (kind, functions, method name). ``ir.readers.arith_kind`` is the one classifier over this.
 ARITHMETIC = tuple((n, set(SPECS[n].functions), SPECS[n].methods[0])
                    for n in ("add", "sub", "mul", "div", "neg"))
-ADD_TARGETS, SUB_TARGETS, MUL_TARGETS, DIV_TARGETS, NEG_TARGETS = (targets for _, targets, _ in ARITHMETIC)
+NEG_TARGETS = _functions("neg")
 ARITHMETIC_TARGETS = set().union(*(targets for _, targets, _ in ARITHMETIC))
 
 # Activations: function -> name, method -> name, name -> ((variant argument, default), ...)
