@@ -3,8 +3,9 @@
 - ``drop_identity``: Identity, Dropout and DropPath modules and ``F.dropout(training=False)`` are the identity
   at inference; their uses read the input instead. ``.contiguous()`` is dropped only where no reader can
   tell (``ir.layout_sensitive_reader``): before a ``view``, an in-place op or the output it stays.
-- ``functionalize_modules``: ``nn.Linear`` / ``nn.LayerNorm`` / activation modules become their functional
-  calls on ``get_attr`` parameters (``nn.LayerNorm`` and timm's ``F.layer_norm`` then look the same). An
+- ``functionalize_modules``: a module of a class an op spec declares (``nn.Linear``, ``nn.LayerNorm``,
+  ``nn.Softmax``, the activations; ``fxrep.ir.known_ops``) becomes the functional call its spec says it stands
+  for, on ``get_attr`` parameters (``nn.LayerNorm`` and timm's ``F.layer_norm`` then look the same). An
   in-place activation module (``nn.ReLU(inplace=True)``) becomes an out-of-place call only where nothing else
   can see the write: its input owns its memory and has no other reader.
 - ``fold_constants``: an op whose inputs are all constants and whose result is a scalar or a per-channel
