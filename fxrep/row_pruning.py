@@ -3,19 +3,22 @@
 The same rewrite as ``fxrep.export.rows`` (which works on the ATen graphs ``torch.export`` writes), on the ops
 a traced and fused model is made of: a row selection (``x[:, 0]``, ``x[:, a:b]``, ``select``, ``narrow``)
 moves up through every op that maps rows to rows on that axis, and the op is computed on the selected rows of
-its inputs (``narrow`` views). Rules, per op, for a selection on output axis ``a``:
+its inputs (``narrow`` views). How each op maps rows is its rule in ``fxrep.row_rules``, found by the
+``rows`` its op spec declares:
 
 - elementwise ops (arithmetic with broadcasting, activations, casts): each operand that has the axis with
   more than one row is cut; an operand of size 1 there (or without the axis) is read whole;
-- ``F.linear`` (``a`` not the last axis), ``F.layer_norm`` (``a`` not a normalized axis), softmax over another
-  axis: the input is cut;
+- Linear (not the last axis), LayerNorm (not a normalized axis), softmax over another axis, ``a @ b`` (the
+  rows of ``a``), a slice of another axis, ``sum``/``mean`` over other axes, dropout that drops nothing: the
+  input is cut;
 - ``F.scaled_dot_product_attention``: on the query axis the query and the mask's query rows are cut (keys and
   values are read whole); on a batch or head axis every operand is cut; causal or dropout attention stops;
-- ``transpose``/``permute``, ``unflatten``/``flatten``, ``reshape``/``view`` move the axis where it stays one
-  axis (a view's literal row count becomes the selected count).
+- ``transpose``/``permute``, ``unsqueeze``, ``unflatten``/``flatten``, ``reshape``/``view`` move the axis
+  where it stays one axis (a view's literal row count becomes the selected count).
 
-Anything else (a Linear over the token axis, a reduction, a split read by others) keeps the selection where
-it is. Shapes come from shape propagation on the example inputs, which is rerun after each pass.
+Anything else (a Linear over the token axis, a reduction over the rows, a split read by others) keeps the
+selection where it is. Shapes come from shape propagation on the example inputs, which is rerun after each
+pass.
 """
 
 from __future__ import annotations
@@ -29,20 +32,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .engine import run_upward
 from .equivalence import compare_outputs
 from .errors import InternalError
-from .ir import as_layer_norm, as_linear, as_sdpa, as_softmax, bind, input_of
-from .ir.effects import is_elementwise
-from .ir.layout import as_permute, as_reshape
+from .ir import bind, input_of
+from .ir.layout import as_reshape
 from .ir.readers import is_call
 from .ir.targets import is_op
 from .pattern import Match
 from .report import Applied
+from .row_rules import Stop, cuts, shape_of
 
 aten = torch.ops.aten
-
-
-def _shape(node) -> tuple | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
 # --- which rows a node asks for -----------------------------------------------------------------------------
@@ -55,7 +53,7 @@ def row_request(node: fx.Node):
     """``(source, axis, start, stop, squeeze)`` when ``node`` selects rows ``start:stop`` of one axis of
     ``source`` (``squeeze``: the axis is dropped, as ``x[:, 0]`` and ``select`` do); else None."""
     source = input_of(node) if node.op in ("call_function", "call_method") else None
-    shape = _shape(source)
+    shape = shape_of(source)
     if shape is None:
         return None
     if node.op == "call_function" and node.target is operator.getitem:
@@ -128,7 +126,7 @@ def _reads_shape_only(user: fx.Node, node: fx.Node) -> bool:
 def _expand_sizes(user: fx.Node) -> list | None:
     """The sizes to write ``x.expand_as(node)`` as ``x.expand(sizes)`` with (-1 where ``x`` has the size
     already, so a dynamic batch stays dynamic); None where a size differs and is not static."""
-    source, target = _shape(user.args[0]), _shape(user.args[1])
+    source, target = shape_of(user.args[0]), shape_of(user.args[1])
     if source is None or target is None or len(source) != len(target):
         return None
     return [-1 if s == t else t for s, t in zip(source, target)]
@@ -151,134 +149,17 @@ def shared_request(node: fx.Node, request_of=None, reads_shape_only=None):
     return keys.pop() if len(keys) == 1 else None
 
 
-# --- how an op computes some rows of its output ---------------------------------------------------------
-
-class _Stop(Exception):
-    pass
-
-
-def _operand_axis(operand, axis: int, rank: int):
-    """The axis of a broadcast operand that carries output axis ``axis``, or None (read it whole)."""
-    shape = _shape(operand)
-    if shape is None:
-        raise _Stop  # a tensor operand of unknown shape
-    a = axis - (rank - len(shape))
-    return a if a >= 0 and shape[a] != 1 else None
-
-
-def _cuts(node: fx.Node, axis: int) -> dict:
-    """{input node: the axis to cut it on, or None to read it whole} for the op of ``node`` computing rows of
-    output axis ``axis``; raises _Stop where the op does not map rows to rows there."""
-    rank = len(_shape(node))
-    tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
-    lin = as_linear(node)
-    if lin is not None:
-        return _single(node, lin.input, axis, axis != rank - 1)
-    ln = as_layer_norm(node)
-    if ln is not None:
-        return _single(node, ln.input, axis, axis < rank - len(ln.normalized_shape))
-    sm = as_softmax(node)
-    if sm is not None:
-        return _single(node, sm.input, axis, _int(sm.dim) and axis != sm.dim % rank)
-    sdpa = as_sdpa(node)
-    if sdpa is not None:
-        return _attention(sdpa, axis, rank)
-    permute = as_permute(node)
-    if permute is not None:
-        return _single(node, permute.input, permute.perm[axis], True)
-    moved = _flattening(node, axis, rank)
-    if moved is not None:
-        return moved
-    reduced = _reduction(node, axis)
-    if reduced is not None:
-        return reduced
-    if node.op == "call_function" and node.target is aten.slice.Tensor:  # rows of another axis
-        x = input_of(node)
-        other = _aten_slice(node, _shape(x))
-        return _single(node, x, axis, other is not None and other[0] != axis)
-    if is_elementwise(node):  # inputs without a tensor shape are Python values (sizes, scalars): read whole
-        return {a: _operand_axis(a, axis, rank) for a in tensors}
-    raise _Stop
-
-
-def _single(node, x, x_axis, ok: bool) -> dict:
-    """``x`` cut on ``x_axis``, every other input (weights) read whole."""
-    if not ok or not isinstance(x, fx.Node):
-        raise _Stop
-    return {a: (x_axis if a is x else None) for a in node.all_input_nodes}
-
-
-def _attention(sdpa, axis: int, rank: int) -> dict:
-    if sdpa.is_causal is not False or sdpa.dropout_p not in (0, 0.0) or sdpa.enable_gqa is not False or \
-            axis == rank - 1:
-        raise _Stop
-    cuts = {n: None for n in sdpa.node.all_input_nodes}
-    cuts[sdpa.query] = axis
-    if axis < rank - 2:  # a batch or head axis: every operand's
-        for n in (sdpa.key, sdpa.value):
-            cuts[n] = _operand_axis(n, axis, rank)
-    if isinstance(sdpa.attn_mask, fx.Node):
-        cuts[sdpa.attn_mask] = _operand_axis(sdpa.attn_mask, axis, rank)
-    return cuts
-
-
-def _flattening(node, axis: int, rank: int):
-    """Cuts through ``unflatten``/``flatten``/``reshape``/``view`` where the axis stays one axis; None where
-    ``node`` is none of them."""
-    is_unflatten, is_flatten = is_op(node, "unflatten"), is_op(node, "flatten")
-    if not (is_unflatten or is_flatten):
-        view = as_reshape(node)
-        if view is None:
-            return None
-        before, after = _shape(view.input), _shape(node)
-        if before is None or before[:axis + 1] != after[:axis + 1] or len(view.shape) != len(after) or \
-                isinstance(view.shape[axis], fx.Node):
-            raise _Stop  # the rows' axis is merged or split, or its size is computed
-        return {a: (axis if a is view.input else None) for a in node.all_input_nodes}
-    args = bind(node)
-    x = args.get("input") if args else None
-    in_rank = len(_shape(x)) if isinstance(x, fx.Node) and _shape(x) is not None else None
-    if in_rank is None:
-        raise _Stop
-    if is_unflatten:
-        dim, sizes = args["dim"] % in_rank, args["sizes"]
-        if axis < dim:
-            return _single(node, x, axis, True)
-        return _single(node, x, axis - len(sizes) + 1, axis >= dim + len(sizes))
-    start, end = args.get("start_dim", 0) % in_rank, args.get("end_dim", -1) % in_rank
-    if axis < start:
-        return _single(node, x, axis, True)
-    return _single(node, x, axis + end - start, axis > start)
-
-
-def _reduction(node, axis: int):
-    """Cuts through ``sum``/``mean`` over other axes (the rank-aware attention sums its heads); None where
-    ``node`` is neither."""
-    if not is_op(node, "sum", "mean"):
-        return None
-    args = bind(node)
-    x = args.get("input") if args else None
-    dims = args.get("dim") if args else None
-    x_shape = _shape(x) if isinstance(x, fx.Node) else None
-    if x_shape is None or dims is None or args.get("dtype") is not None:
-        raise _Stop  # a reduction over every axis, or of unknown shape
-    dims = {d % len(x_shape) for d in (dims if isinstance(dims, (list, tuple)) else (dims,))}
-    kept = list(range(len(x_shape))) if args.get("keepdim") else \
-        [d for d in range(len(x_shape)) if d not in dims]
-    return _single(node, x, kept[axis], kept[axis] not in dims)
-
-
-def _rebuilt(graph: fx.Graph, node: fx.Node, cuts: dict, axis: int, start: int, stop: int) -> fx.Node:
+def _rebuilt(graph: fx.Graph, node: fx.Node, cut: dict, axis: int, start: int, stop: int) -> fx.Node:
     """``node``'s op on its inputs cut to rows ``start:stop`` (before ``node``)."""
     narrowed = {}
     with graph.inserting_before(node):
-        for x, x_axis in cuts.items():
+        for x, x_axis in cut.items():
             if x_axis is not None:
                 narrowed[x] = graph.call_function(torch.narrow, (x, x_axis, start, stop - start))
         new = graph.node_copy(node, lambda n: narrowed.get(n, n))
         new.meta.pop("tensor_meta", None)  # its shape has fewer rows: propagated again before the next pass
         view = as_reshape(node)
-        if view is not None:  # the view's literal row count is the selected count now (checked in _cuts)
+        if view is not None:  # the view's literal row count is the selected count now (checked by its rule)
             shape = list(view.shape)
             if shape[axis] != -1:
                 shape[axis] = stop - start
@@ -289,12 +170,12 @@ def _rebuilt(graph: fx.Graph, node: fx.Node, cuts: dict, axis: int, start: int, 
 class MoveRowSelectionUp:
     """The row move as a pattern: where every reader of a node asks for the same rows of it (or reads only its
     shape), the node computed on those rows of its inputs replaces the readers, and the requests move to the
-    inputs (the rules: ``_cuts``). Run from the outputs up (``engine.run_upward``)."""
+    inputs (the rules: ``fxrep.row_rules``). Run from the outputs up (``engine.run_upward``)."""
 
     name, phase = "prune_unread_rows", "rows"
 
     def match(self, node, ctx):
-        if node.op not in ("call_function", "call_method") or not node.users or _shape(node) is None:
+        if node.op not in ("call_function", "call_method") or not node.users or shape_of(node) is None:
             return None
         request = shared_request(node)
         if request is None:
@@ -304,19 +185,19 @@ class MoveRowSelectionUp:
         if None in sizes:
             return None
         try:
-            cuts = _cuts(node, request[0])
-        except _Stop:
+            cut = cuts(node, request[0])
+        except Stop:
             return None
         reads = _flat_args(node)
-        if any(x_axis is not None and sum(a is x for a in reads) > 1 for x, x_axis in cuts.items()):
+        if any(x_axis is not None and sum(a is x for a in reads) > 1 for x, x_axis in cut.items()):
             return None  # an input read twice, once cut and once whole: node_copy would cut both
-        return Match((node, *node.users), (request, cuts, list(zip(shape_readers, sizes))),
+        return Match((node, *node.users), (request, cut, list(zip(shape_readers, sizes))),
                      f"{node.target} on rows {request[1]}:{request[2]} of axis {request[0]}")
 
     def replace(self, match, ctx):
-        node, (request, cuts, shape_readers) = match.nodes[0], match.data
+        node, (request, cut, shape_readers) = match.nodes[0], match.data
         graph, (axis, start, stop) = ctx.graph, request
-        new = _rebuilt(graph, node, cuts, axis, start, stop)
+        new = _rebuilt(graph, node, cut, axis, start, stop)
         for user, size in shape_readers:
             with graph.inserting_before(user):
                 ctx.replace_node(user, graph.call_method("expand", (input_of(user), *size)))

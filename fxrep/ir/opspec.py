@@ -18,8 +18,9 @@ every call of the op):
 - ``layout_resetting``: the result does not depend on the input's strides (Linear, LayerNorm).
 - ``random``: the result is random; never merged, folded or evaluated ahead of time.
 - ``guard``: a run-time check with no result; never dead code.
-- ``rows``: how the op maps requested rows of its output to rows of its inputs, named by the row rule that
-  knows it (``fxrep.export.rows.rules``); elementwise ops default to ``"elementwise"``.
+- ``rows``: how the op maps requested rows of its output to rows of its inputs, the name of its row rule
+  (``fxrep.row_rules`` for torch-level graphs, ``fxrep.export.rows.rules`` for ATen programs: both are
+  found by this name); elementwise ops default to ``"elementwise"``.
 """
 
 from __future__ import annotations

@@ -75,6 +75,22 @@ def is_op(node, *names: str) -> bool:
     return False
 
 
+_BY_FUNCTION = {f: s for s in OPS for f in (*s.functions, *s.aten)}
+_BY_METHOD = {m: s for s in OPS for m in s.methods}
+
+
+def spec_of(node) -> OpSpec | None:
+    """The spec of the op ``node`` calls (a torch function, an ATen overload or a Tensor method), or None."""
+    if node.op == "call_function":
+        try:
+            return _BY_FUNCTION.get(node.target)
+        except TypeError:  # an unhashable callable: not one of the specs'
+            return None
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    return None
+
+
 def is_identity_module(module: nn.Module) -> bool:
     found = module_spelling(module)
     return found is not None and found[1] is IDENTITY

@@ -21,8 +21,11 @@ from ...row_pruning import shared_request
 aten = torch.ops.aten
 
 
-# --- which rows a node asks for
-# -------------------------------------------------------------------------------
+class _Stop(Exception):
+    """An operand the rule cannot cut: the request stays where it is."""
+
+
+# --- which rows a node asks for ----------------------------------------------------------------------------
 
 def _static_size(node, axis: int):
     shape = recorded_shape(node)
@@ -71,8 +74,7 @@ def _shared_request(node: fx.Node):
     return shared_request(node, row_request, _reads_shape_only)
 
 
-# --- moving a request through one op
-# --------------------------------------------------------------------------
+# --- moving a request through one op ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Planned:
@@ -113,14 +115,9 @@ class _Plan:
         return value(result)
 
 
-def _input(node: fx.Node) -> fx.Node:
-    """The tensor an op computes on (the schema's ``self``)."""
-    return input_of(node)
-
-
 def _same_call_on_rows(b: _Plan, node: fx.Node, axis: int, start: int, stop: int) -> _Planned:
     """``node``'s call, the same arguments, on rows ``start:stop`` of its input's axis ``axis``."""
-    return b.call(node.target, [b.rows(_input(node), axis, start, stop), *node.args[1:]], node.kwargs)
+    return b.call(node.target, [b.rows(input_of(node), axis, start, stop), *node.args[1:]], node.kwargs)
 
 
 def _elementwise(b: _Plan, node: fx.Node, axis: int, start: int, stop: int):
@@ -174,7 +171,7 @@ def _softmax(b, node, axis, start, stop):
 def _matmul(b, node, axis, start, stop):
     """Rows (axis -2) of ``A @ B`` are those rows of ``A``; ``A`` has the output's rank (``bmm``)."""
     rank = len(recorded_shape(node))
-    if axis != rank - 2 or len(recorded_shape(_input(node)) or ()) != rank:
+    if axis != rank - 2 or len(recorded_shape(input_of(node)) or ()) != rank:
         return None
     return _same_call_on_rows(b, node, axis, start, stop)
 
@@ -245,6 +242,31 @@ def _view(b, node, axis, start, stop):
     return b.call(aten.reshape.default, [b.rows(a["input"], own, start, stop), sizes])
 
 
+def _flatten(b, node, axis, start, stop):
+    """Axes before the flattened ones keep their place; those after it move up by the flattened count."""
+    a = bind(node)
+    in_rank = len(recorded_shape(a["input"]))
+    if not in_rank:
+        return None
+    first, last = a["start_dim"] % in_rank, a["end_dim"] % in_rank
+    if axis == first:
+        return None
+    return _same_call_on_rows(b, node, axis if axis < first else axis + last - first, start, stop)
+
+
+def _narrow(b, node, axis, start, stop):
+    """A slice of another axis: the same slice of the selected rows. One that keeps part of its axis is a
+    selection itself: it is moved through only by a selection of an earlier axis, so that two selections
+    settle in axis order instead of swapping places forever."""
+    a = bind(node)
+    dim = a["dim"] % len(recorded_shape(node))
+    if axis == dim:
+        return None
+    if not same_size(recorded_shape(node)[dim], recorded_shape(a["input"])[dim]) and axis > dim:
+        return None
+    return _same_call_on_rows(b, node, axis, start, stop)
+
+
 def _reduction(b, node, axis, start, stop):
     """``sum``/``mean`` over other axes: the same reduction of the selected rows."""
     a = bind(node)
@@ -283,7 +305,7 @@ _RULES_BY_NAME = {
     "linear": _linear, "layer_norm": _layer_norm, "softmax": _softmax, "matmul": _matmul,
     "attention": _attention, "transpose": _transpose, "permute": _permute, "unflatten": _unflatten,
     "unsqueeze": _unsqueeze, "reduction": _reduction, "cat": _cat, "dropout": _dropout, "view": _view,
-    "elementwise": _elementwise,
+    "flatten": _flatten, "narrow": _narrow, "elementwise": _elementwise,
 }
 
 #: ATen overload -> its row rule, for every overload of an op spec that names one (``OpSpec.rows``)
@@ -291,9 +313,3 @@ RULES = {op: _RULES_BY_NAME[spec.rows] for spec in OPS if spec.rows is not None 
 #: the ATen overloads of elementwise ops: a row of the output is computed from the same row of every operand
 #: that has that axis (an operand of size 1 there is read whole)
 ELEMENTWISE = frozenset(op for spec in OPS if spec.elementwise for op in spec.aten)
-
-
-
-
-class _Stop(Exception):
-    """An operand the rule cannot cut: the request stays where it is."""
