@@ -38,16 +38,12 @@ from .ir.readers import is_call
 from .ir.targets import is_op
 from .pattern import Match
 from .report import Applied
-from .row_rules import Stop, cuts, shape_of
+from .row_rules import Stop, cuts, is_int, shape_of
 
 aten = torch.ops.aten
 
 
 # --- which rows a node asks for -----------------------------------------------------------------------------
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def row_request(node: fx.Node):
     """``(source, axis, start, stop, squeeze)`` when ``node`` selects rows ``start:stop`` of one axis of
@@ -60,7 +56,7 @@ def row_request(node: fx.Node):
         return _indexing(source, shape, node.args[1])
     if is_op(node, "select") or is_call(node, {aten.select.int}):
         args = bind(node)
-        if args is None or not _int(args.get("dim")) or not _int(args.get("index")):
+        if args is None or not is_int(args.get("dim")) or not is_int(args.get("index")):
             return None
         axis = args["dim"] % len(shape)
         index = args["index"] % shape[axis]
@@ -73,7 +69,7 @@ def row_request(node: fx.Node):
         return _bounded(source, shape, axis, start, stop, False)
     if is_op(node, "narrow"):
         args = bind(node)
-        if args is None or not all(_int(args.get(k)) for k in ("dim", "start", "length")):
+        if args is None or not all(is_int(args.get(k)) for k in ("dim", "start", "length")):
             return None
         axis = args["dim"] % len(shape)
         start = args["start"] % shape[axis]
@@ -90,10 +86,10 @@ def _indexing(source, shape, index):
     if len(picked) != 1 or any(not isinstance(e, (slice, int)) or isinstance(e, bool) for e in index):
         return None
     axis, entry = picked[0]
-    if _int(entry):
+    if is_int(entry):
         i = entry % shape[axis]
         return _bounded(source, shape, axis, i, i + 1, True)
-    if entry.step not in (None, 1) or not all(b is None or _int(b) for b in (entry.start, entry.stop)):
+    if entry.step not in (None, 1) or not all(b is None or is_int(b) for b in (entry.start, entry.stop)):
         return None
     start, stop, _ = entry.indices(shape[axis])
     return _bounded(source, shape, axis, start, stop, False)
@@ -101,11 +97,11 @@ def _indexing(source, shape, index):
 
 def _aten_slice(node, shape):
     """(axis, start, stop) of ``aten.slice.Tensor(x, dim, start, end, step)`` with step 1, else None."""
-    args = list(node.args) + [None] * (5 - len(node.args))
-    axis = node.kwargs.get("dim", args[1] if args[1] is not None else 0)
-    start, stop = node.kwargs.get("start", args[2]), node.kwargs.get("end", args[3])
-    step = node.kwargs.get("step", args[4] if args[4] is not None else 1)
-    if not _int(axis) or step != 1 or not all(b is None or _int(b) for b in (start, stop)):
+    a = bind(node)
+    if a is None:
+        return None
+    axis, start, stop, step = a.get("dim", 0), a.get("start"), a.get("end"), a.get("step", 1)
+    if not is_int(axis) or step != 1 or not all(b is None or is_int(b) for b in (start, stop)):
         return None
     axis %= len(shape)
     return (axis, *slice(start, stop).indices(shape[axis])[:2])

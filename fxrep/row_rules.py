@@ -29,7 +29,8 @@ def shape_of(node) -> tuple | None:
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def _int(v) -> bool:
+def is_int(v) -> bool:
+    """A Python int (an axis or a bound), not a bool or a symbolic size."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -105,7 +106,7 @@ def _softmax(node, axis, rank):
     sm = as_softmax(node)
     if sm is None:
         raise Stop
-    return _single(node, sm.input, axis, _int(sm.dim) and axis != sm.dim % rank)
+    return _single(node, sm.input, axis, is_int(sm.dim) and axis != sm.dim % rank)
 
 
 def _attention(node, axis, rank):
@@ -183,7 +184,7 @@ def _narrow(node, axis, rank):
     axis order."""
     args, x, _ = _bound_input(node)
     dim = args.get("dim", 0)
-    if not _int(dim) or axis == dim % rank:
+    if not is_int(dim) or axis == dim % rank:
         raise Stop
     keeps_every_row = shape_of(node)[dim % rank] == shape_of(x)[dim % rank]
     return _single(node, x, axis, keeps_every_row or axis < dim % rank)
