@@ -3,9 +3,11 @@
 ``cuts(node, axis)`` answers, for the op ``node`` calls and a selection on its output axis ``axis``, which of
 its inputs to cut to the selected rows and on which of their axes (``None``: read it whole). The rule is
 found by the ``rows`` its op spec declares (``fxrep.ir.known_ops``), the same name the ATen rules of
-``fxrep.export.rows.rules`` are found by: whether an op maps rows to rows is written once, in its spec, and
-each graph level has its own reading of the op's arguments. A rows name without a rule here (``cat``, which
-has no torch-level spelling fxrep reads) stops the selection.
+``fxrep.export.rows.rules`` are found by: whether an op maps rows to rows is written once, in its spec. Each
+graph level reads the op's arguments its own way; which input axis carries the selected one is the same
+arithmetic on both (``unflatten_axis``, ``flatten_axis``, ``unsqueeze_axis``, ``reduction_axis``,
+``narrow_axis``), written once here. A rows name without a rule here (``cat``, which has no torch-level
+spelling fxrep reads) stops the selection.
 """
 
 from __future__ import annotations
@@ -72,6 +74,46 @@ def _bound_input(node):
     if not shape:  # unknown, or a 0-d tensor (no axis to select rows of)
         raise Stop
     return args, x, len(shape)
+
+
+# --- which input axis carries output axis ``axis`` (None: no single one does) -------------------------------
+# The arithmetic of the rules that move the axis, shared with the ATen rules (fxrep.export.rows.rules): each
+# level reads the arguments its own way, the axes map the same.
+
+def unflatten_axis(axis: int, dim: int, count: int) -> int | None:
+    """``unflatten(dim, sizes)`` into ``count`` axes (``dim`` of the input, non-negative)."""
+    if axis < dim:
+        return axis
+    return axis - count + 1 if axis >= dim + count else None
+
+
+def flatten_axis(axis: int, first: int, last: int) -> int | None:
+    """``flatten(first, last)`` (axes of the input, non-negative)."""
+    if axis < first:
+        return axis
+    return axis + last - first if axis > first else None
+
+
+def unsqueeze_axis(axis: int, dim: int) -> int | None:
+    """``unsqueeze(dim)`` (an axis of the output, non-negative)."""
+    if axis == dim:
+        return None
+    return axis if axis < dim else axis - 1
+
+
+def reduction_axis(axis: int, in_rank: int, dims, keepdim: bool) -> int | None:
+    """A reduction over ``dims`` of a rank-``in_rank`` input."""
+    dims = {d % in_rank for d in dims}
+    kept = list(range(in_rank)) if keepdim else [d for d in range(in_rank) if d not in dims]
+    return kept[axis] if kept[axis] not in dims else None
+
+
+def narrow_axis(axis: int, dim: int, keeps_every_row: bool) -> int | None:
+    """A slice along ``dim`` (non-negative). A slice that keeps part of its axis is a selection itself, and
+    two selections of different axes would swap places forever: it is moved through only by a selection of an
+    earlier axis, so that they settle in axis order. One that keeps every row (as export writes ``x[:, 0]``:
+    a whole slice of the batch axis, then a select) is not a selection."""
+    return axis if axis != dim and (keeps_every_row or axis < dim) else None
 
 
 # --- the rules, by the ``rows`` name of the op's spec ------------------------------------------------------
@@ -155,39 +197,35 @@ def _view(node, axis, rank):
     return _single(node, view.input, axis, True)
 
 
+def _moved(node, x, own) -> dict:
+    """``x`` cut on ``own``, the axis an ``*_axis`` function above found (None: stop)."""
+    return _single(node, x, own, own is not None)
+
+
 def _unflatten(node, axis, rank):
     args, x, in_rank = _bound_input(node)
-    dim, sizes = args["dim"] % in_rank, args["sizes"]
-    if axis < dim:
-        return _single(node, x, axis, True)
-    return _single(node, x, axis - len(sizes) + 1, axis >= dim + len(sizes))
+    return _moved(node, x, unflatten_axis(axis, args["dim"] % in_rank, len(args["sizes"])))
 
 
 def _flatten(node, axis, rank):
     args, x, in_rank = _bound_input(node)
-    start, end = args.get("start_dim", 0) % in_rank, args.get("end_dim", -1) % in_rank
-    if axis < start:
-        return _single(node, x, axis, True)
-    return _single(node, x, axis + end - start, axis > start)
+    first, last = args.get("start_dim", 0) % in_rank, args.get("end_dim", -1) % in_rank
+    return _moved(node, x, flatten_axis(axis, first, last))
 
 
 def _unsqueeze(node, axis, rank):
     args, x, _ = _bound_input(node)
-    dim = args["dim"] % rank
-    return _single(node, x, axis if axis < dim else axis - 1, axis != dim)
+    return _moved(node, x, unsqueeze_axis(axis, args["dim"] % rank))
 
 
 def _narrow(node, axis, rank):
-    """A slice (``narrow``, ``aten.slice``) of another axis: the same slice of the selected rows. A slice that
-    keeps part of its axis is a selection itself, and two selections of different axes would swap places
-    forever: such a slice is moved through only by a selection of an earlier axis, so that they settle in
-    axis order."""
+    """A slice (``narrow``, ``aten.slice``) of another axis: the same slice of the selected rows."""
     args, x, _ = _bound_input(node)
     dim = args.get("dim", 0)
-    if not is_int(dim) or axis == dim % rank:
+    if not is_int(dim):
         raise Stop
-    keeps_every_row = shape_of(node)[dim % rank] == shape_of(x)[dim % rank]
-    return _single(node, x, axis, keeps_every_row or axis < dim % rank)
+    dim %= rank
+    return _moved(node, x, narrow_axis(axis, dim, shape_of(node)[dim] == shape_of(x)[dim]))
 
 
 def _reduction(node, axis, rank):
@@ -196,9 +234,8 @@ def _reduction(node, axis, rank):
     dims = args.get("dim")
     if dims is None or args.get("dtype") is not None:
         raise Stop  # a reduction over every axis
-    dims = {d % in_rank for d in (dims if isinstance(dims, (list, tuple)) else (dims,))}
-    kept = list(range(in_rank)) if args.get("keepdim") else [d for d in range(in_rank) if d not in dims]
-    return _single(node, x, kept[axis], kept[axis] not in dims)
+    dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+    return _moved(node, x, reduction_axis(axis, in_rank, dims, bool(args.get("keepdim"))))
 
 
 def _dropout(node, axis, rank):

@@ -18,9 +18,10 @@ from fxrep.export.rows import rules as aten_rules
 from fxrep.ir.known_ops import OPS
 from fxrep.row_pruning import move_row_selections_up
 
-# rows name -> (the op on ``m.x`` of shape ``m.shape`` = (b, n, c), c even, with ``m.pick`` selecting rows of
-# its output axis 1; the levels where the rule can be seen: export leaves out eval dropout, and cat has no
-# torch-level spelling fxrep reads)
+# case -> (the op on ``x`` of shape ``m.shape`` = (b, n, c), c even, with ``m.pick`` selecting rows of its
+# output axis 1 (or the axis it names); the levels where the rule can be seen: export leaves out eval dropout,
+# and cat has no torch-level spelling fxrep reads). A case is named by its rows name, and "rows/..." where the
+# axis moves through the op another way.
 BOTH = ("torch", "aten")
 CASES = {
     "elementwise": (lambda m, x: m.pick(torch.tanh(x) * 2 + x[:, :1]), BOTH),
@@ -33,10 +34,15 @@ CASES = {
     "transpose": (lambda m, x: m.pick(torch.transpose(x, 0, 2).transpose(2, 0)), BOTH),
     "view": (lambda m, x: m.pick(x.reshape(m.shape[0], m.shape[1], 2, -1)), BOTH),
     "unflatten": (lambda m, x: m.pick(x.unflatten(-1, (2, -1))), BOTH),
+    "unflatten/after": (lambda m, x: m.pick(x.unflatten(0, (1, -1)), 2), BOTH),
     "flatten": (lambda m, x: m.pick(torch.flatten(x.unflatten(-1, (2, -1)), 2)), BOTH),
+    "flatten/after": (lambda m, x: m.pick(torch.flatten(x.unflatten(0, (1, -1)), 0, 1)), BOTH),
     "unsqueeze": (lambda m, x: m.pick(x.unsqueeze(2)), BOTH),
+    "unsqueeze/after": (lambda m, x: m.pick(x.unsqueeze(0), 2), BOTH),
     "narrow": (lambda m, x: m.pick(torch.narrow(x, 2, 1, m.shape[2] - 1)), BOTH),
     "reduction": (lambda m, x: m.pick(x.unflatten(-1, (2, -1)).sum(-1)), BOTH),
+    "reduction/before": (lambda m, x: m.pick(x.unflatten(0, (1, -1)).mean(0)), BOTH),
+    "reduction/keepdim": (lambda m, x: m.pick(x.unflatten(0, (1, -1)).sum(0, keepdim=True), 2), BOTH),
     "dropout": (lambda m, x: m.pick(F.dropout(x, 0.5, training=False)), ("torch",)),
     "cat": (lambda m, x: m.pick(torch.cat([x[:, :1] * 2, x], 1)), ("aten",)),
 }
@@ -57,9 +63,11 @@ class OneOp(torch.nn.Module):
     def forward(self, x):
         return self.op(self, x)
 
-    def pick(self, y):
+    def pick(self, y, axis: int = 1):
         kind, a, b = self.selection
-        return y[:, a] if kind == "index" else y.select(1, a) if kind == "select" else y[:, a:b]
+        lead = (slice(None),) * axis
+        return y[(*lead, a)] if kind == "index" else y.select(axis, a) if kind == "select" else \
+            y[(*lead, slice(a, b))]
 
 
 @st.composite
@@ -131,10 +139,10 @@ def test_selections_of_two_axes_settle_in_either_order(spelling):
 
 def test_every_row_rule_has_a_case():
     declared = {s.rows for s in OPS if s.rows}
-    assert declared == set(CASES), "a rows name an op spec declares needs a case here (or a stale case)"
+    assert declared == {c.split("/")[0] for c in CASES}, "a rows name needs a case here (or a case is stale)"
     torch_level = {n for s in OPS if s.rows and (s.functions or s.methods) for n in [s.rows]}
     assert torch_level <= set(row_rules.RULES) | {"cat"}
-    assert {n for n, (_, levels) in CASES.items() if "torch" in levels} == set(row_rules.RULES)
+    assert {n.split("/")[0] for n, (_, levels) in CASES.items() if "torch" in levels} == set(row_rules.RULES)
     assert set(aten_rules._RULES_BY_NAME) == declared
 
 

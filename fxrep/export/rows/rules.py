@@ -17,6 +17,7 @@ from ...ir import bind, input_of
 from ...ir.known_ops import OPS
 from ...ir.recorded import recorded_shape, same_size
 from ...row_pruning import shared_request
+from ...row_rules import flatten_axis, narrow_axis, reduction_axis, unflatten_axis, unsqueeze_axis
 
 aten = torch.ops.aten
 
@@ -206,20 +207,20 @@ def _permute(b, node, axis, start, stop):
     return _same_call_on_rows(b, node, order[axis], start, stop)
 
 
+def _moved(b, node, own, start, stop):
+    """``node``'s call on rows ``start:stop`` of its input's axis ``own`` (None: the request stays)."""
+    return None if own is None else _same_call_on_rows(b, node, own, start, stop)
+
+
 def _unflatten(b, node, axis, start, stop):
     a = bind(node)
-    dim, sizes = a["dim"] % len(recorded_shape(a["input"])), a["sizes"]
-    if dim <= axis < dim + len(sizes):
-        return None
-    own = axis if axis < dim else axis - len(sizes) + 1
-    return _same_call_on_rows(b, node, own, start, stop)
+    dim = a["dim"] % len(recorded_shape(a["input"]))
+    return _moved(b, node, unflatten_axis(axis, dim, len(a["sizes"])), start, stop)
 
 
 def _unsqueeze(b, node, axis, start, stop):
     dim = bind(node)["dim"] % len(recorded_shape(node))
-    if axis == dim:
-        return None
-    return _same_call_on_rows(b, node, axis if axis < dim else axis - 1, start, stop)
+    return _moved(b, node, unsqueeze_axis(axis, dim), start, stop)
 
 
 def _view(b, node, axis, start, stop):
@@ -249,37 +250,24 @@ def _flatten(b, node, axis, start, stop):
     if not in_rank:
         return None
     first, last = a["start_dim"] % in_rank, a["end_dim"] % in_rank
-    if axis == first:
-        return None
-    return _same_call_on_rows(b, node, axis if axis < first else axis + last - first, start, stop)
+    return _moved(b, node, flatten_axis(axis, first, last), start, stop)
 
 
 def _narrow(b, node, axis, start, stop):
-    """A slice of another axis: the same slice of the selected rows. One that keeps part of its axis is a
-    selection itself: it is moved through only by a selection of an earlier axis, so that two selections
-    settle in axis order instead of swapping places forever."""
+    """A slice of another axis: the same slice of the selected rows (``row_rules.narrow_axis``: which)."""
     a = bind(node)
     dim = a["dim"] % len(recorded_shape(node))
-    if axis == dim:
-        return None
-    if not same_size(recorded_shape(node)[dim], recorded_shape(a["input"])[dim]) and axis > dim:
-        return None
-    return _same_call_on_rows(b, node, axis, start, stop)
+    keeps_every_row = same_size(recorded_shape(node)[dim], recorded_shape(a["input"])[dim])
+    return _moved(b, node, narrow_axis(axis, dim, keeps_every_row), start, stop)
 
 
 def _reduction(b, node, axis, start, stop):
     """``sum``/``mean`` over other axes: the same reduction of the selected rows."""
     a = bind(node)
-    source_rank = len(recorded_shape(a["input"]))
     if not a["dim"]:  # all axes
         return None
-    dims = sorted(d % source_rank for d in a["dim"])
-    keepdim = a["keepdim"]
-    kept = list(range(source_rank)) if keepdim else [d for d in range(source_rank) if d not in dims]
-    own = kept[axis]
-    if own in dims:
-        return None
-    return _same_call_on_rows(b, node, own, start, stop)
+    own = reduction_axis(axis, len(recorded_shape(a["input"])), a["dim"], a["keepdim"])
+    return _moved(b, node, own, start, stop)
 
 
 def _cat(b, node, axis, start, stop):
